@@ -1,0 +1,177 @@
+"""Lazy, per-tensor access to a Hugging Face checkpoint directory, and finding that directory.
+
+A `CheckpointReader` maps tensor names to shards through the index JSON (or the single shard),
+opens shards on demand and keeps at most `max_open_shards` open (least recently used closed
+first), and reads one tensor at a time: the model is never loaded whole. Safetensors shards
+come first; legacy `pytorch_model*.bin` shards are read with `torch.load(weights_only=True,
+mmap=True)`, which never unpickles code and maps the file instead of reading it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Preset, SwitchConfig, load_preset, preset_names
+from .errors import QmoeError
+from .safetensors_io import SafetensorsFile
+
+_LAYOUTS = (  # (index file, single-shard file), in order of preference
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class _BinShard:
+    """A legacy PyTorch shard, memory-mapped; tensors are copied out one at a time."""
+
+    def __init__(self, path: Path):
+        try:
+            self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many types for a bad zip / unpickling refusal
+            raise QmoeError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); download it again") from None
+        if not isinstance(self._tensors, dict):
+            raise QmoeError(f"{path}: expected a dict of tensors, found {type(self._tensors).__name__}")
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._tensors[name].clone()
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+class CheckpointReader:
+    """Tensor-by-tensor reader of one checkpoint directory (see module docstring)."""
+
+    def __init__(self, directory: Path, max_open_shards: int = 2):
+        if max_open_shards < 1:
+            raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
+        self.directory = directory
+        self.max_open_shards = max_open_shards
+        self.weight_map = self._find_weight_map(directory)
+        self._open: OrderedDict[str, SafetensorsFile | _BinShard] = OrderedDict()
+
+    @staticmethod
+    def _find_weight_map(directory: Path) -> dict[str, str]:
+        for index_name, single_name in _LAYOUTS:
+            index = directory / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                    raise QmoeError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
+                if not isinstance(weight_map, dict):
+                    raise QmoeError(f"{index}: 'weight_map' must map tensor names to shard files")
+                for shard in sorted(set(weight_map.values())):
+                    if not isinstance(shard, str) or "/" in shard or not (directory / shard).is_file():
+                        raise QmoeError(f"{index}: shard {shard!r} is listed but missing from {directory}")
+                return weight_map
+            single = directory / single_name
+            if single.is_file():
+                shard = (SafetensorsFile if single_name.endswith(".safetensors") else _BinShard)(single)
+                names = shard.keys()
+                shard.close()
+                return {name: single_name for name in names}
+        raise QmoeError(f"{directory}: no model weights found (expected model.safetensors, "
+                        "model.safetensors.index.json or pytorch_model*.bin)")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def _shard(self, file_name: str) -> SafetensorsFile | _BinShard:
+        if file_name in self._open:
+            self._open.move_to_end(file_name)
+            return self._open[file_name]
+        while len(self._open) >= self.max_open_shards:
+            _, oldest = self._open.popitem(last=False)
+            oldest.close()
+        path = self.directory / file_name
+        shard = SafetensorsFile(path) if file_name.endswith(".safetensors") else _BinShard(path)
+        self._open[file_name] = shard
+        return shard
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of tensor `name`, from the shard header (nothing is read)."""
+        file_name = self.weight_map.get(name)
+        if file_name is None:
+            raise QmoeError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
+        return self._shard(file_name).dtype(name)
+
+    def get(self, name: str, dtype: torch.dtype | None = None,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+        """Read tensor `name`, cast to `dtype` (floating tensors only) and moved to `device`."""
+        file_name = self.weight_map.get(name)
+        if file_name is None:
+            raise QmoeError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
+        shard = self._shard(file_name)
+        if name not in shard.keys():
+            raise QmoeError(f"{self.directory / file_name}: tensor '{name}' is listed in the index "
+                            "but missing from the shard; the checkpoint is incomplete")
+        tensor = shard.read(name)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return tensor.to(device)
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are, and the preset it matched (if any)."""
+
+    directory: Path
+    preset: Preset | None
+    label: str  # what the user named: preset name, hub id or directory
+
+    def config(self) -> SwitchConfig:
+        overrides = self.preset.config_overrides if self.preset else None
+        return SwitchConfig.from_file(self.directory / "config.json", overrides)
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Turn `--model` (a directory, a preset name, or a hub id) into local files.
+
+    Hub models are downloaded with `huggingface_hub` (cached), fetching only config, tokenizer
+    and one weight format: safetensors when the repository has them, else the legacy `.bin`.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise QmoeError(f"{path}: not a model directory (no config.json)")
+        return ModelSource(path, None, str(path))
+    preset = load_preset(name)
+    if preset is not None and preset.local_dir is not None:
+        from importlib import resources
+        return ModelSource(Path(str(resources.files("qmoe_cli") / preset.local_dir)), preset, name)
+    if preset is None and (name.count("/") != 1 or path.exists()):
+        raise QmoeError(f"--model {name!r}: not a model directory, a preset "
+                        f"({', '.join(preset_names())}) or a hub id like google/switch-base-8")
+    hub_id = preset.hub_id if preset else name
+    return ModelSource(_download(hub_id), preset, name)
+
+
+def _download(hub_id: str) -> Path:
+    try:
+        from huggingface_hub import list_repo_files, snapshot_download
+        files = list_repo_files(hub_id)
+        weights = ["*.safetensors", "model.safetensors.index.json"]
+        if not any(f.endswith(".safetensors") for f in files):
+            weights = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+        return Path(snapshot_download(hub_id, allow_patterns=["config.json", *TOKENIZER_FILES, *weights]))
+    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+        raise QmoeError(f"--model {hub_id}: could not download from the Hugging Face hub "
+                        f"({type(exc).__name__}); check the name and network, or pass a local directory") from None

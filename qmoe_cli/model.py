@@ -1,0 +1,80 @@
+"""The whole Switch model as one module, for models small enough to hold in memory.
+
+Used for training the embedded tiny model and as the in-memory twin of the streamed runner
+(`runtime.py`), which executes the very same `Block` code one block at a time. The state dict
+uses Hugging Face's names, so `save_pretrained`-style files load into it directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SwitchConfig
+from .switch import Block, RMSNorm, padding_bias, position_bias
+
+
+class Stack(nn.Module):
+    def __init__(self, config: SwitchConfig, stack: str):
+        super().__init__()
+        self.block = nn.ModuleList(Block(config, stack, i) for i in range(config.num_blocks(stack)))
+        self.final_layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+
+
+class SwitchModel(nn.Module):
+    """Encoder-decoder Switch Transformer with a language-model head."""
+
+    def __init__(self, config: SwitchConfig):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = Stack(config, "encoder")
+        self.decoder = Stack(config, "decoder")
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, S] int64, attention_mask [B, S] (1 = token) -> [B, S, d]."""
+        x = self.shared(input_ids)
+        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+        bias = position_bias(table, self.config, x.shape[1], x.shape[1], bidirectional=True)
+        bias = bias + padding_bias(attention_mask, x.shape[1]).to(bias.device)
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)
+
+    def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """decoder_input_ids [B, T], memory [B, S, d] -> logits [B, T, vocab]."""
+        x = self.shared(decoder_input_ids)
+        table = self.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+        self_bias = position_bias(table, self.config, x.shape[1], x.shape[1], bidirectional=False)
+        cross_bias = padding_bias(attention_mask, x.shape[1]).to(x.device)
+        for block in self.decoder.block:
+            x = block(x, self_bias, memory, cross_bias)
+        x = self.decoder.final_layer_norm(x)
+        return lm_logits(x, self.shared.weight, getattr(self, "lm_head", None), self.config)
+
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+
+
+def lm_logits(hidden: torch.Tensor, embedding: torch.Tensor, lm_head: nn.Module | None,
+              config: SwitchConfig) -> torch.Tensor:
+    """Final hidden states [..., d] -> logits [..., vocab].
+
+    With a tied embedding the hidden states are scaled by d_model^-0.5 first (Mesh TensorFlow's
+    convention, which the checkpoints were trained with); an untied head is used as is.
+    """
+    if lm_head is None:
+        return F.linear(hidden * config.d_model ** -0.5, embedding)
+    return lm_head(hidden)
+
+
+def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
+    """Decoder inputs from labels [..., T]: start token, then labels[:-1] (-100 -> pad)."""
+    shifted = labels.new_full(labels.shape, start_id)
+    shifted[..., 1:] = labels[..., :-1]
+    return shifted.masked_fill(shifted == -100, pad_id)

@@ -1,0 +1,45 @@
+"""Open whatever `--model` names: a preset, a hub id, or a directory of any checkpoint kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import ModelSource, resolve_model
+from .runtime import ModelWeights
+from .weights import CheckpointWeights
+
+DEFAULT_WINDOW = 512  # Switch Transformers were trained on 512-token inputs
+
+
+@dataclass
+class OpenModel:
+    """A model ready to stream: its weights, where its tokenizer is, and its limits."""
+
+    label: str  # what the user asked for
+    kind: str  # "original" (later: "quantized", "packed")
+    weights: ModelWeights
+    source: ModelSource
+    stored_dtype: torch.dtype
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.source.directory
+
+    @property
+    def window(self) -> int:
+        return self.source.preset.window if self.source.preset else DEFAULT_WINDOW
+
+    def default_data(self) -> str:
+        return self.source.preset.default_data if self.source.preset else "c4"
+
+    def default_calib(self) -> str:
+        return self.source.preset.default_calib if self.source.preset else "c4"
+
+
+def open_model(name: str) -> OpenModel:
+    source = resolve_model(name)
+    weights = CheckpointWeights(source)
+    return OpenModel(name, "original", weights, source, weights.stored_dtype())

@@ -1,0 +1,247 @@
+"""Streamed execution: the model runs block by block over a CPU buffer of hidden states.
+
+Memory bound (what makes a 3.2 TB model runnable): at any time the process holds the hidden
+states of all samples (`ListBuffer`, tokens x d_model, CPU), the encoder outputs while the
+decoder runs, the embedding, ONE block's non-expert weights, and ONE group of experts
+(`group_size` experts, only those that received tokens). Peak memory therefore does not grow
+with the number of experts or blocks. Attention runs per sample (no padding, exact); the
+feed-forward sublayers run over the flat token buffer in chunks, and a sparse block routes all
+tokens first, then visits its experts group by group, gathering each expert's tokens with one
+index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .config import SwitchConfig
+from .model import lm_logits, shift_right
+from .switch import Block, ExpertBank, FeedForward, RMSNorm, position_bias
+
+
+class ModelWeights(Protocol):
+    """What the runner needs from a checkpoint: named tensors and per-block expert banks."""
+
+    config: SwitchConfig
+
+    def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor: ...
+
+    def experts(self, stack: str, index: int) -> ExpertBank: ...
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How to execute: where, in what precision, and how much to hold at once."""
+
+    device: torch.device
+    dtype: torch.dtype
+    token_chunk: int = 4096  # tokens per dense feed-forward / logits step on the device
+    group_size: int = 16  # experts resident at once
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.token_chunk < 1:
+            raise ValueError(f"RunConfig.token_chunk must be >= 1, got {self.token_chunk}")
+        if self.group_size < 1:
+            raise ValueError(f"RunConfig.group_size must be >= 1, got {self.group_size}")
+
+
+class ListBuffer:
+    """Hidden states of many variable-length samples in one CPU tensor plus offsets.
+
+    `data` is [total_tokens, d] (pinned when a GPU is used, so copies overlap compute);
+    sample i is the view `data[offsets[i]:offsets[i+1]]`, and tokens of any subset (say, those
+    routed to one expert) are one `index_select` away.
+    """
+
+    def __init__(self, lengths: Sequence[int], width: int, dtype: torch.dtype, pin: bool):
+        self.offsets = [0]
+        for length in lengths:
+            self.offsets.append(self.offsets[-1] + length)
+        self.data = torch.empty(self.offsets[-1], width, dtype=dtype, pin_memory=pin)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def sample(self, i: int) -> torch.Tensor:
+        return self.data[self.offsets[i]:self.offsets[i + 1]]
+
+    def chunks(self, size: int) -> Iterator[slice]:
+        for start in range(0, self.data.shape[0], size):
+            yield slice(start, min(start + size, self.data.shape[0]))
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Top-1 routing of every token of a buffer: tokens of expert j are order[starts[j]:starts[j+1]]."""
+
+    index: torch.Tensor  # [N] int64, the chosen expert
+    prob: torch.Tensor  # [N] fp32, its router probability
+    order: torch.Tensor  # [N] int64, token ids sorted by expert (stable)
+    starts: list[int]  # num_experts + 1 offsets into order
+
+    def tokens(self, expert: int) -> torch.Tensor:
+        return self.order[self.starts[expert]:self.starts[expert + 1]]
+
+    def count(self, expert: int) -> int:
+        return self.starts[expert + 1] - self.starts[expert]
+
+
+def route(ffn: FeedForward, buffer: ListBuffer, run: RunConfig) -> Routing:
+    """Route every token of the buffer (layer norm then router, fp32), chunk by chunk."""
+    index, prob = [], []
+    for part in buffer.chunks(run.token_chunk):
+        x = buffer.data[part].to(run.device, non_blocking=True)
+        top_index, top_prob, _ = ffn.mlp.router(ffn.layer_norm(x))
+        index.append(top_index.cpu())
+        prob.append(top_prob.cpu())
+    index_all, prob_all = torch.cat(index), torch.cat(prob)
+    counts = torch.bincount(index_all, minlength=ffn.mlp.experts.num_experts)
+    starts = [0] + torch.cumsum(counts, 0).tolist()
+    return Routing(index_all, prob_all, torch.argsort(index_all, stable=True), starts)
+
+
+def apply_expert(ffn: FeedForward, expert: nn.Module, buffer: ListBuffer, tokens: torch.Tensor,
+                 prob: torch.Tensor, run: RunConfig) -> None:
+    """buffer[tokens] += prob * expert(norm(buffer[tokens])), in place; tokens [n] int64."""
+    for first in range(0, tokens.numel(), run.token_chunk):
+        ids = tokens[first:first + run.token_chunk]
+        x = buffer.data.index_select(0, ids).to(run.device, non_blocking=True)
+        y = x + expert(ffn.layer_norm(x)) * prob[ids].to(run.device, x.dtype)[:, None]
+        buffer.data.index_copy_(0, ids, y.to(buffer.data.dtype).cpu())
+
+
+def sparse_feed_forward(ffn: FeedForward, buffer: ListBuffer, run: RunConfig) -> Routing:
+    routing = route(ffn, buffer, run)
+    bank = ffn.mlp.experts
+    active = [j for j in range(bank.num_experts) if routing.count(j)]
+    for first in range(0, len(active), run.group_size):
+        ids = active[first:first + run.group_size]
+        for j, expert in zip(ids, bank.load(ids, run.device, run.dtype)):
+            apply_expert(ffn, expert, buffer, routing.tokens(j), routing.prob, run)
+    return routing
+
+
+def dense_feed_forward(ffn: FeedForward, buffer: ListBuffer, run: RunConfig) -> None:
+    for part in buffer.chunks(run.token_chunk):
+        x = buffer.data[part].to(run.device, non_blocking=True)
+        buffer.data[part] = ffn(x).cpu()
+
+
+def load_block(weights: ModelWeights, stack: str, index: int, run: RunConfig) -> Block:
+    """Build block `index` of `stack` with its non-expert weights read now, on the device."""
+    config = weights.config
+    bank = weights.experts(stack, index) if config.is_sparse(stack, index) else None
+    with torch.device("meta"):
+        block = Block(config, stack, index, experts=bank)
+    prefix = f"{stack}.block.{index}."
+    state = {name: weights.tensor(prefix + name, run.dtype, run.device) for name in block.state_dict()}
+    block.load_state_dict(state, assign=True)
+    block.ffn.mlp.group_size = run.group_size if block.is_sparse else 1
+    return block.eval()
+
+
+class BlockHook(Protocol):
+    """Replaces how a sparse block's feed-forward is run (compression plugs in here)."""
+
+    def __call__(self, stack: str, index: int, block: Block, buffer: ListBuffer, run: RunConfig) -> None: ...
+
+
+def default_sparse(stack: str, index: int, block: Block, buffer: ListBuffer, run: RunConfig) -> None:
+    sparse_feed_forward(block.ffn, buffer, run)
+
+
+@torch.no_grad()
+def streamed_losses(weights: ModelWeights, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
+                    run: RunConfig, sparse_hook: BlockHook = default_sparse) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every sample, streaming the model block by block.
+
+    Returns (loss_sum [n] fp64, tokens [n] int64): per sample, summed token losses over label
+    positions (labels of -100 are ignored) and the number of such positions.
+    """
+    config = weights.config
+    label_tensors = [torch.tensor(l, dtype=torch.long) for l in labels]
+    decoder_ids = [shift_right(l, config.decoder_start_token_id, config.pad_token_id).tolist() for l in label_tensors]
+    states = streamed_decoder_states(weights, input_ids, decoder_ids, run, sparse_hook)
+    return _losses(weights, states, label_tensors, run)
+
+
+@torch.no_grad()
+def streamed_decoder_states(weights: ModelWeights, input_ids: Sequence[Sequence[int]],
+                            decoder_ids: Sequence[Sequence[int]], run: RunConfig,
+                            sparse_hook: BlockHook = default_sparse) -> ListBuffer:
+    """Final (normalised) decoder hidden states of every sample, streaming block by block."""
+    config = weights.config
+    pin = run.device.type == "cuda"
+    embedding = weights.tensor("shared.weight", run.dtype, run.device)
+    encoder = _embed(embedding, input_ids, pin)
+    decoder = _embed(embedding, decoder_ids, pin)
+    del embedding
+    bar = tqdm(total=config.num_layers + config.num_decoder_layers, desc="blocks", unit="block",
+               disable=not run.progress, leave=False)
+    for stack in ("encoder", "decoder"):
+        table = weights.tensor(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                               run.dtype, run.device)
+        buffer = encoder if stack == "encoder" else decoder
+        for i in range(config.num_blocks(stack)):
+            block = load_block(weights, stack, i, run)
+            for s in range(len(buffer)):
+                x = buffer.sample(s).to(run.device)[None]
+                bias = position_bias(table, config, x.shape[1], x.shape[1], bidirectional=stack == "encoder")
+                memory = encoder.sample(s).to(run.device)[None] if stack == "decoder" else None
+                buffer.sample(s).copy_(block.attend(x, bias, memory, _NO_MASK)[0])
+            if block.is_sparse:
+                sparse_hook(stack, i, block, buffer, run)
+            else:
+                dense_feed_forward(block.ffn, buffer, run)
+            del block
+            bar.update()
+        _final_norm(weights, stack, buffer, run)
+    bar.close()
+    return decoder
+
+
+_NO_MASK = torch.zeros(())  # cross-attention of one unpadded sample: nothing to mask
+
+
+def _embed(embedding: torch.Tensor, ids: Sequence[Sequence[int]], pin: bool) -> ListBuffer:
+    buffer = ListBuffer([len(s) for s in ids], embedding.shape[1], embedding.dtype, pin)
+    for s, sample in enumerate(ids):
+        index = torch.tensor(sample, dtype=torch.long, device=embedding.device)
+        buffer.sample(s).copy_(F.embedding(index, embedding))
+    return buffer
+
+
+def _final_norm(weights: ModelWeights, stack: str, buffer: ListBuffer, run: RunConfig) -> None:
+    norm = RMSNorm(weights.config.d_model, weights.config.layer_norm_epsilon)
+    norm.weight = nn.Parameter(weights.tensor(f"{stack}.final_layer_norm.weight", run.dtype, run.device))
+    for part in buffer.chunks(run.token_chunk):
+        buffer.data[part] = norm(buffer.data[part].to(run.device)).cpu()
+
+
+def _losses(weights: ModelWeights, decoder: ListBuffer, labels: list[torch.Tensor],
+            run: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    config = weights.config
+    embedding = weights.tensor("shared.weight", run.dtype, run.device) if config.tie_word_embeddings else None
+    head = None
+    if not config.tie_word_embeddings:
+        head = nn.Linear(config.d_model, config.vocab_size, bias=False, device="meta")
+        head.weight = nn.Parameter(weights.tensor("lm_head.weight", run.dtype, run.device))
+    flat_labels = torch.cat(labels)
+    sample_of = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(l) for l in labels]))
+    token_loss = torch.empty(flat_labels.shape[0], dtype=torch.float64)
+    step = max(1, run.token_chunk // 4)  # logits are [step, vocab]: keep them small
+    for part in decoder.chunks(step):
+        logits = lm_logits(decoder.data[part].to(run.device), embedding, head, config).float()
+        target = flat_labels[part].to(run.device)
+        token_loss[part] = F.cross_entropy(logits, target, ignore_index=-100, reduction="none").double().cpu()
+    valid = flat_labels != -100
+    loss_sum = torch.zeros(len(labels), dtype=torch.float64).index_add_(0, sample_of, token_loss * valid)
+    tokens = torch.zeros(len(labels), dtype=torch.long).index_add_(0, sample_of, valid.long())
+    return loss_sum, tokens
