@@ -77,18 +77,18 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
     from .evaluate import evaluate, resolve_device, resolve_dtype
     from .models import open_model
     from .runtime import RunConfig
-    from .tokenizer import load_tokenizer
+    from .tokenizer import has_tokenizer, load_tokenizer
 
     run_device = resolve_device(device)
     model = open_model(model_name)
-    tokenizer = load_tokenizer(model.tokenizer_dir)
+    tokenizer = load_tokenizer(model.tokenizer_dir) if has_tokenizer(model.tokenizer_dir) else None
     sources = data_sources or (model.default_data(),)
     if len(set(sources)) != len(sources):
         raise ValueError(f"--data: each dataset may be given once, got {', '.join(sources)}")
     datasets = []
     for source in sources:
         spec = DataSpec(source=source, split="validation", num_samples=samples, seed=seed, window=model.window)
-        data = load_samples(spec, tokenizer)
+        data = load_samples(spec, tokenizer, model.weights.config.vocab_size)
         if data.short:
             note(f"note: {data.name} has only {len(data.samples)} usable samples (asked for {samples}); using them all")
         if data.skipped_too_long:

@@ -7,11 +7,15 @@ uses Hugging Face's names, so `save_pretrained`-style files load into it directl
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import SwitchConfig
+from .fsutil import atomic_directory
 from .switch import Block, RMSNorm, padding_bias, position_bias
 
 
@@ -78,3 +82,28 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     shifted = labels.new_full(labels.shape, start_id)
     shifted[..., 1:] = labels[..., :-1]
     return shifted.masked_fill(shifted == -100, pad_id)
+
+
+def save_pretrained(model: SwitchModel, directory: Path) -> None:
+    """Write `model` in the Hugging Face layout (config.json + model.safetensors).
+
+    `transformers` loads the result as `SwitchTransformersForConditionalGeneration`. The
+    expert capacity is set high because our runtime never drops tokens; a lower value would
+    make `transformers` drop some and disagree. Written to a temporary name, then renamed.
+    """
+    from safetensors.torch import save_file
+
+    config = {
+        **model.config.to_dict(),
+        "model_type": "switch_transformers",
+        "architectures": ["SwitchTransformersForConditionalGeneration"],
+        "is_encoder_decoder": True,
+        "dense_act_fn": "relu",
+        "router_dtype": "float32",
+        "expert_capacity": 1 << 20,
+        "dropout_rate": 0.0,
+    }
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    with atomic_directory(directory) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -48,7 +48,7 @@ class SafetensorsFile:
         try:
             self.metadata, self.entries = self._parse_header()
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     def _fail(self, what: str) -> QmoeError:
@@ -125,4 +125,4 @@ class SafetensorsFile:
 
     def __del__(self) -> None:  # file descriptors are bounded; never leak one
         if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
+            self.close()

@@ -31,5 +31,10 @@ def save_hf_switch(directory: Path, *, num_experts: int = 4, sparse_step: int = 
         # encoder/decoder copies from it when the head is untied, so tie them back by value.
         model.encoder.embed_tokens.weight.copy_(model.shared.weight)
         model.decoder.embed_tokens.weight.copy_(model.shared.weight)
-    model.save_pretrained(directory, safe_serialization=safe_serialization)
+    model.save_pretrained(directory)
+    if not safe_serialization:  # transformers 5 writes safetensors only: make the legacy shard
+        from safetensors.torch import load_file
+        weights = directory / "model.safetensors"
+        torch.save(load_file(weights), directory / "pytorch_model.bin")
+        weights.unlink()
     return directory

@@ -1,0 +1,17 @@
+# qmoe developer tasks. `make test` is what CI runs (.ci/run) on a fresh machine.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+.PHONY: install test demo bench
+
+# Keeps an existing torch (e.g. a CUDA build); otherwise installs the 2.13.0 wheel, which is a
+# small CPU build where a local wheel exists and the default build elsewhere.
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -e ".[test]"
+
+test: install
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+bench:
+	$(PYTHON) scripts/bench_gptq.py --shapes 768x3072,3072x768 --experts 4

@@ -1,0 +1,1 @@
+"""Quantization: per-row grids (`grids`) and batched GPTQ over groups of experts (`gptq`)."""

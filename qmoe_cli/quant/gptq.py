@@ -1,0 +1,337 @@
+"""Batched GPTQ over a group of experts, round-to-nearest, and a plain reference for tests.
+
+GPTQ (Frantar et al. 2022) quantizes W column by column and spreads each column's rounding error
+over the columns not yet quantized, weighted by the inverse of the layer-input Hessian
+H = 2 X^T X / n. QMoE (Frantar & Alistarh 2023) runs it on the stacked weights of E experts at
+once: every matrix op here takes a leading E dim, so the Python column loop, which dominates for
+expert-sized matrices, runs once per group of experts rather than once per expert.
+
+Per expert, as in the reference `fasterquant`:
+1. dead columns (H_ii == 0: the input there is always 0) get H_ii = 1 and W[:, i] = 0;
+2. optional act-order: columns sorted by descending H_ii, undone at the end;
+3. dampening `damp * mean(diag H)` on the diagonal;
+4. `Hinv` = upper Cholesky factor of H^-1 (cholesky -> cholesky_inverse -> cholesky upper);
+5. blocked lazy-batch updates of `block_size` columns.
+
+Grids. One grid per row (`group_size None`) is fitted up front from the whole (dead-zeroed) row.
+With groups and no act-order a group's grid is fitted when the loop reaches the group's first
+column, from the weights as error feedback has left them (the reference behaviour, except that
+we also apply the pending in-block updates; see `_current_columns`). With groups *and* act-order,
+columns of one group are visited out of order, so every group's grid is fitted up front on the
+original column groups ("static groups") and each permuted column uses its original group's grid.
+
+Fallback. An expert whose damped H is not positive definite (`cholesky_ex` info != 0, NaNs
+included) or is all zeros (no tokens routed to it) is rounded to nearest, alone, and flagged:
+its `Hinv` is replaced by the identity, under which the GPTQ loop is exactly round-to-nearest
+(no error reaches other columns). Experts with no tokens keep their weights (no dead-column
+zeroing), since at inference they may well see tokens.
+
+Error. `error[e]` is GPTQ's loss sum, `sum((w - q)^2 / Hinv_ii^2) / 2` over the loop (the
+reference `Losses`), which in exact arithmetic equals `1/2 tr((W - Q) H (W - Q)^T)` with H the
+dead-fixed, damped Hessian and W the dead-zeroed weights. Fallback experts and `rtn_quantize`
+report that quadratic form directly, so GPTQ and RTN errors compare (NaN for a NaN Hessian,
+0 for an expert with no tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .grids import Grid, QuantSpec, align, concat_groups, fit_grid, quantize_dequantize
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """How `gptq_quantize` runs; JSON-serializable with `dataclasses.asdict`."""
+
+    spec: QuantSpec  # the grid; required, there is no sensible default bit width
+    # Fraction of the mean Hessian diagonal added to it. QMoE's 0.1 (GPTQ used 0.01): rare
+    # experts see few tokens, so their H is low rank and needs more regularization.
+    damp: float = 0.1
+    # Lazy-batch width: wide enough that the deferred update is an efficient GEMM, narrow
+    # enough that the in-block rank-1 updates stay in cache. GPTQ's 128.
+    block_size: int = 128
+    act_order: bool = False  # visit columns by descending H_ii (largest input energy first)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, QuantSpec):
+            raise ValueError(f"GPTQConfig.spec must be a QuantSpec, got {type(self.spec).__name__}")
+        d = self.damp
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+            raise ValueError(f"GPTQConfig.damp must be a finite number >= 0, got {d!r}")
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"GPTQConfig.block_size must be an integer >= 1, got {b!r}")
+        if not isinstance(self.act_order, bool):
+            raise ValueError(f"GPTQConfig.act_order must be a bool, got {self.act_order!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class GPTQResult:
+    """Quantized experts. `dequantize(codes, grid, spec)` reproduces `q` bit for bit."""
+
+    codes: Tensor  # [E, rows, cols] uint8, original column order
+    grid: Grid  # parameters [E, rows, G], G groups in original column order
+    q: Tensor  # [E, rows, cols] fp32, dequantized weights
+    error: Tensor  # [E] fp32, 1/2 tr((W - Q) H (W - Q)^T); see the module docstring
+    fallback: Tensor  # [E] bool, expert was rounded to nearest (no tokens or H not PD)
+
+
+def accumulate_hessian(h: Tensor | None, count: int, x: Tensor) -> tuple[Tensor, int]:
+    """Fold one chunk of an expert's input tokens into its Hessian H = 2 X^T X / n.
+
+    h: [cols, cols] fp32 over `count` earlier tokens, or None with count 0.
+    x: [n, cols] (any leading dims are flattened; any float dtype, accumulated in fp32).
+    Returns (h [cols, cols] fp32, count + n); `h` is not modified.
+
+    Running average as in the GPTQ reference, so tokens may arrive in any number of chunks and
+    H stays O(|x|^2) however many arrive. One expert per call: experts receive different numbers
+    of tokens, and one [E, n, cols] batch would need padding to the busiest expert. The caller
+    accumulates each expert of a group and stacks: `torch.stack(hs)` -> [E, cols, cols].
+    """
+    x = x.reshape(-1, x.shape[-1]).float()
+    n, cols = x.shape
+    if h is None:
+        if count != 0:
+            raise ValueError(f"accumulate_hessian: h is None but count is {count}; pass count=0")
+        h = torch.zeros(cols, cols, dtype=torch.float32, device=x.device)
+    if h.shape != (cols, cols):
+        raise ValueError(f"accumulate_hessian: h is {tuple(h.shape)}, x has {cols} columns")
+    if n == 0:
+        return h, count
+    total = count + n
+    # Scale x, not the product: sqrt(2/n) x keeps the fp32 sum of n outer products O(1).
+    x = x * math.sqrt(2.0 / total)
+    return torch.addmm(h.float(), x.T, x, beta=count / total), total
+
+
+def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig) -> GPTQResult:
+    """GPTQ on E experts at once.
+
+    w: [E, rows, cols] float (expert weights, out x in); h: [E, cols, cols] float (each
+    expert's Hessian, e.g. from `accumulate_hessian`). Neither is modified. Runs on w's device.
+    """
+    w, h = _check_inputs(w, h)
+    E, rows, cols = w.shape
+    spec = cfg.spec
+    w, h, empty = _drop_dead_columns(w, h)
+    lazy_groups = spec.group_size is not None and not cfg.act_order
+    grid = None if lazy_groups else fit_grid(w, spec)  # [E, rows, G]
+    perm = None
+    if cfg.act_order:
+        # stable: ties keep column order, so batched and single-expert runs agree exactly.
+        perm = torch.argsort(torch.diagonal(h, dim1=1, dim2=2), dim=-1, descending=True, stable=True)
+        w = _take_columns(w, perm)
+        h = _take_columns(h.gather(1, perm[:, :, None].expand(-1, -1, cols)), perm)  # h[e][perm][:, perm]
+    h = _dampen(h, cfg.damp)
+    hinv, ok = _inverse_cholesky_upper(h)  # [E, cols, cols], [E]
+    fallback = empty | ~ok
+    eye = torch.eye(cols, dtype=torch.float32, device=w.device)
+    # Identity H^-1: each column's error stays in that column, i.e. round-to-nearest.
+    hinv = torch.where(fallback[:, None, None], eye, hinv)
+    codes, q, loss, fitted = _column_loop(w, hinv, spec, cfg.block_size, grid, perm)
+    error = loss.clone()
+    # Boolean indexing syncs once on GPU; the quadratic runs only on fallback experts.
+    error[fallback] = _quadratic_error(w[fallback], q[fallback], h[fallback])
+    if perm is not None:
+        inverse = torch.argsort(perm, dim=-1)
+        codes, q = _take_columns(codes, inverse), _take_columns(q, inverse)
+    return GPTQResult(codes=codes, grid=fitted, q=q, error=error, fallback=fallback)
+
+
+def rtn_quantize(w: Tensor, spec: QuantSpec, h: Tensor | None = None, damp: float = 0.1) -> GPTQResult:
+    """Round-to-nearest on the grid `gptq_quantize` would fit; `fallback` is all False.
+
+    w: [E, rows, cols] float. With h ([E, cols, cols]), dead columns are zeroed as in GPTQ and
+    `error` is 1/2 tr((W - Q) H (W - Q)^T) with H dead-fixed and damped by `damp` as in GPTQ, so
+    the two compare. Without h, `error` is 1/2 ||W - Q||_F^2 per expert (H = identity).
+    Equals `gptq_quantize` with block_size irrelevant and H^-1 = identity.
+    """
+    if h is None:
+        w = _check_inputs(w, None)[0]
+        hd = torch.eye(w.shape[-1], dtype=torch.float32, device=w.device).expand(w.shape[0], -1, -1)
+    else:
+        w, h = _check_inputs(w, h)
+        w, h, _ = _drop_dead_columns(w, h)
+        hd = _dampen(h, damp)
+    grid = fit_grid(w, spec)
+    codes, q = quantize_dequantize(w, align(grid, spec, slice(None), w.shape[-1]))
+    fallback = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)
+    return GPTQResult(codes=codes, grid=grid, q=q, error=_quadratic_error(w, q, hd), fallback=fallback)
+
+
+def _check_inputs(w: Tensor, h: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Validate shapes and return fp32 views/copies: w [E, rows, cols], h [E, cols, cols]."""
+    if w.dim() != 3 or min(w.shape) == 0:
+        raise ValueError(f"w must be [E, rows, cols] with every dim >= 1, got {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"w must be a float tensor, got {w.dtype}")
+    if h is None:
+        return w.float(), None
+    E, _, cols = w.shape
+    if h.shape != (E, cols, cols):
+        raise ValueError(f"h must be [E, cols, cols] = {(E, cols, cols)} for w {tuple(w.shape)}, "
+                         f"got {tuple(h.shape)}")
+    if h.device != w.device:
+        raise ValueError(f"w is on {w.device} but h is on {h.device}; move both to one device")
+    return w.float(), h.float()
+
+
+def _drop_dead_columns(w: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """w [E, rows, cols], h [E, cols, cols] -> (w, h, empty [E] bool), new tensors.
+
+    A column whose input is always 0 has no curvature: H_ii = 1 makes H invertible and W[:, i] = 0
+    costs nothing (the output never sees it) and is free sparsity. Experts with no tokens at all
+    (`empty`) are left alone: they fall back to round-to-nearest of their real weights.
+    """
+    empty = ~(h != 0).flatten(1).any(1)  # [E]
+    dead = (torch.diagonal(h, dim1=1, dim2=2) == 0) & ~empty[:, None]  # [E, cols]
+    return w.masked_fill(dead[:, None, :], 0.0), h + torch.diag_embed(dead.float()), empty
+
+
+def _dampen(h: Tensor, damp: float) -> Tensor:
+    """h [..., cols, cols] -> h + damp * mean(diag h) * I (per matrix), a new tensor."""
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)  # [..., cols]
+    # Mean in fp64: the damping term must not depend on reduction order (batched vs one
+    # expert, permuted vs not); a last-bit change here moves rounding decisions downstream.
+    mean = diag.double().mean(-1).float()  # [...]
+    return h + torch.diag_embed((damp * mean)[..., None].expand_as(diag))
+
+
+def _inverse_cholesky_upper(h: Tensor) -> tuple[Tensor, Tensor]:
+    """h [E, cols, cols] fp32 -> (U [E, cols, cols] with U^T U = h^-1, ok [E] bool).
+
+    Where ok is False, U is the identity. cholesky_ex reports failure per matrix instead of
+    raising for the whole batch, so one bad expert cannot take its group down.
+    """
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    low, info = torch.linalg.cholesky_ex(h)
+    ok = info == 0
+    # Replace failed factors before inverting so their NaNs never reach a batched op.
+    low = torch.where(ok[:, None, None], low, eye)
+    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+    ok = ok & (info == 0) & upper.isfinite().flatten(1).all(1)
+    return torch.where(ok[:, None, None], upper, eye), ok
+
+
+def _take_columns(x: Tensor, index: Tensor) -> Tensor:
+    """x [E, rows, cols], index [E, cols] int64 -> x[e][:, index[e]] for every e."""
+    return x.gather(2, index[:, None, :].expand(-1, x.shape[1], -1))
+
+
+def _quadratic_error(w: Tensor, q: Tensor, h: Tensor) -> Tensor:
+    """1/2 sum over rows of (w - q) h (w - q)^T: w, q [E, rows, cols], h [E, cols, cols] -> [E]."""
+    d = w - q
+    return 0.5 * ((d @ h) * d).sum((1, 2))
+
+
+def _column_loop(
+    w: Tensor, hinv: Tensor, spec: QuantSpec, block_size: int, grid: Grid | None, perm: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Grid]:
+    """The blocked GPTQ loop on prepared weights (dead-zeroed, permuted when `perm` is given).
+
+    w [E, rows, cols] fp32 (not modified); hinv [E, cols, cols] fp32 upper; grid: [E, rows, G]
+    fitted up front (per row, or act-order's static groups) or None to fit each group when the
+    loop reaches it; perm [E, cols] int64 or None. Returns codes [E, rows, cols] uint8, q
+    [E, rows, cols] fp32 (both in w's column order), loss [E] fp32, grid [E, rows, G].
+    """
+    w = w.clone()
+    E, rows, cols = w.shape
+    g = spec.group_size
+    codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    q = torch.empty_like(w)
+    loss = torch.zeros(E, dtype=torch.float32, device=w.device)
+    aligned = None if (grid is None or g is None) else align(grid, spec, perm, cols)  # [E, rows, cols]
+    col_grid, fitted = grid, []
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, :, i1:i2].clone()  # [E, rows, b]
+        err1 = torch.zeros_like(w1)  # [E, rows, b]
+        hinv1 = hinv[:, i1:i2, i1:i2]  # [E, b, b]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if aligned is not None:
+                col_grid = aligned.map(lambda t: t[..., j:j + 1])  # [E, rows, 1]
+            elif grid is None and j % g == 0:
+                col_grid = fit_grid(_current_columns(w, w1, err1, hinv, i1, i2, j, g), spec)
+                fitted.append(col_grid)
+            wc = w1[:, :, i:i + 1]  # [E, rows, 1]
+            c, qc = quantize_dequantize(wc, col_grid)  # [E, rows, 1]
+            codes[:, :, j:j + 1], q[:, :, j:j + 1] = c, qc
+            err = (wc - qc) / hinv1[:, i:i + 1, i:i + 1]  # [E, rows, 1]
+            w1[:, :, i:] -= err * hinv1[:, i:i + 1, i:]  # rank-1: [E, rows, 1] x [E, 1, b - i]
+            err1[:, :, i:i + 1] = err
+        loss += (err1 * err1).sum((1, 2)) / 2
+        w[:, :, i2:] -= err1 @ hinv[:, i1:i2, i2:]  # lazy update: [E, rows, b] @ [E, b, cols - i2]
+    return codes, q, loss, (grid if grid is not None else concat_groups(fitted))
+
+
+def _current_columns(w: Tensor, w1: Tensor, err1: Tensor, hinv: Tensor,
+                     i1: int, i2: int, j: int, g: int) -> Tensor:
+    """Columns [j, j + g) as error feedback has left them when the loop reaches column j.
+
+    Inside the block [i1, i2) `w1` is up to date; beyond it `w` still lacks this block's lazy
+    update from columns i1..j-1, applied here to just these columns. The reference fits on the
+    stale `w`, which makes the grid depend on block_size; this way, as without groups, the result
+    is independent of block_size in exact arithmetic. Returns [E, rows, min(g, cols - j)].
+    """
+    stop = min(j + g, w.shape[-1])
+    inside = w1[:, :, j - i1:min(stop, i2) - i1]
+    if stop <= i2:
+        return inside
+    outside = w[:, :, i2:stop]
+    if j > i1:
+        outside = outside - err1[:, :, :j - i1] @ hinv[:, i1:j, i2:stop]
+    return torch.cat([inside, outside], dim=-1)
+
+
+def gptq_reference(w: Tensor, h: Tensor, cfg: GPTQConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Plain single-expert GPTQ, the reference `fasterquant` loop; used by tests only.
+
+    w [rows, cols], h [cols, cols] -> (q [rows, cols] fp32, codes [rows, cols] uint8, error [] fp32).
+    No fallback: raises torch.linalg.LinAlgError where H is not positive definite. Departures
+    from the published loop, shared with `gptq_quantize`: the grid is fitted after dead columns
+    are zeroed, the damping mean is taken in fp64, ties in act-order keep column order, and a
+    lazily fitted group sees the current weights including pending in-block updates.
+    """
+    spec, g, bs = cfg.spec, cfg.spec.group_size, cfg.block_size
+    W, H = w.float().clone(), h.float().clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    grid = fit_grid(W[None], spec)  # per row, or act-order's static groups
+    perm = torch.arange(cols)
+    if cfg.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    H += cfg.damp * torch.diag(H).double().mean().float() * torch.eye(cols)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q, C, Losses = torch.zeros_like(W), torch.zeros(rows, cols, dtype=torch.uint8), torch.zeros_like(W)
+    col_grid = grid
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if g is not None and cfg.act_order:
+                col_grid = grid.take(perm[j:j + 1] // g)
+            elif g is not None and j % g == 0:
+                stop = min(j + g, cols)
+                current = torch.cat([W1[:, i:stop - i1], W[:, i2:stop] - Err1[:, :i] @ Hinv[i1:j, i2:stop]], 1)
+                col_grid = fit_grid(current[None], spec)
+            c, q = quantize_dequantize(W1[None, :, i:i + 1], col_grid)
+            C[:, j], Q[:, j] = c[0, :, 0], q[0, :, 0]
+            d = Hinv1[i, i]
+            Losses[:, j] = (W1[:, i] - Q[:, j]) ** 2 / d ** 2 / 2
+            err = (W1[:, i] - Q[:, j]) / d
+            W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    inverse = torch.argsort(perm)
+    return Q[:, inverse], C[:, inverse], Losses.sum()

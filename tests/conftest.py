@@ -1,0 +1,76 @@
+"""Shared test fixtures. Tokenizer fixtures: tiny, built offline, T5-shaped special ids."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pytest
+import sentencepiece
+import tokenizers
+from tokenizers import models, pre_tokenizers, trainers
+
+# A closed vocabulary, so every test text made from these words encodes without <unk>.
+TINY_WORDS = ("the quick brown fox jumps over a lazy dog while cat sat on mat and ran away "
+              "from big red barn under blue sky with green grass near old river").split()
+TINY_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
+TINY_SENTINELS = 10  # <extra_id_0> .. <extra_id_9>
+
+
+def tiny_sentences(count: int = 300, seed: int = 0) -> list[str]:
+    """`count` random sentences of 4 to 12 TINY_WORDS."""
+    rnd = random.Random(seed)
+    return [" ".join(rnd.choice(TINY_WORDS) for _ in range(rnd.randint(4, 12))) for _ in range(count)]
+
+
+def write_tiny_tokenizer_json(directory: Path, sentinels: int = TINY_SENTINELS) -> Path:
+    """A WordLevel `tokenizer.json` over TINY_WORDS with T5's specials, in `directory`.
+
+    Sentinels are added tokens appended highest number first, as in T5's tokenizer.json, so
+    `<extra_id_0>` gets the last id.
+    """
+    tok = tokenizers.Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(TINY_WORDS)],
+                            trainers.WordLevelTrainer(special_tokens=list(TINY_SPECIALS)))
+    tok.add_special_tokens([f"<extra_id_{i}>" for i in reversed(range(sentinels))])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    return directory / "tokenizer.json"
+
+
+def write_tiny_spiece_model(directory: Path) -> Path:
+    """A tiny unigram `spiece.model` (pad 0, eos 1, unk 2, no bos, no sentinels) in `directory`."""
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_sentences()), model_writer=model, vocab_size=60,
+        hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        minloglevel=2)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "spiece.model").write_bytes(model.getvalue())
+    return directory / "spiece.model"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_json_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory holding only a tiny tokenizer.json (10 sentinels)."""
+    directory = tmp_path_factory.mktemp("tokjson")
+    write_tiny_tokenizer_json(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_spiece_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory holding only a tiny spiece.model."""
+    directory = tmp_path_factory.mktemp("spiece")
+    write_tiny_spiece_model(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_json_dir: Path):
+    """The `qmoe_cli.tokenizer.Tokenizer` of `tiny_tokenizer_json_dir`."""
+    from qmoe_cli.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_tokenizer_json_dir)
