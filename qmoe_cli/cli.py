@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -56,6 +57,34 @@ def main() -> None:
     """Compress Mixture-of-Experts models below one bit per expert weight, and run them."""
 
 
+def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, seed: int, split: str,
+                    calib: bool) -> tuple[Any, Any, list[Any]]:
+    """Open the model, its tokenizer (None when it has none) and the datasets to run."""
+    from .data import DataSpec, load_samples
+    from .models import open_model
+    from .tokenizer import has_tokenizer, load_tokenizer
+
+    model = open_model(model_name)
+    tokenizer = load_tokenizer(model.tokenizer_dir) if has_tokenizer(model.tokenizer_dir) else None
+    flag = "--calib" if calib else "--data"
+    sources = sources or ((model.default_calib() if calib else model.default_data()),)
+    if len(set(sources)) != len(sources):
+        raise ValueError(f"{flag}: each dataset may be given once, got {', '.join(sources)}")
+    datasets = []
+    for source in sources:
+        spec = DataSpec(source=source, split=split, num_samples=samples, seed=seed, window=model.window)
+        data = load_samples(spec, tokenizer, model.weights.config.vocab_size)
+        if data.short:
+            note(f"note: {data.name} has only {len(data.samples)} usable samples (asked for {samples}); using them all")
+        if data.skipped_too_long:
+            note(f"note: {data.name}: skipped {data.skipped_too_long} texts longer than the window of {model.window}")
+        datasets.append(data)
+    names = [d.name for d in datasets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{flag}: datasets need distinct file names, got {', '.join(names)}")
+    return model, tokenizer, datasets
+
+
 @main.command("eval")
 @click.option("--model", "model_name", required=True, metavar="NAME|HUB_ID|DIR",
               help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")
@@ -73,30 +102,11 @@ def main() -> None:
 def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, seed: int, device: str,
                  dtype: str, as_json: bool) -> None:
     """Masked-LM loss and perplexity of a model (original, quantized or packed), streamed."""
-    from .data import DataSpec, load_samples
     from .evaluate import evaluate, resolve_device, resolve_dtype
-    from .models import open_model
     from .runtime import RunConfig
-    from .tokenizer import has_tokenizer, load_tokenizer
 
     run_device = resolve_device(device)
-    model = open_model(model_name)
-    tokenizer = load_tokenizer(model.tokenizer_dir) if has_tokenizer(model.tokenizer_dir) else None
-    sources = data_sources or (model.default_data(),)
-    if len(set(sources)) != len(sources):
-        raise ValueError(f"--data: each dataset may be given once, got {', '.join(sources)}")
-    datasets = []
-    for source in sources:
-        spec = DataSpec(source=source, split="validation", num_samples=samples, seed=seed, window=model.window)
-        data = load_samples(spec, tokenizer, model.weights.config.vocab_size)
-        if data.short:
-            note(f"note: {data.name} has only {len(data.samples)} usable samples (asked for {samples}); using them all")
-        if data.skipped_too_long:
-            note(f"note: {data.name}: skipped {data.skipped_too_long} texts longer than the window of {model.window}")
-        datasets.append(data)
-    names = [d.name for d in datasets]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--data: datasets need distinct file names, got {', '.join(names)}")
+    model, _, datasets = _open_with_data(model_name, data_sources, samples, seed, "validation", calib=False)
     run = RunConfig(device=run_device, dtype=resolve_dtype(dtype, model.stored_dtype, run_device),
                     progress=not as_json and sys.stderr.isatty())
     report = evaluate(model.weights, datasets, run)
@@ -108,6 +118,56 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
     rows = list(report.datasets.items()) + ([("all", report.overall)] if len(report.datasets) > 1 else [])
     for name, r in rows:
         click.echo(f"{name:<24} {r.samples:>8} {r.tokens:>9} {r.loss:>8.4f} {r.perplexity:>10.3f}")
+
+
+@main.command("compress")
+@click.option("--model", "model_name", required=True, metavar="NAME|HUB_ID|DIR",
+              help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")
+@click.option("--bits", type=click.Choice(["ternary", "2", "3", "4", "8"]), required=True,
+              help="Expert weight grid: ternary {min, 0, max} per row, or b-bit min-max per row.")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+              help="gptq, or round-to-nearest on the same grid (the baseline).")
+@click.option("--calib", "calib_source", metavar="c4|FILE", help="Calibration data. Default: the model's (c4 for hub models).")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Calibration samples (a file with fewer is used whole, with a note).")
+@click.option("--group-size", type=int, default=16, show_default=True, help="Experts quantized per batched call.")
+@click.option("--damp", type=float, default=0.1, show_default=True, help="Hessian dampening, fraction of its mean diagonal.")
+@click.option("--act-order", is_flag=True, help="GPTQ columns by descending Hessian diagonal.")
+@click.option("--grid-group", type=int, default=None, help="Columns per grid (default: one grid per row).")
+@click.option("--token-cap", type=float, default=4.0, show_default=True,
+              help="Hessian tokens per expert capped at this multiple of the mean.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Span-corruption seed.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Output directory (default: ./NAME-METHOD-BITS). Never overwritten.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same settings into --out.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
+@handle_errors
+def compress_command(model_name: str, bits: str, method: str, calib_source: str | None, calib_samples: int,
+                     group_size: int, damp: float, act_order: bool, grid_group: int | None, token_cap: float,
+                     seed: int, out_dir: Path | None, resume: bool, device: str, as_json: bool) -> None:
+    """Quantize every expert with batched GPTQ, streaming the model block by block."""
+    from .compress import CompressConfig, compress
+    from .evaluate import resolve_device, resolve_dtype
+    from .runtime import RunConfig
+
+    cfg = CompressConfig(bits=bits, method=method, group_size=group_size, damp=damp, act_order=act_order,
+                         grid_group=grid_group, token_cap=token_cap)
+    run_device = resolve_device(device)
+    model, tokenizer, datasets = _open_with_data(model_name, (calib_source,) if calib_source else (),
+                                                 calib_samples, seed, "train", calib=True)
+    out = out_dir or Path(f"{Path(model_name).name}-{method}-{bits}")
+    run = RunConfig(device=run_device, dtype=resolve_dtype("auto", model.stored_dtype, run_device),
+                    group_size=group_size, progress=sys.stderr.isatty())
+    sentinels = tokenizer.sentinel_ids if tokenizer else ()
+    manifest = compress(model, datasets[0], cfg, out, run, resume, sentinels, note)
+    summary = {"out": str(out), "calibration_loss": manifest["calibration_loss"], "settings": manifest["settings"],
+               "fallbacks": sum(b["fallbacks"] for b in manifest["blocks"].values()), "blocks": manifest["blocks"]}
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"wrote {out} (calibration loss {manifest['calibration_loss']:.4f}, "
+                   f"{summary['fallbacks']} fallbacks); evaluate with: qmoe eval --model {out}")
 
 
 @main.command("presets")

@@ -9,6 +9,7 @@ import torch
 
 from .checkpoint import ModelSource, resolve_model
 from .runtime import ModelWeights
+from .quantized import KIND, QuantizedWeights
 from .weights import CheckpointWeights
 
 DEFAULT_WINDOW = 512  # Switch Transformers were trained on 512-token inputs
@@ -40,6 +41,12 @@ class OpenModel:
 
 
 def open_model(name: str) -> OpenModel:
+    """Open `--model`; a directory with a qmoe manifest.json is a quantized checkpoint."""
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "manifest.json").is_file():
+        weights = QuantizedWeights.open(path)
+        stored = weights.tensor("shared.weight", None, torch.device("cpu")).dtype
+        return OpenModel(name, KIND, weights, ModelSource(path, None, name), stored)
     source = resolve_model(name)
     weights = CheckpointWeights(source)
     return OpenModel(name, "original", weights, source, weights.stored_dtype())

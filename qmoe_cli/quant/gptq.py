@@ -130,9 +130,8 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig) -> GPTQResult:
     h = _dampen(h, cfg.damp)
     hinv, ok = _inverse_cholesky_upper(h)  # [E, cols, cols], [E]
     fallback = empty | ~ok
-    eye = torch.eye(cols, dtype=torch.float32, device=w.device)
     # Identity H^-1: each column's error stays in that column, i.e. round-to-nearest.
-    hinv = torch.where(fallback[:, None, None], eye, hinv)
+    hinv[fallback] = torch.eye(cols, dtype=torch.float32, device=w.device)
     codes, q, loss, fitted = _column_loop(w, hinv, spec, cfg.block_size, grid, perm)
     error = loss.clone()
     # Boolean indexing syncs once on GPU; the quadratic runs only on fallback experts.
@@ -188,9 +187,11 @@ def _drop_dead_columns(w: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     costs nothing (the output never sees it) and is free sparsity. Experts with no tokens at all
     (`empty`) are left alone: they fall back to round-to-nearest of their real weights.
     """
-    empty = ~(h != 0).flatten(1).any(1)  # [E]
+    empty = ~h.flatten(1).any(1)  # [E]; NaN counts as nonzero, so a NaN H is not "empty"
     dead = (torch.diagonal(h, dim1=1, dim2=2) == 0) & ~empty[:, None]  # [E, cols]
-    return w.masked_fill(dead[:, None, :], 0.0), h + torch.diag_embed(dead.float()), empty
+    h = h.clone()
+    torch.diagonal(h, dim1=1, dim2=2).add_(dead.float())  # 0 + 1: exactly 1
+    return w.masked_fill(dead[:, None, :], 0.0), h, empty
 
 
 def _dampen(h: Tensor, damp: float) -> Tensor:
@@ -199,7 +200,9 @@ def _dampen(h: Tensor, damp: float) -> Tensor:
     # Mean in fp64: the damping term must not depend on reduction order (batched vs one
     # expert, permuted vs not); a last-bit change here moves rounding decisions downstream.
     mean = diag.double().mean(-1).float()  # [...]
-    return h + torch.diag_embed((damp * mean)[..., None].expand_as(diag))
+    h = h.clone()
+    torch.diagonal(h, dim1=-2, dim2=-1).add_((damp * mean)[..., None])
+    return h
 
 
 def _inverse_cholesky_upper(h: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,13 +212,15 @@ def _inverse_cholesky_upper(h: Tensor) -> tuple[Tensor, Tensor]:
     raising for the whole batch, so one bad expert cannot take its group down.
     """
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
-    low, info = torch.linalg.cholesky_ex(h)
+    low, info = torch.linalg.cholesky_ex(h)  # [E, cols, cols] lower
     ok = info == 0
-    # Replace failed factors before inverting so their NaNs never reach a batched op.
-    low = torch.where(ok[:, None, None], low, eye)
+    low[~ok] = eye  # failed factors hold garbage (NaN); keep it out of the inversion
     upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
-    ok = ok & (info == 0) & upper.isfinite().flatten(1).all(1)
-    return torch.where(ok[:, None, None], upper, eye), ok
+    # A PD but badly conditioned H can overflow its inverse; the sum is non-finite iff any
+    # entry is, at the cost of one read rather than an elementwise isfinite pass.
+    ok = ok & (info == 0) & upper.sum((1, 2)).isfinite()
+    upper[~ok] = eye
+    return upper, ok
 
 
 def _take_columns(x: Tensor, index: Tensor) -> Tensor:
@@ -263,7 +268,8 @@ def _column_loop(
             c, qc = quantize_dequantize(wc, col_grid)  # [E, rows, 1]
             codes[:, :, j:j + 1], q[:, :, j:j + 1] = c, qc
             err = (wc - qc) / hinv1[:, i:i + 1, i:i + 1]  # [E, rows, 1]
-            w1[:, :, i:] -= err * hinv1[:, i:i + 1, i:]  # rank-1: [E, rows, 1] x [E, 1, b - i]
+            # rank-1 [E, rows, 1] x [E, 1, b - i], fused: no temporary, one launch per column
+            w1[:, :, i:].addcmul_(err, hinv1[:, i:i + 1, i:], value=-1)
             err1[:, :, i:i + 1] = err
         loss += (err1 * err1).sum((1, 2)) / 2
         w[:, :, i2:] -= err1 @ hinv[:, i1:i2, i2:]  # lazy update: [E, rows, b] @ [E, b, cols - i2]
@@ -330,7 +336,7 @@ def gptq_reference(w: Tensor, h: Tensor, cfg: GPTQConfig) -> tuple[Tensor, Tenso
             d = Hinv1[i, i]
             Losses[:, j] = (W1[:, i] - Q[:, j]) ** 2 / d ** 2 / 2
             err = (W1[:, i] - Q[:, j]) / d
-            W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
+            W1[:, i:].addcmul_(err[:, None], Hinv1[i, i:][None, :], value=-1)  # -= outer(err, Hinv1[i, i:])
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     inverse = torch.argsort(perm)

@@ -1,0 +1,158 @@
+"""The quantized checkpoint: expert weights as integer codes plus per-row grids.
+
+Layout of a quantized directory (all safetensors + JSON, never pickle):
+
+    manifest.json               kind "quantized", format version, source, settings, architecture
+                                (SwitchConfig), fingerprint,
+                                per-block statistics, finished blocks (for --resume)
+    tokenizer.json | spiece.model ...   copied from the source
+    head.safetensors            embedding, final layer norms, lm_head: as stored in the source
+    blocks/{stack}-{i:03d}.safetensors   one block's non-expert tensors as stored (HF names)
+    experts/{stack}-{i:03d}.safetensors  one sparse block's experts: `expert_{j}.{wi|wo}.codes`
+                                [rows, cols] uint8 plus the grid (`lo`/`hi` for ternary,
+                                `scale`/`zero` for integer grids; [rows, groups] fp32)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import SwitchConfig
+from .errors import QmoeError
+from .quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize
+from .safetensors_io import SafetensorsFile
+from .switch import ExpertFFN
+
+FORMAT_VERSION = 1
+KIND = "quantized"
+HEAD_FILE = "head.safetensors"
+
+
+def block_file(stack: str, index: int) -> str:
+    return f"blocks/{stack}-{index:03d}.safetensors"
+
+
+def expert_file(stack: str, index: int) -> str:
+    return f"experts/{stack}-{index:03d}.safetensors"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors file written under a temporary name, then renamed (a crash leaves no half file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise QmoeError(f"{directory}: no manifest.json; not a qmoe checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QmoeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or "kind" not in manifest:
+        raise QmoeError(f"{path}: not a qmoe manifest (no 'kind')")
+    return manifest
+
+
+def grid_from_tensors(spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> TernaryGrid | IntGrid:
+    """Rebuild a grid of one matrix ([rows, G] tensors, given a leading expert dim of 1)."""
+    if spec.ternary:
+        return TernaryGrid(lo=tensors["lo"][None], hi=tensors["hi"][None])
+    return IntGrid(scale=tensors["scale"][None], zero=tensors["zero"][None], maxq=spec.maxq)
+
+
+class QuantizedExperts:
+    """The experts of one sparse block of a quantized checkpoint, dequantized when loaded."""
+
+    def __init__(self, file: SafetensorsFile, spec: QuantSpec, num_experts: int):
+        self.file, self.spec, self.num_experts = file, spec, num_experts
+
+    def matrix(self, j: int, name: str) -> torch.Tensor:
+        """Dequantized weight `expert_{j}.{name}` -> [rows, cols] fp32."""
+        prefix = f"expert_{j}.{name}."
+        fields = ("lo", "hi") if self.spec.ternary else ("scale", "zero")
+        grid = grid_from_tensors(self.spec, {f: self.file.read(prefix + f) for f in fields})
+        codes = self.file.read(prefix + "codes")
+        return dequantize(codes[None], grid, self.spec)[0]
+
+    def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
+        experts = []
+        for j in ids:
+            with torch.device("meta"):
+                expert = ExpertFFN(1, 1)
+            for name in ("wi", "wo"):
+                weight = self.matrix(j, name).to(device=device, dtype=dtype)
+                getattr(expert, name).weight = nn.Parameter(weight, requires_grad=False)
+            experts.append(expert)
+        return experts
+
+
+@dataclass
+class QuantizedWeights:
+    """`ModelWeights` over a quantized directory (finished or, for --resume, partial)."""
+
+    directory: Path
+    config: SwitchConfig
+    spec: QuantSpec
+
+    def __post_init__(self) -> None:
+        self._files: dict[str, SafetensorsFile] = {}
+
+    @classmethod
+    def open(cls, directory: Path) -> "QuantizedWeights":
+        manifest = read_manifest(directory)
+        if manifest["kind"] != KIND or manifest.get("format_version") != FORMAT_VERSION:
+            raise QmoeError(f"{directory}: manifest is kind {manifest['kind']!r} version "
+                            f"{manifest.get('format_version')!r}; expected {KIND!r} version {FORMAT_VERSION}")
+        settings = manifest["settings"]
+        config = SwitchConfig.from_hf_dict(manifest["config"])
+        return cls(directory, config, QuantSpec(settings["bits"], settings.get("grid_group")))
+
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self._files:
+            path = self.directory / name
+            if not path.is_file():
+                raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
+            self._files[name] = SafetensorsFile(path)
+        return self._files[name]
+
+    def _locate(self, name: str) -> tuple[SafetensorsFile, str]:
+        parts = name.split(".")
+        if len(parts) > 3 and parts[1] == "block":
+            return self._file(block_file(parts[0], int(parts[2]))), name
+        return self._file(HEAD_FILE), name
+
+    def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        file, key = self._locate(name)
+        if key not in file.entries:
+            raise QmoeError(f"{file.path}: tensor '{key}' is missing")
+        return file.read(key).to(dtype=dtype, device=device)
+
+    def experts(self, stack: str, index: int) -> QuantizedExperts:
+        return QuantizedExperts(self._file(expert_file(stack, index)), self.spec, self.config.num_experts)
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
