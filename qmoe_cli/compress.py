@@ -187,6 +187,8 @@ def compress(model: OpenModel, calib: LoadedData, cfg: CompressConfig, out: Path
         raise QmoeError(f"--out {out}: already exists; choose another directory or remove it")
     partial = temporary_name(out)
     digest = fingerprint(model, calib, cfg)
+    if partial.exists() and resume and not (partial / "manifest.json").is_file():
+        shutil.rmtree(partial)  # killed while setting up: nothing finished, start over
     if partial.exists():
         manifest = read_manifest(partial) if (partial / "manifest.json").is_file() else {}
         if not resume:
