@@ -109,7 +109,7 @@ class ExpertCompressor:
     def __init__(self, cfg: CompressConfig, config: SwitchConfig, partial: Path, skip: dict[str, torch.Tensor],
                  manifest: dict, log: Callable[[str], None]):
         self.cfg, self.partial, self.skip, self.manifest, self.log = cfg, partial, skip, manifest, log
-        self.saved = QuantizedWeights(partial, config, cfg.spec)  # reads back finished blocks
+        self.saved = QuantizedWeights(partial, config, cfg.spec, cfg.group_size)  # reads back finished blocks
 
     def __call__(self, stack: str, index: int, block: Block, buffer: ListBuffer, run: RunConfig) -> None:
         name = f"{stack}.{index}"
@@ -135,9 +135,9 @@ class ExpertCompressor:
         source = block.ffn.mlp.experts
         num = source.num_experts
         cap = max(1, math.ceil(self.cfg.token_cap * buffer.data.shape[0] / num))
-        tensors: dict[str, torch.Tensor] = {}
         errors, fallbacks, zeros, total = 0.0, 0, 0, 0
         for first in range(0, num, self.cfg.group_size):
+            tensors: dict[str, torch.Tensor] = {}
             ids = list(range(first, min(num, first + self.cfg.group_size)))
             weights = source.load(ids, run.device, torch.float32)
             inputs = [self._calibration_inputs(block, buffer, routing.tokens(j), stack, cap, run) for j in ids]
@@ -155,7 +155,7 @@ class ExpertCompressor:
                 fallbacks += int(result.fallback.sum())
                 zeros += int((result.q == 0).sum())
                 total += result.q.numel()
-        save_tensors_atomic(tensors, self.partial / expert_file(stack, index))
+            save_tensors_atomic(tensors, self.partial / expert_file(stack, index, first // self.cfg.group_size))
         counts = sorted(routing.count(j) for j in range(num))
         stats = BlockStats(f"{stack}.{index}", counts[0], counts[len(counts) // 2], counts[-1],
                            errors, fallbacks, zeros / total)

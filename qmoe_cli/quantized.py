@@ -8,9 +8,12 @@ Layout of a quantized directory (all safetensors + JSON, never pickle):
     tokenizer.json | spiece.model ...   copied from the source
     head.safetensors            embedding, final layer norms, lm_head: as stored in the source
     blocks/{stack}-{i:03d}.safetensors   one block's non-expert tensors as stored (HF names)
-    experts/{stack}-{i:03d}.safetensors  one sparse block's experts: `expert_{j}.{wi|wo}.codes`
-                                [rows, cols] uint8 plus the grid (`lo`/`hi` for ternary,
-                                `scale`/`zero` for integer grids; [rows, groups] fp32)
+    experts/{stack}-{i:03d}/group-{k:05d}.safetensors  one expert group of a sparse block
+                                (experts k*G .. k*G+G-1, G = settings.group_size):
+                                `expert_{j}.{wi|wo}.codes` [rows, cols] uint8 plus the grid
+                                (`lo`/`hi` for ternary, `scale`/`zero` for integer grids;
+                                [rows, groups] fp32). One file per group, so neither writing nor
+                                reading ever holds a whole block's codes (52 GB for switch-c2048).
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ def block_file(stack: str, index: int) -> str:
     return f"blocks/{stack}-{index:03d}.safetensors"
 
 
-def expert_file(stack: str, index: int) -> str:
-    return f"experts/{stack}-{index:03d}.safetensors"
+def expert_file(stack: str, index: int, group: int) -> str:
+    return f"experts/{stack}-{index:03d}/group-{group:05d}.safetensors"
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -83,17 +86,39 @@ def grid_from_tensors(spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> Tern
 
 
 class QuantizedExperts:
-    """The experts of one sparse block of a quantized checkpoint, dequantized when loaded."""
+    """The experts of one sparse block of a quantized checkpoint, dequantized when loaded.
 
-    def __init__(self, file: SafetensorsFile, spec: QuantSpec, num_experts: int):
-        self.file, self.spec, self.num_experts = file, spec, num_experts
+    Keeps one group file open at a time (groups are visited in order).
+    """
+
+    def __init__(self, directory: Path, stack: str, index: int, spec: QuantSpec, num_experts: int,
+                 group_size: int):
+        self.directory, self.stack, self.index = directory, stack, index
+        self.spec, self.num_experts, self.group_size = spec, num_experts, group_size
+        self._file: SafetensorsFile | None = None
+
+    def _group_file(self, j: int) -> SafetensorsFile:
+        path = self.directory / expert_file(self.stack, self.index, j // self.group_size)
+        if self._file is None or self._file.path != path:
+            if self._file is not None:
+                self._file.close()
+            if not path.is_file():
+                raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
+            self._file = SafetensorsFile(path)
+        return self._file
+
+    def _read(self, file: SafetensorsFile, key: str) -> torch.Tensor:
+        if key not in file.entries:
+            raise QmoeError(f"{file.path}: tensor '{key}' is missing; the checkpoint is corrupt")
+        return file.read(key)
 
     def matrix(self, j: int, name: str) -> torch.Tensor:
         """Dequantized weight `expert_{j}.{name}` -> [rows, cols] fp32."""
+        file = self._group_file(j)
         prefix = f"expert_{j}.{name}."
         fields = ("lo", "hi") if self.spec.ternary else ("scale", "zero")
-        grid = grid_from_tensors(self.spec, {f: self.file.read(prefix + f) for f in fields})
-        codes = self.file.read(prefix + "codes")
+        grid = grid_from_tensors(self.spec, {f: self._read(file, prefix + f) for f in fields})
+        codes = self._read(file, prefix + "codes")
         return dequantize(codes[None], grid, self.spec)[0]
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
@@ -115,6 +140,7 @@ class QuantizedWeights:
     directory: Path
     config: SwitchConfig
     spec: QuantSpec
+    group_size: int  # experts per file under experts/
 
     def __post_init__(self) -> None:
         self._files: dict[str, SafetensorsFile] = {}
@@ -127,7 +153,7 @@ class QuantizedWeights:
                             f"{manifest.get('format_version')!r}; expected {KIND!r} version {FORMAT_VERSION}")
         settings = manifest["settings"]
         config = SwitchConfig.from_hf_dict(manifest["config"])
-        return cls(directory, config, QuantSpec(settings["bits"], settings.get("grid_group")))
+        return cls(directory, config, QuantSpec(settings["bits"], settings.get("grid_group")), settings["group_size"])
 
     def _file(self, name: str) -> SafetensorsFile:
         if name not in self._files:
@@ -150,7 +176,7 @@ class QuantizedWeights:
         return file.read(key).to(dtype=dtype, device=device)
 
     def experts(self, stack: str, index: int) -> QuantizedExperts:
-        return QuantizedExperts(self._file(expert_file(stack, index)), self.spec, self.config.num_experts)
+        return QuantizedExperts(self.directory, stack, index, self.spec, self.config.num_experts, self.group_size)
 
     def close(self) -> None:
         for file in self._files.values():

@@ -60,7 +60,7 @@ def test_codes_and_grids_and_eval_agree(setup, tmp_path: Path, bits: str) -> Non
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["fallbacks"] == 0 and set(summary["blocks"]) == {"encoder.0", "encoder.1", "decoder.0", "decoder.1"}
-    experts = SafetensorsFile(tmp_path / "q" / "experts" / "encoder-001.safetensors")
+    experts = SafetensorsFile(tmp_path / "q" / "experts" / "encoder-001" / "group-00000.safetensors")
     for j in range(4):
         codes = experts.read(f"expert_{j}.wi.codes")
         assert codes.dtype == torch.uint8 and codes.shape == (64, 32)

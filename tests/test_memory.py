@@ -37,10 +37,10 @@ print(int(hwm.split()[1]) * 1024)
 """
 
 
-def _checkpoint(directory: Path, experts: int) -> Path:
+def _checkpoint(directory: Path, experts: int, layers: int = 2, d_ff: int = D_FF) -> Path:
     torch.manual_seed(0)
-    config = SwitchConfig(vocab_size=100, d_model=D_MODEL, d_kv=32, d_ff=D_FF, num_heads=4, num_layers=2,
-                          num_decoder_layers=2, num_experts=experts, encoder_sparse_step=1, decoder_sparse_step=1)
+    config = SwitchConfig(vocab_size=100, d_model=D_MODEL, d_kv=32, d_ff=d_ff, num_heads=4, num_layers=layers,
+                          num_decoder_layers=layers, num_experts=experts, encoder_sparse_step=1, decoder_sparse_step=1)
     save_pretrained(SwitchModel(config), directory)
     return directory
 
@@ -59,3 +59,34 @@ def test_streamed_peak_memory_does_not_grow_with_experts(tmp_path: Path) -> None
     growth = _peak_rss(many) - _peak_rss(few)
     # Both runs hold at most group_size=4 experts (4 MiB) at once; allow allocator noise.
     assert growth < 0.1 * extra_bytes, f"peak RSS grew by {growth / 2**20:.1f} MiB for {extra_bytes / 2**20:.0f} MiB more experts"
+
+
+COMPRESS_CHILD = """
+import json, sys, torch
+from click.testing import CliRunner
+from qmoe_cli.cli import main
+torch.manual_seed(0)
+rows = [{"input_ids": torch.randint(3, 100, (64,)).tolist(), "labels": torch.randint(3, 100, (16,)).tolist()}
+        for _ in range(16)]
+open(sys.argv[2], "w").write("".join(json.dumps(r) + "\\n" for r in rows))
+result = CliRunner().invoke(main, ["compress", "--model", sys.argv[1], "--calib", sys.argv[2], "--out", sys.argv[3],
+                                   "--bits", "ternary", "--device", "cpu", "--group-size", "4"])
+assert result.exit_code == 0, result.output
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(int(hwm.split()[1]) * 1024)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads VmHWM from /proc/self/status")
+def test_compress_peak_memory_grows_less_than_the_extra_codes(tmp_path: Path) -> None:
+    """8 vs 64 experts: compress may hold one block's codes, never all experts' weights."""
+    peaks = {}
+    for experts in (8, 64):
+        model = _checkpoint(tmp_path / f"e{experts}", experts, layers=1, d_ff=512)
+        child = [sys.executable, "-c", COMPRESS_CHILD, str(model), str(tmp_path / "calib.jsonl"),
+                 str(tmp_path / f"q{experts}")]
+        out = subprocess.run(child, capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+        peaks[experts] = int(out.stdout.split()[-1])
+    extra_codes = 2 * 56 * 2 * D_MODEL * 512  # 2 sparse blocks x 56 experts x (wi + wo) uint8 codes
+    growth = peaks[64] - peaks[8]
+    assert growth < extra_codes, f"peak RSS grew by {growth / 2**20:.1f} MiB, extra codes are {extra_codes / 2**20:.0f} MiB"

@@ -208,16 +208,18 @@ def _dampen(h: Tensor, damp: float) -> Tensor:
 def _inverse_cholesky_upper(h: Tensor) -> tuple[Tensor, Tensor]:
     """h [E, cols, cols] fp32 -> (U [E, cols, cols] with U^T U = h^-1, ok [E] bool).
 
-    Where ok is False, U is the identity. cholesky_ex reports failure per matrix instead of
-    raising for the whole batch, so one bad expert cannot take its group down.
+    ok is False where h is not positive definite or holds a non-finite entry, and U is then
+    the identity. cholesky_ex reports failure per matrix instead of raising for the whole
+    batch, so one bad expert cannot take its group down.
     """
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     low, info = torch.linalg.cholesky_ex(h)  # [E, cols, cols] lower
-    ok = info == 0
+    # Cholesky reads only the lower triangle, so a NaN above the diagonal would pass
+    # unnoticed; the sum is non-finite iff some entry is, for the cost of one read.
+    ok = (info == 0) & h.sum((1, 2)).isfinite()
     low[~ok] = eye  # failed factors hold garbage (NaN); keep it out of the inversion
     upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
-    # A PD but badly conditioned H can overflow its inverse; the sum is non-finite iff any
-    # entry is, at the cost of one read rather than an elementwise isfinite pass.
+    # A PD but badly conditioned H can overflow its inverse.
     ok = ok & (info == 0) & upper.sum((1, 2)).isfinite()
     upper[~ok] = eye
     return upper, ok
