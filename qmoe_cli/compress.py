@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from tqdm import tqdm
 
 from .config import SwitchConfig
 from .data import LoadedData
@@ -43,7 +43,7 @@ from .quant.grids import QuantSpec
 from .quantized import (FORMAT_VERSION, HEAD_FILE, KIND, QuantizedWeights, block_file, expert_file,
                         read_manifest, save_tensors_atomic, write_json_atomic)
 from .runtime import ListBuffer, RunConfig, apply_expert, route, streamed_losses
-from .switch import Block, ExpertFFN
+from .switch import Block
 from .checkpoint import TOKENIZER_FILES
 
 METHODS = ("gptq", "rtn")
@@ -136,7 +136,9 @@ class ExpertCompressor:
         num = source.num_experts
         cap = max(1, math.ceil(self.cfg.token_cap * buffer.data.shape[0] / num))
         errors, fallbacks, zeros, total = 0.0, 0, 0, 0
-        for first in range(0, num, self.cfg.group_size):
+        groups = tqdm(range(0, num, self.cfg.group_size), desc=f"{stack}.{index} expert groups", unit="group",
+                      disable=not run.progress, leave=False)
+        for first in groups:
             tensors: dict[str, torch.Tensor] = {}
             ids = list(range(first, min(num, first + self.cfg.group_size)))
             weights = source.load(ids, run.device, torch.float32)

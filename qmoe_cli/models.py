@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import ModelSource, resolve_model
+from .data import C4
 from .runtime import ModelWeights
 from .quantized import KIND, QuantizedWeights
 from .weights import CheckpointWeights
@@ -34,10 +35,18 @@ class OpenModel:
         return self.source.preset.window if self.source.preset else DEFAULT_WINDOW
 
     def default_data(self) -> str:
-        return self.source.preset.default_data if self.source.preset else "c4"
+        return self._preset_data(self.source.preset.default_data if self.source.preset else C4)
 
     def default_calib(self) -> str:
-        return self.source.preset.default_calib if self.source.preset else "c4"
+        return self._preset_data(self.source.preset.default_calib if self.source.preset else C4)
+
+    def _preset_data(self, value: str) -> str:
+        """A preset's data other than c4 names a file inside the model directory: its path.
+
+        (A shipped model carries its own data; relative to the working directory it would not be
+        found.) An absolute path stays as it is.
+        """
+        return value if value == C4 else str(self.source.directory / value)
 
 
 def open_model(name: str) -> OpenModel:

@@ -122,15 +122,8 @@ class QuantizedExperts:
         return dequantize(codes[None], grid, self.spec)[0]
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
-        experts = []
-        for j in ids:
-            with torch.device("meta"):
-                expert = ExpertFFN(1, 1)
-            for name in ("wi", "wo"):
-                weight = self.matrix(j, name).to(device=device, dtype=dtype)
-                getattr(expert, name).weight = nn.Parameter(weight, requires_grad=False)
-            experts.append(expert)
-        return experts
+        return [ExpertFFN.from_weights(self.matrix(j, "wi").to(device=device, dtype=dtype),
+                                       self.matrix(j, "wo").to(device=device, dtype=dtype)) for j in ids]
 
 
 @dataclass

@@ -115,6 +115,15 @@ class ExpertFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.wo(F.relu(self.wi(x)))
 
+    @classmethod
+    def from_weights(cls, wi: torch.Tensor, wo: torch.Tensor) -> "ExpertFFN":
+        """An inference-only expert around given weights wi [d_ff, d], wo [d, d_ff] (no copy)."""
+        with torch.device("meta"):
+            expert = cls(1, 1)
+        expert.wi.weight = nn.Parameter(wi, requires_grad=False)
+        expert.wo.weight = nn.Parameter(wo, requires_grad=False)
+        return expert
+
 
 class ExpertBank(Protocol):
     """Where a sparse block gets its experts: resident, read from a checkpoint, or compressed."""

@@ -22,15 +22,9 @@ class CheckpointExperts:
         self.reader, self.prefix, self.num_experts = reader, prefix, num_experts
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
-        experts = []
-        for j in ids:
-            with torch.device("meta"):
-                expert = ExpertFFN(1, 1)
-            key = f"{self.prefix}expert_{j}."
-            expert.wi.weight = nn.Parameter(self.reader.get(key + "wi.weight", dtype, device), requires_grad=False)
-            expert.wo.weight = nn.Parameter(self.reader.get(key + "wo.weight", dtype, device), requires_grad=False)
-            experts.append(expert)
-        return experts
+        keys = [f"{self.prefix}expert_{j}." for j in ids]
+        return [ExpertFFN.from_weights(self.reader.get(key + "wi.weight", dtype, device),
+                                       self.reader.get(key + "wo.weight", dtype, device)) for key in keys]
 
 
 class CheckpointWeights:

@@ -3,8 +3,9 @@
 GPTQ (Frantar et al. 2022) quantizes W column by column and spreads each column's rounding error
 over the columns not yet quantized, weighted by the inverse of the layer-input Hessian
 H = 2 X^T X / n. QMoE (Frantar & Alistarh 2023) runs it on the stacked weights of E experts at
-once: every matrix op here takes a leading E dim, so the Python column loop, which dominates for
-expert-sized matrices, runs once per group of experts rather than once per expert.
+once: every matrix op here takes a leading E dim, so the Python column loop, whose small ops are
+bound by kernel launches on a GPU at expert-sized matrices, runs once per group of experts rather
+than once per expert. (On CPU the ops are bound by memory instead, and batching gains little.)
 
 Per expert, as in the reference `fasterquant`:
 1. dead columns (H_ii == 0: the input there is always 0) get H_ii = 1 and W[:, i] = 0;
@@ -20,8 +21,8 @@ we also apply the pending in-block updates; see `_current_columns`). With groups
 columns of one group are visited out of order, so every group's grid is fitted up front on the
 original column groups ("static groups") and each permuted column uses its original group's grid.
 
-Fallback. An expert whose damped H is not positive definite (`cholesky_ex` info != 0, NaNs
-included) or is all zeros (no tokens routed to it) is rounded to nearest, alone, and flagged:
+Fallback. An expert whose damped H is not positive definite (`cholesky_ex` info != 0), holds a
+non-finite entry, or is all zeros (no tokens routed to it) is rounded to nearest, alone, and flagged:
 its `Hinv` is replaced by the identity, under which the GPTQ loop is exactly round-to-nearest
 (no error reaches other columns). Experts with no tokens keep their weights (no dead-column
 zeroing), since at inference they may well see tokens.
@@ -53,7 +54,8 @@ class GPTQConfig:
     # experts see few tokens, so their H is low rank and needs more regularization.
     damp: float = 0.1
     # Lazy-batch width: wide enough that the deferred update is an efficient GEMM, narrow
-    # enough that the in-block rank-1 updates stay in cache. GPTQ's 128.
+    # enough that the in-block rank-1 updates stay in cache. GPTQ's 128 suits GPUs; on CPU,
+    # where the in-block updates (work ~ block_size) are memory-bound, 32 ran ~2x faster.
     block_size: int = 128
     act_order: bool = False  # visit columns by descending H_ii (largest input energy first)
 
@@ -104,7 +106,8 @@ def accumulate_hessian(h: Tensor | None, count: int, x: Tensor) -> tuple[Tensor,
     if n == 0:
         return h, count
     total = count + n
-    # Scale x, not the product: sqrt(2/n) x keeps the fp32 sum of n outer products O(1).
+    # Scale x by sqrt(2 / total) before the product, as the reference does: the fp32 sum of
+    # many outer products then never grows with the token count.
     x = x * math.sqrt(2.0 / total)
     return torch.addmm(h.float(), x.T, x, beta=count / total), total
 
@@ -116,8 +119,7 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig) -> GPTQResult:
     expert's Hessian, e.g. from `accumulate_hessian`). Neither is modified. Runs on w's device.
     """
     w, h = _check_inputs(w, h)
-    E, rows, cols = w.shape
-    spec = cfg.spec
+    cols, spec = w.shape[-1], cfg.spec
     w, h, empty = _drop_dead_columns(w, h)
     lazy_groups = spec.group_size is not None and not cfg.act_order
     grid = None if lazy_groups else fit_grid(w, spec)  # [E, rows, G]
@@ -145,22 +147,22 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig) -> GPTQResult:
 def rtn_quantize(w: Tensor, spec: QuantSpec, h: Tensor | None = None, damp: float = 0.1) -> GPTQResult:
     """Round-to-nearest on the grid `gptq_quantize` would fit; `fallback` is all False.
 
-    w: [E, rows, cols] float. With h ([E, cols, cols]), dead columns are zeroed as in GPTQ and
-    `error` is 1/2 tr((W - Q) H (W - Q)^T) with H dead-fixed and damped by `damp` as in GPTQ, so
-    the two compare. Without h, `error` is 1/2 ||W - Q||_F^2 per expert (H = identity).
-    Equals `gptq_quantize` with block_size irrelevant and H^-1 = identity.
+    w: [E, rows, cols] float; h: [E, cols, cols] float or None. This is exactly what
+    `gptq_quantize` does to a fallback expert. With h, dead columns are zeroed as in GPTQ and
+    `error` is 1/2 tr((W - Q) H (W - Q)^T) with H dead-fixed and damped by `damp` as in GPTQ,
+    so the two compare. Without h, `error` is 1/2 ||W - Q||_F^2 per expert (H = identity).
     """
-    if h is None:
-        w = _check_inputs(w, None)[0]
-        hd = torch.eye(w.shape[-1], dtype=torch.float32, device=w.device).expand(w.shape[0], -1, -1)
-    else:
-        w, h = _check_inputs(w, h)
+    w, h = _check_inputs(w, h)
+    if h is not None:
         w, h, _ = _drop_dead_columns(w, h)
-        hd = _dampen(h, damp)
     grid = fit_grid(w, spec)
     codes, q = quantize_dequantize(w, align(grid, spec, slice(None), w.shape[-1]))
+    if h is None:
+        error = 0.5 * (w - q).square().sum((1, 2))
+    else:
+        error = _quadratic_error(w, q, _dampen(h, damp))
     fallback = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)
-    return GPTQResult(codes=codes, grid=grid, q=q, error=_quadratic_error(w, q, hd), fallback=fallback)
+    return GPTQResult(codes=codes, grid=grid, q=q, error=error, fallback=fallback)
 
 
 def _check_inputs(w: Tensor, h: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -247,7 +249,7 @@ def _column_loop(
     [E, rows, cols] fp32 (both in w's column order), loss [E] fp32, grid [E, rows, G].
     """
     w = w.clone()
-    E, rows, cols = w.shape
+    E, cols = w.shape[0], w.shape[-1]
     g = spec.group_size
     codes = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
     q = torch.empty_like(w)

@@ -22,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 BITS_CHOICES = ("ternary", "2", "3", "4", "8")
+_G = TypeVar("_G", bound="_GridBase")
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class QuantSpec:
 class _GridBase:
     """Shared plumbing: every tensor field is `[E, rows, G]` fp32 and transforms alike."""
 
-    def map(self, fn: Callable[[Tensor], Tensor]):
+    def map(self: _G, fn: Callable[[Tensor], Tensor]) -> _G:
         """Apply `fn` to every parameter tensor (slicing, gathering, moving device)."""
         changes = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
                    if isinstance(getattr(self, f.name), Tensor)}
@@ -84,7 +85,7 @@ class _GridBase:
         first = dataclasses.fields(self)[0].name
         return getattr(self, first).shape[-1]
 
-    def take(self, groups: Tensor):
+    def take(self: _G, groups: Tensor) -> _G:
         """Parameters of group `groups[..., k]` for column k: `groups` [k] or [E, k] int64.
 
         Returns a grid aligned to those k columns: `[E, rows, k]`.
