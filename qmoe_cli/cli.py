@@ -67,7 +67,7 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
     model = open_model(model_name)
     tokenizer = load_tokenizer(model.tokenizer_dir) if has_tokenizer(model.tokenizer_dir) else None
     flag = "--calib" if calib else "--data"
-    sources = sources or ((model.default_calib() if calib else model.default_data()),)
+    sources = sources or ((model.default_calib if calib else model.default_data),)
     if len(set(sources)) != len(sources):
         raise ValueError(f"{flag}: each dataset may be given once, got {', '.join(sources)}")
     datasets = []

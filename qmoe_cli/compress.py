@@ -220,7 +220,7 @@ def _start(model: OpenModel, cfg: CompressConfig, digest: str, partial: Path) ->
     """Create the partial directory: manifest, config, tokenizer, non-expert weights."""
     partial.mkdir(parents=True)
     config = model.weights.config
-    manifest = {"kind": KIND, "format_version": FORMAT_VERSION, "source": model.label,
+    manifest = {"kind": KIND, "format_version": FORMAT_VERSION, "source": model.label, "window": model.window,
                 "settings": {**asdict(cfg)}, "config": config.to_dict(), "fingerprint": digest,
                 "finished": [], "blocks": {}, "complete": False}
     for name in TOKENIZER_FILES:

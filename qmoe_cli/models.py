@@ -3,59 +3,59 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-from .checkpoint import ModelSource, resolve_model
-from .data import C4
+from .checkpoint import resolve_model
+from .config import Preset, load_preset
+from .quantized import KIND, QuantizedWeights, read_manifest
 from .runtime import ModelWeights
-from .quantized import KIND, QuantizedWeights
 from .weights import CheckpointWeights
 
 DEFAULT_WINDOW = 512  # Switch Transformers were trained on 512-token inputs
+DEFAULT_DATA = "c4"
 
 
 @dataclass
 class OpenModel:
-    """A model ready to stream: its weights, where its tokenizer is, and its limits."""
+    """A model ready to stream: its weights, where its tokenizer is, its window and default data."""
 
     label: str  # what the user asked for
-    kind: str  # "original" (later: "quantized", "packed")
+    kind: str  # "original" | "quantized"
     weights: ModelWeights
-    source: ModelSource
+    tokenizer_dir: Path
     stored_dtype: torch.dtype
+    window: int  # longest input or label sequence, tokens
+    default_data: str  # `--data` when none is given: "c4" or a file path
+    default_calib: str  # `--calib` when none is given
 
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.source.directory
 
-    @property
-    def window(self) -> int:
-        return self.source.preset.window if self.source.preset else DEFAULT_WINDOW
-
-    def default_data(self) -> str:
-        return self._preset_data(self.source.preset.default_data if self.source.preset else C4)
-
-    def default_calib(self) -> str:
-        return self._preset_data(self.source.preset.default_calib if self.source.preset else C4)
-
-    def _preset_data(self, value: str) -> str:
-        """A preset's data other than c4 names a file inside the model directory: its path.
-
-        (A shipped model carries its own data; relative to the working directory it would not be
-        found.) An absolute path stays as it is.
-        """
-        return value if value == C4 else str(self.source.directory / value)
+def _defaults(preset: Preset | None) -> tuple[int, str, str]:
+    """(window, default data, default calibration) of a preset; files of a shipped model resolve
+    to absolute paths inside its directory."""
+    if preset is None:
+        return DEFAULT_WINDOW, DEFAULT_DATA, DEFAULT_DATA
+    if preset.local_dir is None:
+        return preset.window, preset.default_data, preset.default_calib
+    directory = Path(str(resources.files("qmoe_cli") / preset.local_dir))
+    return preset.window, str(directory / preset.default_data), str(directory / preset.default_calib)
 
 
 def open_model(name: str) -> OpenModel:
-    """Open `--model`; a directory with a qmoe manifest.json is a quantized checkpoint."""
+    """Open `--model`; a directory with a qmoe manifest.json is a quantized checkpoint.
+
+    A quantized checkpoint keeps its source's window and default data (via the manifest).
+    """
     path = Path(name).expanduser()
     if path.is_dir() and (path / "manifest.json").is_file():
+        manifest = read_manifest(path)
         weights = QuantizedWeights.open(path)
         stored = weights.tensor("shared.weight", None, torch.device("cpu")).dtype
-        return OpenModel(name, KIND, weights, ModelSource(path, None, name), stored)
+        _, data, calib = _defaults(load_preset(manifest["source"]))
+        return OpenModel(name, KIND, weights, path, stored, manifest["window"], data, calib)
     source = resolve_model(name)
     weights = CheckpointWeights(source)
-    return OpenModel(name, "original", weights, source, weights.stored_dtype())
+    window, data, calib = _defaults(source.preset)
+    return OpenModel(name, "original", weights, source.directory, weights.stored_dtype(), window, data, calib)
