@@ -86,7 +86,7 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
 
 
 @main.command("eval")
-@click.option("--model", "model_name", required=True, metavar="NAME|HUB_ID|DIR",
+@click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
               help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")
 @click.option("--data", "data_sources", multiple=True, metavar="c4|FILE",
               help="Dataset to evaluate on; repeat for several. Default: the model's (c4 for hub models).")
@@ -121,9 +121,9 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
 
 
 @main.command("compress")
-@click.option("--model", "model_name", required=True, metavar="NAME|HUB_ID|DIR",
+@click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
               help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")
-@click.option("--bits", type=click.Choice(["ternary", "2", "3", "4", "8"]), required=True,
+@click.option("--bits", type=click.Choice(["ternary", "2", "3", "4", "8"]), default="ternary", show_default=True,
               help="Expert weight grid: ternary {min, 0, max} per row, or b-bit min-max per row.")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
               help="gptq, or round-to-nearest on the same grid (the baseline).")
