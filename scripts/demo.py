@@ -61,8 +61,8 @@ def main() -> None:
                      "--calib-samples", args.calib_samples, "--out", str(out), *common)
                 loss = qmoe("eval", "--model", str(out), "--samples", args.samples, *common)["loss"]
                 rows.append((method, bits, loss, code_entropy(out)))
-    print(f"| method | bits | validation loss | code entropy (bits/weight) |")
-    print(f"|---|---|---|---|")
+    print("| method | bits | validation loss | code entropy (bits/weight) |")
+    print("|---|---|---|---|")
     for method, bits, loss, entropy in rows:
         print(f"| {method} | {bits} | {loss:.4f} | {'-' if math.isnan(entropy) else f'{entropy:.3f}'} |")
 
