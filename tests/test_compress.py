@@ -59,6 +59,8 @@ def test_codes_and_grids_and_eval_agree(setup, tmp_path: Path, bits: str) -> Non
     result = _compress(model, calib, tmp_path / "q", "--bits", bits)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
+    # 24 calibration samples where 128 are asked for: proceed with all of them, and say so.
+    assert "has only 24 usable samples (asked for 128)" in result.stderr
     assert summary["fallbacks"] == 0 and set(summary["blocks"]) == {"encoder.0", "encoder.1", "decoder.0", "decoder.1"}
     experts = SafetensorsFile(tmp_path / "q" / "experts" / "encoder-001" / "group-00000.safetensors")
     for j in range(4):
