@@ -38,11 +38,11 @@ from .data import LoadedData
 from .errors import QmoeError
 from .fsutil import temporary_name
 from .models import OpenModel
-from .quant.gptq import GPTQConfig, accumulate_hessian, gptq_quantize, rtn_quantize
+from .quant.gptq import GPTQConfig, GPTQResult, accumulate_hessian, gptq_quantize, rtn_quantize
 from .quant.grids import QuantSpec
-from .quantized import (FORMAT_VERSION, HEAD_FILE, KIND, QuantizedWeights, block_file, expert_file,
-                        read_manifest, save_tensors_atomic, write_json_atomic)
-from .runtime import ListBuffer, RunConfig, apply_expert, route, streamed_losses
+from .quantized import (FORMAT_VERSION, HEAD_FILE, KIND, QuantizedExperts, QuantizedWeights, block_file,
+                        expert_file, read_manifest, save_tensors_atomic, write_json_atomic)
+from .runtime import ListBuffer, Routing, RunConfig, apply_expert, route, streamed_losses
 from .switch import Block
 from .checkpoint import TOKENIZER_FILES
 
@@ -131,7 +131,9 @@ class ExpertCompressor:
             for j, expert in zip(ids, bank.load(ids, run.device, run.dtype)):
                 apply_expert(block.ffn, expert, buffer, routing.tokens(j), routing.prob, run)
 
-    def _quantize(self, stack: str, index: int, block: Block, buffer: ListBuffer, routing, run: RunConfig):
+    def _quantize(self, stack: str, index: int, block: Block, buffer: ListBuffer, routing: Routing,
+                  run: RunConfig) -> tuple[QuantizedExperts, BlockStats]:
+        """Quantize every expert of the block, group by group, each group to its own file."""
         source = block.ffn.mlp.experts
         num = source.num_experts
         cap = max(1, math.ceil(self.cfg.token_cap * buffer.data.shape[0] / num))
@@ -170,7 +172,7 @@ class ExpertCompressor:
         x = buffer.data.index_select(0, tokens).to(run.device)
         return block.ffn.layer_norm(x).float()
 
-    def _solve(self, w: torch.Tensor, inputs: list[torch.Tensor]):
+    def _solve(self, w: torch.Tensor, inputs: list[torch.Tensor]) -> GPTQResult:
         """Quantize a stack w [E, rows, cols] fp32 given each expert's inputs [n_e, cols]."""
         if self.cfg.method == "rtn":
             return rtn_quantize(w, self.cfg.spec)
