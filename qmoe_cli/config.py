@@ -9,7 +9,6 @@ model's name.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QmoeError
+from .fsutil import read_json_object
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -91,14 +91,7 @@ class SwitchConfig:
 
     @classmethod
     def from_file(cls, path: Path, overrides: dict[str, Any] | None = None) -> "SwitchConfig":
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise QmoeError(f"{path}: not found; a model directory needs a config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise QmoeError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise QmoeError(f"{path}: expected a JSON object")
+        raw = read_json_object(path, "a model directory needs a config.json")
         try:
             return cls.from_hf_dict(raw, overrides)
         except (TypeError, ValueError) as exc:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .errors import QmoeError
 
@@ -47,3 +48,17 @@ def _fsync(path: Path) -> None:
     if path.is_file():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
+
+
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """The JSON object in `path`; QmoeError naming the file if absent (with `missing` as the
+    explanation), unreadable, or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise QmoeError(f"{path}: not found; {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QmoeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise QmoeError(f"{path}: expected a JSON object")
+    return value

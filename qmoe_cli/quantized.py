@@ -30,6 +30,7 @@ from torch import nn
 
 from .config import SwitchConfig
 from .errors import QmoeError
+from .fsutil import read_json_object
 from .quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize
 from .safetensors_io import SafetensorsFile
 from .switch import ExpertFFN
@@ -67,13 +68,8 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise QmoeError(f"{directory}: no manifest.json; not a qmoe checkpoint") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise QmoeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or "kind" not in manifest:
+    manifest = read_json_object(path, "not a qmoe checkpoint")
+    if "kind" not in manifest:
         raise QmoeError(f"{path}: not a qmoe manifest (no 'kind')")
     return manifest
 
