@@ -42,7 +42,7 @@ from .quant.gptq import GPTQConfig, GPTQResult, accumulate_hessian, gptq_quantiz
 from .quant.grids import QuantSpec
 from .quantized import (FORMAT_VERSION, HEAD_FILE, KIND, QuantizedExperts, QuantizedWeights, block_file,
                         expert_file, read_manifest, save_tensors_atomic, write_json_atomic)
-from .runtime import ListBuffer, Routing, RunConfig, apply_expert, route, streamed_losses
+from .runtime import ListBuffer, Routing, RunConfig, apply_experts, route, streamed_losses
 from .switch import Block
 from .checkpoint import TOKENIZER_FILES
 
@@ -125,11 +125,7 @@ class ExpertCompressor:
             self.log(f"{name}: tokens/expert {stats.tokens_min}/{stats.tokens_median}/{stats.tokens_max} "
                      f"(min/median/max), error {stats.error:.4g}, fallbacks {stats.fallbacks}, "
                      f"zeros {stats.zero_fraction:.1%}, {time.perf_counter() - started:.1f}s")
-        experts = list(range(bank.num_experts))
-        for first in range(0, len(experts), self.cfg.group_size):
-            ids = [j for j in experts[first:first + self.cfg.group_size] if routing.count(j)]
-            for j, expert in zip(ids, bank.load(ids, run.device, run.dtype)):
-                apply_expert(block.ffn, expert, buffer, routing.tokens(j), routing.prob, run)
+        apply_experts(block.ffn, bank, buffer, routing, run)
 
     def _quantize(self, stack: str, index: int, block: Block, buffer: ListBuffer, routing: Routing,
                   run: RunConfig) -> tuple[QuantizedExperts, BlockStats]:

@@ -117,14 +117,18 @@ def apply_expert(ffn: FeedForward, expert: nn.Module, buffer: ListBuffer, tokens
         buffer.data.index_copy_(0, ids, y.to(buffer.data.dtype).cpu())
 
 
-def sparse_feed_forward(ffn: FeedForward, buffer: ListBuffer, run: RunConfig) -> Routing:
-    routing = route(ffn, buffer, run)
-    bank = ffn.mlp.experts
+def apply_experts(ffn: FeedForward, bank: ExpertBank, buffer: ListBuffer, routing: Routing, run: RunConfig) -> None:
+    """Run every routed token through its expert from `bank`, loading `run.group_size` at a time."""
     active = [j for j in range(bank.num_experts) if routing.count(j)]
     for first in range(0, len(active), run.group_size):
         ids = active[first:first + run.group_size]
         for j, expert in zip(ids, bank.load(ids, run.device, run.dtype)):
             apply_expert(ffn, expert, buffer, routing.tokens(j), routing.prob, run)
+
+
+def sparse_feed_forward(ffn: FeedForward, buffer: ListBuffer, run: RunConfig) -> Routing:
+    routing = route(ffn, buffer, run)
+    apply_experts(ffn, ffn.mlp.experts, buffer, routing, run)
     return routing
 
 
