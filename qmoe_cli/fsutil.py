@@ -44,6 +44,12 @@ def atomic_directory(directory: Path, overwrite: bool = False) -> Iterator[Path]
         raise
 
 
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Flush the finished file `tmp` to disk, then rename it to `path` (atomic on POSIX)."""
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
 def _fsync(path: Path) -> None:
     if path.is_file():
         with open(path, "rb") as handle:

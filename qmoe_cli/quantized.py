@@ -19,7 +19,6 @@ Layout of a quantized directory (all safetensors + JSON, never pickle):
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +29,7 @@ from torch import nn
 
 from .config import SwitchConfig
 from .errors import QmoeError
-from .fsutil import read_json_object
+from .fsutil import read_json_object, replace_durably
 from .quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize
 from .safetensors_io import SafetensorsFile
 from .switch import ExpertFFN
@@ -51,9 +50,7 @@ def expert_file(stack: str, index: int, group: int) -> str:
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -61,9 +58,7 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
