@@ -170,6 +170,69 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
                    f"{summary['fallbacks']} fallbacks); evaluate with: qmoe eval --model {out}")
 
 
+@main.command("pack")
+@click.argument("source", type=click.Path(path_type=Path), metavar="QUANTIZED_DIR")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Output directory (default: QUANTIZED_DIR-packed). Never overwritten.")
+@click.option("--dictionary-size", type=int, default=1 << 16, show_default=True,
+              help="Codewords (at most 65536: 16-bit indices).")
+@click.option("--max-pairs", type=int, default=14, show_default=True,
+              help="Longest codeword, in pairs of weights (14 = 28 weights, what the kernel expects).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (as `qmoe info --json`) on stdout.")
+@handle_errors
+def pack_command(source: Path, out_dir: Path | None, dictionary_size: int, max_pairs: int, as_json: bool) -> None:
+    """Entropy-code a quantized checkpoint (ternary: dictionary code; b-bit: bit-packed)."""
+    from .pack import PackConfig
+
+    cfg = PackConfig(dictionary_size=dictionary_size, max_pairs=max_pairs, progress=sys.stderr.isatty())
+    _pack_and_report(source, out_dir or source.with_name(source.name + "-packed"), cfg, as_json)
+
+
+def _pack_and_report(source: Path, out: Path, cfg: Any, as_json: bool) -> None:
+    from .info import checkpoint_info
+    from .pack import pack
+
+    pack(source, out, cfg, note)
+    info = checkpoint_info(out)
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        click.echo(f"wrote {out}: {info['bits_per_weight_codes']:.4f} bits per expert weight "
+                   f"({info['bits_per_weight_all_in']:.4f} all-in), {info['total_bytes'] / 1e6:.2f} MB; "
+                   f"evaluate with: qmoe eval --model {out}")
+
+
+@main.command("info")
+@click.argument("directory", type=click.Path(path_type=Path), metavar="DIR")
+@click.option("--verify", is_flag=True, help="Also check every file's checksum and validate every expert matrix.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@handle_errors
+def info_command(directory: Path, verify: bool, as_json: bool) -> None:
+    """Kind, source, settings, size and bits per expert weight of a quantized or packed checkpoint."""
+    from .info import checkpoint_info
+
+    info = checkpoint_info(directory, verify)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    settings = info["settings"]
+    click.echo(f"{info['path']}: {info['kind']} checkpoint of {info['source']}, {settings['method']} "
+               f"{settings['bits']}, {info['total_bytes'] / 1e6:.2f} MB" + (", verified" if verify else ""))
+    if "codec" in info:
+        codec = info["codec"]
+        click.echo("codec: " + (f"dictionary of {codec['size']} codewords, up to {codec['max_pairs']} pairs"
+                                if codec["type"] == "dictionary" else f"{codec['bits']}-bit codes, bit-packed"))
+    entropy = info["entropy_bits_per_weight"]
+    click.echo(f"expert weights {info['weights']}: {info['bits_per_weight_codes']:.4f} bits/weight codes, "
+               f"{info['bits_per_weight_all_in']:.4f} all-in" + (
+                   f", entropy {entropy:.4f} (codes/entropy {info['ratio_to_entropy']:.3f})" if entropy else ""))
+    click.echo(f"{'layer':<12} {'weights':>12} {'codes b/w':>10} {'all-in b/w':>11} {'entropy b/w':>12}")
+    for layer in info["layers"]:
+        e = layer["entropy_bits_per_weight"]
+        click.echo(f"{layer['name']:<12} {layer['weights']:>12} {layer['bits_per_weight_codes']:>10.4f} "
+                   f"{layer['bits_per_weight_all_in']:>11.4f} {'-' if e is None else f'{e:.4f}':>12}")
+
+
 @main.command("presets")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @handle_errors

@@ -10,7 +10,8 @@ import torch
 
 from .checkpoint import resolve_model
 from .config import Preset, load_preset
-from .quantized import KIND, QuantizedWeights, read_manifest
+from . import packed, quantized
+from .quantized import read_manifest
 from .runtime import ModelWeights
 from .weights import CheckpointWeights
 
@@ -23,7 +24,7 @@ class OpenModel:
     """A model ready to stream: its weights, where its tokenizer is, its window and default data."""
 
     label: str  # what the user asked for
-    kind: str  # "original" | "quantized"
+    kind: str  # "original" | "quantized" | "packed"
     weights: ModelWeights
     tokenizer_dir: Path
     stored_dtype: torch.dtype
@@ -44,17 +45,19 @@ def _defaults(preset: Preset | None) -> tuple[int, str, str]:
 
 
 def open_model(name: str) -> OpenModel:
-    """Open `--model`; a directory with a qmoe manifest.json is a quantized checkpoint.
+    """Open `--model`; a directory with a qmoe manifest.json is a quantized or packed checkpoint
+    (its `kind` says which).
 
-    A quantized checkpoint keeps its source's window and default data (via the manifest).
+    A compressed checkpoint keeps its source's window and default data (via the manifest).
     """
     path = Path(name).expanduser()
     if path.is_dir() and (path / "manifest.json").is_file():
         manifest = read_manifest(path)
-        weights = QuantizedWeights.open(path)
+        kind = manifest["kind"]
+        weights = packed.PackedWeights.open(path) if kind == packed.KIND else quantized.QuantizedWeights.open(path)
         stored = weights.tensor("shared.weight", None, torch.device("cpu")).dtype
         _, data, calib = _defaults(load_preset(manifest["source"]))
-        return OpenModel(name, KIND, weights, path, stored, manifest["window"], data, calib)
+        return OpenModel(name, kind, weights, path, stored, manifest["window"], data, calib)
     source = resolve_model(name)
     weights = CheckpointWeights(source)
     window, data, calib = _defaults(source.preset)

@@ -47,6 +47,14 @@ def expert_file(stack: str, index: int, group: int) -> str:
     return f"experts/{stack}-{index:03d}/group-{group:05d}.safetensors"
 
 
+def dense_file(name: str) -> str:
+    """The file holding non-expert tensor `name` (HF naming): its block's file, else the head."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[1] == "block":
+        return block_file(parts[0], int(parts[2]))
+    return HEAD_FILE
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -147,17 +155,11 @@ class QuantizedWeights:
             self._files[name] = SafetensorsFile(path)
         return self._files[name]
 
-    def _locate(self, name: str) -> tuple[SafetensorsFile, str]:
-        parts = name.split(".")
-        if len(parts) > 3 and parts[1] == "block":
-            return self._file(block_file(parts[0], int(parts[2]))), name
-        return self._file(HEAD_FILE), name
-
     def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        file, key = self._locate(name)
-        if key not in file.entries:
-            raise QmoeError(f"{file.path}: tensor '{key}' is missing")
-        return file.read(key).to(dtype=dtype, device=device)
+        file = self._file(dense_file(name))
+        if name not in file.entries:
+            raise QmoeError(f"{file.path}: tensor '{name}' is missing")
+        return file.read(name).to(dtype=dtype, device=device)
 
     def experts(self, stack: str, index: int) -> QuantizedExperts:
         return QuantizedExperts(self.directory, stack, index, self.spec, self.config.num_experts, self.group_size)

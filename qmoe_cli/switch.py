@@ -124,6 +124,14 @@ class ExpertFFN(nn.Module):
         expert.wo.weight = nn.Parameter(wo, requires_grad=False)
         return expert
 
+    @classmethod
+    def from_linears(cls, wi: nn.Module, wo: nn.Module) -> "ExpertFFN":
+        """An expert around any modules computing wi: [n, d] -> [n, d_ff] and wo: back to d."""
+        with torch.device("meta"):
+            expert = cls(1, 1)
+        expert.wi, expert.wo = wi, wo
+        return expert
+
 
 class ExpertBank(Protocol):
     """Where a sparse block gets its experts: resident, read from a checkpoint, or compressed."""

@@ -1,0 +1,30 @@
+"""The optional C++ codec (`csrc/codec.cpp`), compiled on first use and cached.
+
+`torch.utils.cpp_extension.load` builds with the system compiler against the installed torch
+(the CPU build is enough) into torch's extension cache, rebuilding only when the source changes.
+Without a compiler the codec falls back to the pure-Python reference, with one warning: packing
+then works, slowly.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import warnings
+from importlib import resources
+from types import ModuleType
+
+
+@functools.cache
+def codec_extension() -> ModuleType | None:
+    """The compiled codec module, or None (after one warning) when it cannot be built."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        source = resources.files("qmoe_cli.codec") / "csrc" / "codec.cpp"
+        return load(name="qmoe_codec", sources=[str(source)], extra_cflags=["-O3"], verbose=False)
+    except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"qmoe: the C++ codec could not be built ({reason}); using the slow Python reference",
+                      RuntimeWarning, stacklevel=2)
+        return None

@@ -1,0 +1,80 @@
+"""`qmoe info`: what a quantized or packed checkpoint holds and how many bits its experts take.
+
+Read from the manifest (a packed manifest is checked against its own checksum) and from
+safetensors headers, so it is instant even for switch-c2048; `verify` additionally checks
+every file's checksum and validates every expert matrix as `qmoe eval` would.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import packed, quantized
+from .errors import QmoeError
+from .safetensors_io import SafetensorsFile
+
+
+def checkpoint_info(directory: Path, verify: bool = False) -> dict[str, Any]:
+    """One JSON-ready object: kind, source, settings, total_bytes, bits per expert weight
+    (codes only and all-in), entropy bound, and `layers`, one entry per sparse block."""
+    if not directory.is_dir():
+        raise QmoeError(f"{directory}: not a directory")
+    manifest = quantized.read_manifest(directory)
+    if manifest["kind"] == packed.KIND:
+        weights = packed.PackedWeights.open(directory)
+        if verify:
+            _verify(weights)
+        info = {**manifest["totals"], "codec": manifest["codec"], "layers": manifest["layers"]}
+        info.pop("name")
+    else:
+        weights = quantized.QuantizedWeights.open(directory)
+        info = _quantized_sizes(weights)
+    weights.close()
+    total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    entropy = info.get("entropy_bits_per_weight")
+    return {"path": str(directory), "kind": manifest["kind"], "source": manifest["source"],
+            "settings": manifest["settings"], "total_bytes": total, **info,
+            "ratio_to_entropy": info["bits_per_weight_codes"] / entropy if entropy else None}
+
+
+def _quantized_sizes(weights: quantized.QuantizedWeights) -> dict[str, Any]:
+    """Bytes of the stored uint8 codes and grids per sparse block, from the file headers."""
+    layers = []
+    for stack in ("encoder", "decoder"):
+        for i in range(weights.config.num_blocks(stack)):
+            if not weights.config.is_sparse(stack, i):
+                continue
+            n, code_bytes, all_in = 0, 0, 0
+            for group in range(math.ceil(weights.config.num_experts / weights.group_size)):
+                path = weights.directory / quantized.expert_file(stack, i, group)
+                if not path.is_file():
+                    raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
+                file = SafetensorsFile(path)
+                for key, entry in file.entries.items():
+                    size = entry.end - entry.begin
+                    all_in += size
+                    if key.endswith(".codes"):
+                        n, code_bytes = n + math.prod(entry.shape), code_bytes + size
+                file.close()
+            layers.append({"name": f"{stack}.{i}", "weights": n, "code_bytes": code_bytes, "all_in_bytes": all_in,
+                           "bits_per_weight_codes": 8 * code_bytes / n, "bits_per_weight_all_in": 8 * all_in / n,
+                           "entropy_bits_per_weight": None})
+    n = sum(r["weights"] for r in layers)
+    code_bytes, all_in = sum(r["code_bytes"] for r in layers), sum(r["all_in_bytes"] for r in layers)
+    return {"weights": n, "code_bytes": code_bytes, "all_in_bytes": all_in, "bits_per_weight_codes": 8 * code_bytes / n,
+            "bits_per_weight_all_in": 8 * all_in / n, "entropy_bits_per_weight": None, "layers": layers}
+
+
+def _verify(weights: packed.PackedWeights) -> None:
+    """Check every file's checksum and validate every expert matrix (raises QmoeError)."""
+    for name in weights.manifest["files"]:
+        weights.verify_file(name)
+    config = weights.config
+    for stack in ("encoder", "decoder"):
+        for i in range(config.num_blocks(stack)):
+            if config.is_sparse(stack, i):
+                weights.experts(stack, i).load(range(config.num_experts), torch.device("cpu"), torch.float32)

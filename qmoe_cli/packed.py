@@ -1,0 +1,261 @@
+"""The packed checkpoint: entropy-coded ternary experts (or bit-packed b-bit ones), read safely.
+
+Layout of a packed directory (safetensors + JSON, never pickle):
+
+    manifest.json               kind "packed", format version, source, settings of the
+                                quantization, codec, per-layer statistics, `files`: size and
+                                sha256 of every other file, `manifest_sha256`: of the rest of
+                                the manifest itself (canonical JSON)
+    tokenizer.json ...          copied from the quantized checkpoint
+    head.safetensors, blocks/   copied byte for byte from the quantized checkpoint
+    dictionary.safetensors      ternary only: `symbols` [size, max_len] uint8, `lengths` [size] uint8
+    experts/{stack}-{i:03d}/group-{k:05d}.safetensors   per expert j and matrix m in wi, wo:
+        ternary: `expert_{j}.{m}.words` [total] int16 (uint16 codeword indices),
+                 `.offsets` [rows + 1] int32, `.lo` / `.hi` [rows, groups] fp32
+        b-bit:   `expert_{j}.{m}.packed` [rows, ceil(cols * b / 8)] uint8,
+                 `.scale` / `.zero` [rows, groups] fp32
+
+Safety: every file is checked against its size and sha256 before use (a flipped or truncated
+byte is an error, never a wrong model), and every matrix is validated before any decoder sees
+it: dtypes and shapes against the architecture, offsets starting at 0, monotone and ending at
+the codeword count, codewords inside the dictionary, and every row decoding to exactly its
+width (a vectorized sum of codeword lengths per row). So neither the C++ decoder nor a GPU
+kernel can be handed a matrix that makes it read or write out of bounds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .codec.bitpack import row_bytes, unpack_bits
+from .codec.dictionary import Codebook
+from .codec.rows import decode_dense, row_widths
+from .config import SwitchConfig
+from .errors import QmoeError
+from .quant.grids import QuantSpec, dequantize
+from .quantized import dense_file, expert_file, grid_from_tensors, read_manifest
+from .safetensors_io import SafetensorsFile
+from .switch import ExpertFFN
+
+FORMAT_VERSION = 1
+KIND = "packed"
+DICTIONARY_FILE = "dictionary.safetensors"
+_BLOCK_BYTES = 1 << 22  # fp32 bytes of weights one decode-matmul step materialises
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest without its own `manifest_sha256`, as canonical JSON."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What the manifest's `files` holds for one file."""
+    return {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+
+
+class DictionaryMatrix:
+    """One entropy-coded ternary matrix [rows, cols], validated at construction."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], book: Codebook, rows: int, cols: int, spec: QuantSpec,
+                 where: str):
+        self.words, self.offsets = tensors["words"], tensors["offsets"]  # [total] int16, [rows + 1] int32
+        self.lo, self.hi = tensors["lo"], tensors["hi"]  # [rows, groups] fp32
+        self.book, self.rows, self.cols = book, rows, cols
+        self.group_cols = spec.group_size or cols
+        groups = spec.n_groups(cols)
+        _expect(where, "words", self.words, torch.int16, None)
+        _expect(where, "offsets", self.offsets, torch.int32, (rows + 1,))
+        _expect(where, "lo", self.lo, torch.float32, (rows, groups))
+        _expect(where, "hi", self.hi, torch.float32, (rows, groups))
+        offsets = self.offsets.long()
+        if int(offsets[0]) != 0 or int(offsets[-1]) != self.words.numel() or bool((offsets.diff() < 0).any()):
+            raise QmoeError(f"{where}: row offsets must rise from 0 to the {self.words.numel()} codewords")
+        if self.words.numel() and int((self.words.long() & 0xFFFF).max()) >= book.size:
+            raise QmoeError(f"{where}: a codeword is beyond the dictionary's {book.size}")
+        widths = row_widths(self.words, self.offsets, book)
+        bad = torch.nonzero(widths != cols + cols % 2)
+        if bad.numel():
+            r = int(bad[0])
+            raise QmoeError(f"{where}: row {r} decodes to {int(widths[r])} weights, not its width {cols}")
+        if not (bool(torch.isfinite(self.lo).all()) and bool(torch.isfinite(self.hi).all())):
+            raise QmoeError(f"{where}: the ternary grid holds a non-finite value")
+
+    def dense(self, begin: int, end: int) -> torch.Tensor:
+        """Rows [begin, end) -> [end - begin, cols] fp32."""
+        return decode_dense(self.words, self.offsets, self.book, self.lo, self.hi, self.group_cols, self.cols,
+                            (begin, end))
+
+
+class BitpackedMatrix:
+    """One b-bit matrix [rows, cols] stored as dense bit-packed codes plus its integer grids."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], rows: int, cols: int, spec: QuantSpec, where: str):
+        self.packed, self.spec, self.rows, self.cols = tensors["packed"], spec, rows, cols
+        self.grid_tensors = {"scale": tensors["scale"], "zero": tensors["zero"]}  # [rows, groups] fp32
+        bits, groups = int(spec.bits), spec.n_groups(cols)
+        _expect(where, "packed", self.packed, torch.uint8, (rows, row_bytes(cols, bits)))
+        for name, value in self.grid_tensors.items():
+            _expect(where, name, value, torch.float32, (rows, groups))
+            if not bool(torch.isfinite(value).all()):
+                raise QmoeError(f"{where}: the {name} grid holds a non-finite value")
+
+    def dense(self, begin: int, end: int) -> torch.Tensor:
+        codes = unpack_bits(self.packed[begin:end], int(self.spec.bits), self.cols)
+        grid = grid_from_tensors(self.spec, {k: v[begin:end] for k, v in self.grid_tensors.items()})
+        return dequantize(codes[None], grid, self.spec)[0]
+
+
+def _expect(where: str, name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None) -> None:
+    if tensor.dtype != dtype or (shape is None and tensor.dim() != 1) or (shape is not None and tuple(tensor.shape) != shape):
+        wanted = f"{dtype}{list(shape) if shape else '[n]'}"
+        raise QmoeError(f"{where}: '{name}' is {tensor.dtype}{list(tensor.shape)}, expected {wanted}")
+
+
+class PackedLinear(nn.Module):
+    """y = x Wᵀ for a packed W [out, in] that is never dense whole: decoded a block of rows at a
+    time (at most 4 MB of fp32), multiplied, dropped. The CPU path of the decode-matmul."""
+
+    def __init__(self, matrix: DictionaryMatrix | BitpackedMatrix):
+        super().__init__()
+        self.matrix = matrix
+        self.block_rows = max(1, _BLOCK_BYTES // (4 * matrix.cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] -> [n, out], in x's dtype and device."""
+        parts = []
+        for begin in range(0, self.matrix.rows, self.block_rows):
+            end = min(self.matrix.rows, begin + self.block_rows)
+            parts.append(F.linear(x, self.matrix.dense(begin, end).to(device=x.device, dtype=x.dtype)))
+        return torch.cat(parts, dim=-1)
+
+
+class PackedExperts:
+    """The experts of one sparse block of a packed checkpoint; one group file read at a time,
+    verified against the manifest before use."""
+
+    def __init__(self, checkpoint: "PackedWeights", stack: str, index: int):
+        self.checkpoint, self.stack, self.index = checkpoint, stack, index
+        self.num_experts = checkpoint.config.num_experts
+
+    def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
+        """Experts `ids` as modules decoding on the fly (compressed tensors stay on the CPU)."""
+        experts: dict[int, nn.Module] = {}
+        for group in sorted({j // self.checkpoint.group_size for j in ids}):
+            file = self.checkpoint.open_verified(expert_file(self.stack, self.index, group))
+            try:
+                for j in ids:
+                    if j // self.checkpoint.group_size == group:
+                        experts[j] = ExpertFFN.from_linears(PackedLinear(self._matrix(file, j, "wi")),
+                                                            PackedLinear(self._matrix(file, j, "wo")))
+            finally:
+                file.close()
+        return [experts[j] for j in ids]
+
+    def _matrix(self, file: SafetensorsFile, j: int, name: str) -> DictionaryMatrix | BitpackedMatrix:
+        config, spec = self.checkpoint.config, self.checkpoint.spec
+        rows, cols = (config.d_ff, config.d_model) if name == "wi" else (config.d_model, config.d_ff)
+        fields = ("words", "offsets", "lo", "hi") if spec.ternary else ("packed", "scale", "zero")
+        where = f"{file.path} expert_{j}.{name}"
+        missing = [f for f in fields if f"expert_{j}.{name}.{f}" not in file.entries]
+        if missing:
+            raise QmoeError(f"{where}: missing {', '.join(missing)}; the checkpoint is corrupt")
+        tensors = {f: file.read(f"expert_{j}.{name}.{f}") for f in fields}
+        if spec.ternary:
+            return DictionaryMatrix(tensors, self.checkpoint.codebook, rows, cols, spec, where)
+        return BitpackedMatrix(tensors, rows, cols, spec, where)
+
+
+@dataclass
+class PackedWeights:
+    """`ModelWeights` over a packed directory."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    config: SwitchConfig
+    spec: QuantSpec
+    group_size: int
+
+    def __post_init__(self) -> None:
+        self._files: dict[str, SafetensorsFile] = {}
+        for name in self.manifest["files"]:  # tokenizer files: read by other code, so checked now
+            if not name.endswith(".safetensors"):
+                self.verify_file(name)
+        self.codebook = self._read_codebook() if self.spec.ternary else None
+
+    @classmethod
+    def open(cls, directory: Path) -> "PackedWeights":
+        manifest = read_manifest(directory)
+        where = directory / "manifest.json"
+        if manifest["kind"] != KIND or manifest.get("format_version") != FORMAT_VERSION:
+            raise QmoeError(f"{where}: manifest is kind {manifest['kind']!r} version "
+                            f"{manifest.get('format_version')!r}; expected {KIND!r} version {FORMAT_VERSION}")
+        if manifest.get("manifest_sha256") != manifest_digest(manifest):
+            raise QmoeError(f"{where}: checksum mismatch; the manifest is corrupt")
+        try:
+            settings = manifest["settings"]
+            config = SwitchConfig.from_hf_dict(manifest["config"])
+            return cls(directory, manifest, config, QuantSpec(settings["bits"], settings.get("grid_group")),
+                       settings["group_size"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QmoeError(f"{where}: malformed manifest ({exc})") from None
+
+    def open_verified(self, name: str) -> SafetensorsFile:
+        """The safetensors file `name`, opened after `verify_file`."""
+        return SafetensorsFile(self.verify_file(name))
+
+    def verify_file(self, name: str) -> Path:
+        """The path of file `name` after checking its size and sha256 against the manifest."""
+        path = self.directory / name
+        record = self.manifest["files"].get(name)
+        if record is None:
+            raise QmoeError(f"{path}: not listed in the manifest; the checkpoint is corrupt")
+        if not path.is_file():
+            raise QmoeError(f"{path}: missing; the packed checkpoint is incomplete")
+        if path.stat().st_size != record["bytes"] or file_digest(path) != record["sha256"]:
+            raise QmoeError(f"{path}: checksum mismatch; the file is corrupt or truncated")
+        return path
+
+    def _read_codebook(self) -> Codebook:
+        file = self.open_verified(DICTIONARY_FILE)
+        try:
+            return Codebook(file.read("symbols"), file.read("lengths"))
+        except (KeyError, ValueError) as exc:
+            raise QmoeError(f"{file.path}: invalid dictionary ({exc})") from None
+        finally:
+            file.close()
+
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self._files:
+            self._files[name] = self.open_verified(name)
+        return self._files[name]
+
+    def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        file = self._file(dense_file(name))
+        if name not in file.entries:
+            raise QmoeError(f"{file.path}: tensor '{name}' is missing")
+        return file.read(name).to(dtype=dtype, device=device)
+
+    def experts(self, stack: str, index: int) -> PackedExperts:
+        return PackedExperts(self, stack, index)
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
