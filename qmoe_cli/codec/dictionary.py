@@ -147,7 +147,8 @@ def build_dictionary(probs: Sequence[float], spec: DictionarySpec = DictionarySp
 
     A sequence's weight is first[v[0]] * prod probs[v[1:]] (`first` defaults to `probs`).
     Best-first search over the 9-ary tree of sequences with a heap keyed by (-log weight,
-    length, sequence): deterministic, and a prefix always precedes its extensions.
+    length, sequence), -log weight accumulated in sequence order: deterministic on every
+    machine (IEEE doubles), and a prefix always precedes its extensions.
     """
     logp = _log_probs(probs)
     log_first = logp if first is None else _log_probs(first)
