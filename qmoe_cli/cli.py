@@ -27,6 +27,10 @@ def note(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: their lines would repeat rank 0's."""
+
+
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into the CLI's one-line messages and exit codes."""
 
@@ -140,34 +144,62 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Output directory (default: ./NAME-METHOD-BITS). Never overwritten.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same settings into --out.")
+@click.option("--pack", "then_pack", is_flag=True, help="Then pack the result into OUT-packed (see `qmoe pack`).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--distributed", is_flag=True,
+              help="Run as one rank of a torchrun job (detected without this flag; with it, no torchrun is an error).")
+@click.option("--dist-timeout", type=float, default=600.0, show_default=True,
+              help="Seconds a rank waits for the others in one collective before the job fails.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @handle_errors
 def compress_command(model_name: str, bits: str, method: str, calib_source: str | None, calib_samples: int,
                      group_size: int, damp: float, act_order: bool, grid_group: int | None, token_cap: float,
-                     seed: int, out_dir: Path | None, resume: bool, device: str, as_json: bool) -> None:
-    """Quantize every expert with batched GPTQ, streaming the model block by block."""
+                     seed: int, out_dir: Path | None, resume: bool, then_pack: bool, device: str,
+                     distributed: bool, dist_timeout: float, as_json: bool) -> None:
+    """Quantize every expert with batched GPTQ, streaming the model block by block.
+
+    Under torchrun (`torchrun --nproc-per-node N -m qmoe_cli compress ...`) each process is one
+    rank: calibration samples are sharded, the experts of each group are split across ranks, and
+    rank 0 writes the checkpoint.
+    """
     from .compress import CompressConfig, compress
+    from .distributed import DistConfig, process_group
     from .evaluate import resolve_device, resolve_dtype
     from .runtime import RunConfig
 
     cfg = CompressConfig(bits=bits, method=method, group_size=group_size, damp=damp, act_order=act_order,
                          grid_group=grid_group, token_cap=token_cap)
-    run_device = resolve_device(device)
+    dist_cfg = DistConfig(timeout_s=dist_timeout)
+    comm = click.get_current_context().with_resource(process_group(dist_cfg, resolve_device(device), distributed))
+    run_device = comm.device  # this rank's: cuda:LOCAL_RANK under torchrun on GPUs
     model, tokenizer, datasets = _open_with_data(model_name, (calib_source,) if calib_source else (),
                                                  calib_samples, seed, "train", calib=True)
     out = out_dir or Path(f"{Path(model_name).name}-{method}-{bits}")
+    packed_out = out.with_name(out.name + "-packed")
+    if then_pack and packed_out.exists():  # fail before hours of compression, not after
+        raise QmoeError(f"--pack: {packed_out} already exists; choose another --out or remove it")
     run = RunConfig(device=run_device, dtype=resolve_dtype("auto", model.stored_dtype, run_device),
-                    group_size=group_size, progress=sys.stderr.isatty())
+                    group_size=group_size, progress=sys.stderr.isatty() and comm.rank == 0)
     sentinels = tokenizer.sentinel_ids if tokenizer else ()
-    manifest = compress(model, datasets[0], cfg, out, run, resume, sentinels, note)
+    manifest = compress(model, datasets[0], cfg, out, run, resume, sentinels, note if comm.rank == 0 else _quiet, comm)
+    if comm.rank != 0:
+        return  # rank 0 reports (and packs)
     summary = {"out": str(out), "calibration_loss": manifest["calibration_loss"], "settings": manifest["settings"],
                "fallbacks": sum(b["fallbacks"] for b in manifest["blocks"].values()), "blocks": manifest["blocks"]}
+    summary.update(world_size=comm.world_size, communicated_bytes=comm.traffic)  # per phase, rank 0's
+    if then_pack:
+        from .info import checkpoint_info
+        from .pack import PackConfig, pack
+
+        pack(out, packed_out, PackConfig(progress=sys.stderr.isatty()), note)
+        summary["packed"] = checkpoint_info(packed_out)
     if as_json:
         click.echo(json.dumps(summary))
     else:
         click.echo(f"wrote {out} (calibration loss {manifest['calibration_loss']:.4f}, "
                    f"{summary['fallbacks']} fallbacks); evaluate with: qmoe eval --model {out}")
+        if then_pack:
+            _echo_packed(packed_out, summary["packed"])
 
 
 @main.command("pack")
@@ -182,24 +214,23 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
 @handle_errors
 def pack_command(source: Path, out_dir: Path | None, dictionary_size: int, max_pairs: int, as_json: bool) -> None:
     """Entropy-code a quantized checkpoint (ternary: dictionary code; b-bit: bit-packed)."""
-    from .pack import PackConfig
+    from .info import checkpoint_info
+    from .pack import PackConfig, pack
 
     cfg = PackConfig(dictionary_size=dictionary_size, max_pairs=max_pairs, progress=sys.stderr.isatty())
-    _pack_and_report(source, out_dir or source.with_name(source.name + "-packed"), cfg, as_json)
-
-
-def _pack_and_report(source: Path, out: Path, cfg: Any, as_json: bool) -> None:
-    from .info import checkpoint_info
-    from .pack import pack
-
+    out = out_dir or source.with_name(source.name + "-packed")
     pack(source, out, cfg, note)
     info = checkpoint_info(out)
     if as_json:
         click.echo(json.dumps(info))
     else:
-        click.echo(f"wrote {out}: {info['bits_per_weight_codes']:.4f} bits per expert weight "
-                   f"({info['bits_per_weight_all_in']:.4f} all-in), {info['total_bytes'] / 1e6:.2f} MB; "
-                   f"evaluate with: qmoe eval --model {out}")
+        _echo_packed(out, info)
+
+
+def _echo_packed(out: Path, info: dict[str, Any]) -> None:
+    click.echo(f"wrote {out}: {info['bits_per_weight_codes']:.4f} bits per expert weight "
+               f"({info['bits_per_weight_all_in']:.4f} all-in), {info['total_bytes'] / 1e6:.2f} MB; "
+               f"evaluate with: qmoe eval --model {out}")
 
 
 @main.command("info")

@@ -44,7 +44,10 @@ class PackConfig:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        DictionarySpec(self.dictionary_size, self.max_pairs)  # validates both
+        if not 9 <= self.dictionary_size <= 1 << 16:
+            raise ValueError(f"--dictionary-size must be in [9, 65536] (16-bit codewords), got {self.dictionary_size}")
+        if not 1 <= self.max_pairs <= 127:
+            raise ValueError(f"--max-pairs must be in [1, 127], got {self.max_pairs}")
 
     @property
     def dictionary(self) -> DictionarySpec:

@@ -1,0 +1,157 @@
+"""`qmoe pack` / `qmoe info` / packed `qmoe eval` through the CLI, and the loader's validation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from qmoe_cli.cli import main
+from qmoe_cli.codec.dictionary import Codebook, build_dictionary
+from qmoe_cli.codec.rows import encode_matrix
+from qmoe_cli.packed import DictionaryMatrix, PackedLinear, file_record, manifest_digest
+from qmoe_cli.quant.grids import QuantSpec
+from test_codec_reference import fixed_probs, ternary
+
+CALIB = ["--calib-samples", "32"]
+EVAL = ["--samples", "32", "--device", "cpu"]
+GROUP = "experts/encoder-001/group-00000.safetensors"
+
+
+def _cli(*args: str, code: int = 0):
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == code, result.output
+    return result
+
+
+def _json(*args: str) -> dict:
+    return json.loads(_cli(*args, "--json").stdout)
+
+
+@pytest.fixture(scope="module")
+def ternary_dirs(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """tiny-switch compressed to ternary with `--pack`: (quantized dir, packed dir, summary)."""
+    out = tmp_path_factory.mktemp("pack") / "tern"
+    summary = _json("compress", *CALIB, "--out", str(out), "--pack", "--device", "cpu")
+    return out, out.with_name("tern-packed"), summary
+
+
+def test_packed_eval_equals_quantized_eval(ternary_dirs) -> None:
+    quantized, packed, _ = ternary_dirs
+    q = _json("eval", "--model", str(quantized), *EVAL)
+    p = _json("eval", "--model", str(packed), *EVAL)
+    assert p["kind"] == "packed" and q["kind"] == "quantized"
+    assert abs(p["loss"] - q["loss"]) <= 1e-4 and p["tokens"] == q["tokens"]
+
+
+def test_info_reports_bits_entropy_and_layers(ternary_dirs) -> None:
+    quantized, packed, summary = ternary_dirs
+    info = _json("info", str(packed), "--verify")
+    assert info == summary["packed"]
+    assert {"bits_per_weight_codes", "bits_per_weight_all_in", "entropy_bits_per_weight", "total_bytes",
+            "layers", "ratio_to_entropy"} <= info.keys()
+    assert info["kind"] == "packed" and info["source"] == "tiny-switch" and info["codec"]["type"] == "dictionary"
+    assert [layer["name"] for layer in info["layers"]] == ["encoder.1", "encoder.3", "decoder.1", "decoder.3"]
+    assert info["entropy_bits_per_weight"] < info["bits_per_weight_codes"] < 1.3 < info["bits_per_weight_all_in"]
+    assert info["ratio_to_entropy"] == pytest.approx(info["bits_per_weight_codes"] / info["entropy_bits_per_weight"])
+    assert info["total_bytes"] == sum(p.stat().st_size for p in packed.rglob("*") if p.is_file())
+    words = sum(t.numel() for p in packed.glob("experts/*/*") for k, t in load_file(p).items() if k.endswith("words"))
+    assert info["bits_per_weight_codes"] == pytest.approx(16 * words / info["weights"])
+    q = _json("info", str(quantized))
+    assert q["kind"] == "quantized" and q["bits_per_weight_codes"] == 8 and q["weights"] == info["weights"]
+    text = _cli("info", str(packed)).stdout
+    assert "packed checkpoint of tiny-switch" in text and "decoder.3" in text and "entropy" in text
+
+
+def test_two_bit_checkpoints_are_bit_packed(tmp_path: Path) -> None:
+    quantized = tmp_path / "q2"
+    _cli("compress", *CALIB, "--bits", "2", "--method", "rtn", "--out", str(quantized), "--device", "cpu")
+    info = _json("pack", str(quantized))
+    assert info["codec"] == {"type": "bitpack", "bits": 2} and info["bits_per_weight_codes"] == 2.0
+    q = _json("eval", "--model", str(quantized), *EVAL)
+    p = _json("eval", "--model", str(tmp_path / "q2-packed"), *EVAL)
+    assert abs(p["loss"] - q["loss"]) <= 1e-4
+
+
+def test_pack_refuses_bad_sources_and_existing_outputs(ternary_dirs, tmp_path: Path) -> None:
+    quantized, packed, _ = ternary_dirs
+    before = sorted(p.name for p in packed.iterdir())
+    assert "already exists" in _cli("pack", str(quantized), "--out", str(packed), code=1).output
+    assert sorted(p.name for p in packed.iterdir()) == before
+    assert "not a qmoe checkpoint" in _cli("pack", str(tmp_path / "nowhere"), code=1).output
+    assert "expected 'quantized'" in _cli("pack", str(packed), "--out", str(tmp_path / "x"), code=1).output
+    assert "--dictionary-size" in _cli("pack", str(quantized), "--dictionary-size", "5", code=2).output
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".*partial"))
+    clash = tmp_path / "c"
+    (tmp_path / "c-packed").mkdir()
+    assert "--pack" in _cli("compress", "--out", str(clash), "--pack", code=1).output
+    assert not clash.exists()
+
+
+def _tamper(packed: Path, target: Path, name: str, mutate) -> Path:
+    """A copy of `packed` whose `name` file had `mutate` applied, with checksums made consistent
+    again so only the loader's structural checks can catch it."""
+    import shutil
+
+    shutil.copytree(packed, target)
+    tensors = load_file(target / name)
+    mutate(tensors)
+    save_file(tensors, str(target / name))
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["files"][name] = file_record(target / name)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def _set(key: str, value):
+    return lambda t: t.__setitem__(key, value(t[key]))
+
+
+def _swap_offsets(offsets: torch.Tensor) -> torch.Tensor:
+    out = offsets.clone()
+    out[1], out[2] = offsets[2], offsets[1]
+    return out
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (_set("expert_0.wi.offsets", _swap_offsets), "offsets must rise"),
+    (_set("expert_0.wi.offsets", lambda o: o.long()), "expected torch.int32"),
+    (_set("expert_1.wo.words", lambda w: w[:-1]), "offsets must rise"),
+    (_set("expert_1.wo.words", lambda w: torch.zeros_like(w)), "decodes to"),
+    (_set("expert_2.wi.lo", lambda lo: torch.full_like(lo, float("nan"))), "non-finite"),
+    (_set("expert_2.wi.hi", lambda hi: hi[:-1]), "'hi' is"),
+    (lambda t: t.pop("expert_3.wo.offsets"), "missing offsets"),
+])
+def test_structurally_bad_matrices_are_clean_errors(ternary_dirs, tmp_path: Path, mutate, message: str) -> None:
+    bad = _tamper(ternary_dirs[1], tmp_path / "bad", GROUP, mutate)
+    output = _cli("info", str(bad), "--verify", code=1).output
+    assert message in output and GROUP in output and "Traceback" not in output
+    assert message in _cli("eval", "--model", str(bad), *EVAL, code=1).output
+
+
+def test_a_bad_dictionary_is_a_clean_error(ternary_dirs, tmp_path: Path) -> None:
+    bad = _tamper(ternary_dirs[1], tmp_path / "bad", "dictionary.safetensors",
+                  _set("lengths", lambda n: torch.zeros_like(n)))
+    assert "invalid dictionary" in _cli("info", str(bad), "--verify", code=1).output
+
+
+def test_packed_linear_decodes_in_row_blocks_and_matches_the_dense_product() -> None:
+    book = Codebook.from_sequences(build_dictionary(fixed_probs(0.9)), 14)
+    rows, cols = 3072, 768
+    codes = ternary(rows, cols, 0.9, seed=11)
+    words, offsets = encode_matrix(codes, book)
+    lo, hi = -torch.rand(rows, 1), torch.rand(rows, 1)
+    matrix = DictionaryMatrix({"words": words, "offsets": offsets, "lo": lo, "hi": hi}, book, rows, cols,
+                              QuantSpec("ternary"), "test")
+    linear = PackedLinear(matrix)
+    assert linear.block_rows < rows  # never the whole matrix at once
+    dense = torch.where(codes == 0, lo, torch.where(codes == 2, hi, 0.0))
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(linear(x), x @ dense.T, rtol=1e-5, atol=1e-5)
+    assert math.isclose(16 * words.numel() / codes.numel(), 0.70, abs_tol=0.05)
