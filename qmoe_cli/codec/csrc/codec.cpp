@@ -55,12 +55,6 @@ void parallel_rows(int64_t n, int64_t threads, const std::function<void(int64_t,
   for (const auto& e : errors) QMOE_CHECK(e.empty(), e);
 }
 
-inline int symbol_at(const uint8_t* row, int64_t width, int64_t pair) {
-  int a = row[2 * pair];
-  int b = 2 * pair + 1 < width ? row[2 * pair + 1] : 1;
-  return 3 * a + b;
-}
-
 }  // namespace
 
 // codes [rows, width] uint8 in {0,1,2}; children [size + 1, 9] int32: children[v][s] is the
@@ -86,17 +80,22 @@ std::vector<torch::Tensor> encode(torch::Tensor codes, torch::Tensor children, i
   parallel_rows(n_threads, n_threads, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       std::vector<uint16_t>& out = parts[t];
+      std::vector<uint8_t> symbols(pairs);
       for (int64_t r = t * step; r < std::min(rows, (t + 1) * step); ++r) {
         const uint8_t* row = data + r * width;
-        for (int64_t c = 0; c < width; ++c)
-          QMOE_CHECK(row[c] <= 2, "row ", r, " column ", c, " holds code ", int(row[c]), "; ternary codes are 0, 1, 2");
+        uint8_t bad = 0;  // validate while pairing: one pass over the row, no branch per code
+        for (int64_t i = 0; i < pairs; ++i) {
+          const uint8_t a = row[2 * i], b = 2 * i + 1 < width ? row[2 * i + 1] : 1;
+          bad |= static_cast<uint8_t>(a > 2) | static_cast<uint8_t>(b > 2);
+          symbols[i] = static_cast<uint8_t>(3 * a + b);
+        }
+        QMOE_CHECK(!bad, "row ", r, " holds a code above 2; ternary codes are 0, 1, 2");
         const size_t before = out.size();
         int64_t i = 0;
         while (i < pairs) {
-          int32_t node = root[symbol_at(row, width, i++)];
-          while (i < pairs) {  // longest match: follow the trie until the next symbol leaves it
-            int32_t next = child[node * kSymbols + symbol_at(row, width, i)];
-            if (next < 0) break;
+          int32_t node = root[symbols[i++]];
+          int32_t next;  // longest match: follow the trie until the next symbol leaves it
+          while (i < pairs && (next = child[node * kSymbols + symbols[i]]) >= 0) {
             node = next;
             ++i;
           }
