@@ -37,7 +37,7 @@ from torch import nn
 
 from .codec.bitpack import row_bytes, unpack_bits
 from .codec.dictionary import Codebook
-from .codec.rows import decode_dense, row_widths
+from .codec.rows import decode_dense, row_widths, ternary_matmul
 from .config import SwitchConfig
 from .errors import QmoeError
 from .quant.grids import QuantSpec, dequantize
@@ -49,6 +49,9 @@ FORMAT_VERSION = 1
 KIND = "packed"
 DICTIONARY_FILE = "dictionary.safetensors"
 _BLOCK_BYTES = 1 << 22  # fp32 bytes of weights one decode-matmul step materialises
+# Up to this many tokens the sparse product straight from the codewords beats decoding to fp32
+# and calling BLAS on the 2-core development CPU (scripts/bench_codec.py); beyond it BLAS wins.
+SPARSE_MAX_TOKENS = 32
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -102,6 +105,13 @@ class DictionaryMatrix:
         return decode_dense(self.words, self.offsets, self.book, self.lo, self.hi, self.group_cols, self.cols,
                             (begin, end))
 
+    def sparse_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [n, cols] fp32 @ Wᵀ -> [n, rows] fp32 from the codewords (no dense W at all);
+        None where unsupported (grids per column group, or no C++ codec)."""
+        if self.lo.shape[1] != 1:
+            return None
+        return ternary_matmul(self.words, self.offsets, self.book, self.lo, self.hi, x)
+
 
 class BitpackedMatrix:
     """One b-bit matrix [rows, cols] stored as dense bit-packed codes plus its integer grids."""
@@ -129,8 +139,12 @@ def _expect(where: str, name: str, tensor: torch.Tensor, dtype: torch.dtype, sha
 
 
 class PackedLinear(nn.Module):
-    """y = x Wᵀ for a packed W [out, in] that is never dense whole: decoded a block of rows at a
-    time (at most 4 MB of fp32), multiplied, dropped. The CPU path of the decode-matmul."""
+    """y = x Wᵀ for a packed W [out, in] that is never dense whole: the CPU decode-matmul.
+
+    A few tokens on a ternary matrix: summed straight from the codewords (only non-zero weights
+    cost work). Otherwise: decoded a block of rows at a time (at most 4 MB of fp32), multiplied
+    with BLAS, dropped.
+    """
 
     def __init__(self, matrix: DictionaryMatrix | BitpackedMatrix):
         super().__init__()
@@ -139,6 +153,10 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] -> [n, out], in x's dtype and device."""
+        if x.device.type == "cpu" and x.shape[0] <= SPARSE_MAX_TOKENS and isinstance(self.matrix, DictionaryMatrix):
+            y = self.matrix.sparse_matmul(x.float())
+            if y is not None:
+                return y.to(x.dtype)
         parts = []
         for begin in range(0, self.matrix.rows, self.block_rows):
             end = min(self.matrix.rows, begin + self.block_rows)

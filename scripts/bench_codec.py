@@ -2,8 +2,8 @@
 
 For each shape (rows x cols of one expert matrix) with i.i.d. ternary codes at --p-zero:
 encode and decode throughput in weights/s on one thread and on all of torch's threads, and the
-time of one token's decode-matvec (`PackedLinear`, batch 1) against a dense fp32 `F.linear` of
-the same matrix, run in the same process. Prints a markdown table of medians on stdout.
+time of the CPU decode-matmul (`PackedLinear`) at 1 and 16 tokens against a dense fp32
+`F.linear` of the same matrix, run in the same process. Prints a markdown table of medians on stdout.
 
     python scripts/bench_codec.py
     python scripts/bench_codec.py --shapes 768x3072 --p-zero 0.75 --repeats 9 --out codec.md
@@ -26,6 +26,7 @@ from qmoe_cli.packed import DictionaryMatrix, PackedLinear
 from qmoe_cli.quant.grids import QuantSpec
 
 DEFAULT_SHAPES = "768x3072,3072x768,2080x6144,6144x2080"
+TOKENS = (1, 16)  # both on PackedLinear's sparse path (<= SPARSE_MAX_TOKENS)
 CPU = torch.device("cpu")
 
 
@@ -61,10 +62,11 @@ def bench_shape(rows: int, cols: int, book: Codebook, codes: torch.Tensor, repea
                               QuantSpec("ternary"), "bench")
     packed = PackedLinear(matrix)
     dense = matrix.dense(0, rows)
-    xs = [torch.randn(1, cols, generator=g) for _ in range(8)]  # rotated so no input stays cached
-    step = iter(range(1 << 30))
-    out["dense_ms"] = median_ms(lambda: F.linear(xs[next(step) % 8], dense), CPU, repeats)
-    out["packed_ms"] = median_ms(lambda: packed(xs[next(step) % 8]), CPU, repeats)
+    for tokens in TOKENS:
+        xs = [torch.randn(tokens, cols, generator=g) for _ in range(8)]  # rotated so no input stays cached
+        step = iter(range(1 << 30))
+        out[f"dense_{tokens}"] = median_ms(lambda: F.linear(xs[next(step) % 8], dense), CPU, repeats)
+        out[f"packed_{tokens}"] = median_ms(lambda: packed(xs[next(step) % 8]), CPU, repeats)
     return out
 
 
@@ -87,15 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}; cpu, all = {threads} threads",
         "",
         "| shape | bits/weight | encode Mw/s 1 thr | encode Mw/s all | decode Mw/s 1 thr | decode Mw/s all "
-        "| dense fp32 matvec ms | decode-matvec ms | ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        + "".join(f"| dense fp32 ms {t} tok | packed ms {t} tok " for t in TOKENS) + "|",
+        "|---" * (6 + 2 * len(TOKENS)) + "|",
     ]
     for rows, cols in parse_shapes(args.shapes):
         print(f"bench {rows}x{cols} ...", file=sys.stderr, flush=True)
         r = bench_shape(rows, cols, book, random_ternary(rows, cols, args.p_zero), args.repeats, threads)
         lines.append(f"| {rows}x{cols} | {r['bits']:.3f} | {r['enc_1']:.0f} | {r['enc_all']:.0f} | {r['dec_1']:.0f} "
-                     f"| {r['dec_all']:.0f} | {r['dense_ms']:.3f} | {r['packed_ms']:.3f} "
-                     f"| {r['packed_ms'] / r['dense_ms']:.1f}x |")
+                     f"| {r['dec_all']:.0f} "
+                     + "".join(f"| {r[f'dense_{t}']:.3f} | {r[f'packed_{t}']:.3f} " for t in TOKENS) + "|")
     table = "\n".join(lines) + "\n"
     print(table, end="")
     if args.out is not None:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from qmoe_cli.cli import main
 from qmoe_cli.codec.dictionary import Codebook, build_dictionary
 from qmoe_cli.codec.rows import encode_matrix
-from qmoe_cli.packed import DictionaryMatrix, PackedLinear, file_record, manifest_digest
+from qmoe_cli.packed import SPARSE_MAX_TOKENS, DictionaryMatrix, PackedLinear, file_record, manifest_digest
 from qmoe_cli.quant.grids import QuantSpec
 from test_codec_reference import fixed_probs, ternary
 
@@ -152,6 +152,7 @@ def test_packed_linear_decodes_in_row_blocks_and_matches_the_dense_product() -> 
     linear = PackedLinear(matrix)
     assert linear.block_rows < rows  # never the whole matrix at once
     dense = torch.where(codes == 0, lo, torch.where(codes == 2, hi, 0.0))
-    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(linear(x), x @ dense.T, rtol=1e-5, atol=1e-5)
+    for tokens in (1, 5, SPARSE_MAX_TOKENS + 1):  # sparse-from-codewords and decode-then-BLAS paths
+        x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+        assert torch.allclose(linear(x), x @ dense.T, rtol=1e-4, atol=1e-4)
     assert math.isclose(16 * words.numel() / codes.numel(), 0.70, abs_tol=0.05)

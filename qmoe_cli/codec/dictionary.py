@@ -114,6 +114,21 @@ class Codebook:
         return torch.stack([self.symbols // 3, self.symbols % 3], dim=2).flatten(1).contiguous()
 
     @cached_property
+    def masks(self) -> torch.Tensor | None:
+        """The dictionary as bit masks [size, 2] int32, 8 bytes a codeword, as the sparse CPU
+        matmul and the GPU kernel read it: word 0 has bit i set when weight i decodes to lo
+        (code 0) and the codeword's pairs in bits 28..31; word 1 has bit i set when weight i
+        decodes to hi (code 2). None for codewords longer than 14 pairs (28 weights)."""
+        if self.max_len > 14:
+            return None
+        width = self.table.shape[1]
+        inside = torch.arange(width) < self.weights[:, None]  # padding never counts
+        bits = torch.ones(1, dtype=torch.int64) << torch.arange(width)
+        lo = ((self.table == 0) & inside).long().mul(bits).sum(dim=1) | (self.lengths.long() << 28)
+        hi = ((self.table == 2) & inside).long().mul(bits).sum(dim=1)
+        return torch.stack([lo, hi], dim=1).to(torch.uint32).view(torch.int32).contiguous()
+
+    @cached_property
     def weights(self) -> torch.Tensor:
         """[size] int64: ternary codes each codeword decodes to (2 x its pairs)."""
         return 2 * self.lengths.long()

@@ -148,7 +148,6 @@ void decode_rows(const torch::Tensor& words, const torch::Tensor& offsets, const
   for (int64_t k = 0; k < size; ++k)
     QMOE_CHECK(len[k] >= 1 && 2 * int64_t(len[k]) <= max_weights, "codeword ", k, " has length ", int(len[k]),
                " pairs; the table holds 1 to ", max_weights / 2);
-  for (int64_t k = 0; k < table.numel(); ++k) QMOE_CHECK(tab[k] <= 2, "the table holds a code above 2");
   parallel_rows(row_end - row_begin, threads, [&](int64_t b, int64_t e) {
     std::vector<uint8_t> buf(width + max_weights);  // slack: a codeword may overrun the row end
     for (int64_t r = row_begin + b; r < row_begin + e; ++r) {
@@ -204,10 +203,74 @@ torch::Tensor decode_dense(torch::Tensor words, torch::Tensor offsets, torch::Te
                 const int64_t r = row_begin + i;
                 float* o = dst + i * width;
                 for (int64_t g = 0; g < groups; ++g) {
-                  const float values[3] = {lo_p[r * groups + g], 0.0f, hi_p[r * groups + g]};
-                  for (int64_t c = g * group_cols; c < std::min(width, (g + 1) * group_cols); ++c) o[c] = values[codes[c]];
+                  const float lo_v = lo_p[r * groups + g], hi_v = hi_p[r * groups + g];
+                  // selects, not a lookup: a code above 2 (never in a valid table) reads as zero
+                  for (int64_t c = g * group_cols; c < std::min(width, (g + 1) * group_cols); ++c)
+                    o[c] = codes[c] == 0 ? lo_v : (codes[c] == 2 ? hi_v : 0.0f);
                 }
               });
+  return out;
+}
+
+// y = x Wᵀ for an encoded ternary W [rows, width] with one grid per row, never decoding W:
+// y[t, r] = lo[r] * (sum of x[t, c] over code-0 columns c) + hi[r] * (sum over code-2 columns).
+// Only the non-zero weights cost work (~10% of them at QMoE's sparsity). Each codeword is two
+// 32-bit masks of its code-0 and code-2 positions (`Codebook.masks` [size, 2] int32; bits 28..31
+// of the first hold its length, ignored here): 512 KB for 65536 codewords, which stays in L2,
+// where a table of positions or codes (1.8 MB) misses on nearly every codeword. xt [width, n] fp32 is x transposed so the n tokens of a column are contiguous.
+// -> y [n, rows] fp32.
+torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::Tensor lengths, torch::Tensor masks,
+                             torch::Tensor lo, torch::Tensor hi, torch::Tensor xt, int64_t threads) {
+  check_cpu_contiguous(words, "words", torch::kInt16, 1);
+  check_cpu_contiguous(offsets, "offsets", torch::kInt32, 1);
+  check_cpu_contiguous(lengths, "lengths", torch::kUInt8, 1);
+  check_cpu_contiguous(masks, "masks", torch::kInt32, 2);
+  check_cpu_contiguous(lo, "lo", torch::kFloat32, 2);
+  check_cpu_contiguous(hi, "hi", torch::kFloat32, 2);
+  check_cpu_contiguous(xt, "xt", torch::kFloat32, 2);
+  const int64_t rows = offsets.size(0) - 1, total = words.size(0), size = lengths.size(0);
+  const int64_t width = xt.size(0), n = xt.size(1);
+  QMOE_CHECK(masks.size(0) == size && masks.size(1) == 2, "masks must be [", size, ", 2], got ", masks.sizes());
+  QMOE_CHECK(lo.size(0) == rows && lo.size(1) == 1 && hi.sizes() == lo.sizes(), "lo/hi must be [", rows,
+             ", 1], got ", lo.sizes(), " and ", hi.sizes());
+  const auto* w = reinterpret_cast<const uint16_t*>(words.data_ptr<int16_t>());
+  const int32_t* off = offsets.data_ptr<int32_t>();
+  const uint8_t* len = lengths.data_ptr<uint8_t>();
+  const auto* mask = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
+  const float* x = xt.data_ptr<float>();
+  const float* lo_p = lo.data_ptr<float>();
+  const float* hi_p = hi.data_ptr<float>();
+  auto out = torch::empty({n, rows}, torch::kFloat32);
+  float* y = out.data_ptr<float>();
+  parallel_rows(rows, threads, [&](int64_t b, int64_t e) {
+    std::vector<float> acc(2 * n);
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t start = off[r], stop = off[r + 1];
+      QMOE_CHECK(0 <= start && start <= stop && stop <= total, "row ", r, " has codeword range [", start, ", ",
+                 stop, ") outside the ", total, " codewords");
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float* acc_lo = acc.data();
+      float* acc_hi = acc.data() + n;
+      int64_t col = 0;
+      for (int64_t k = start; k < stop; ++k) {
+        const int64_t word = w[k];
+        QMOE_CHECK(word < size && col < width, "row ", r, " holds a codeword beyond the dictionary or its width");
+        const int64_t span = std::min<int64_t>(28, width - col);  // an odd width's padding lies past the row
+        const uint32_t keep = (1u << span) - 1;
+        for (uint32_t m = mask[2 * word] & keep; m; m &= m - 1) {
+          const float* xc = x + (col + __builtin_ctz(m)) * n;
+          for (int64_t t = 0; t < n; ++t) acc_lo[t] += xc[t];
+        }
+        for (uint32_t m = mask[2 * word + 1] & keep; m; m &= m - 1) {
+          const float* xc = x + (col + __builtin_ctz(m)) * n;
+          for (int64_t t = 0; t < n; ++t) acc_hi[t] += xc[t];
+        }
+        col += 2 * int64_t(len[word]);
+      }
+      QMOE_CHECK(col == width || col == width + 1, "row ", r, " decodes to ", col, " codes, not its width ", width);
+      for (int64_t t = 0; t < n; ++t) y[t * rows + r] = lo_p[r] * acc_lo[t] + hi_p[r] * acc_hi[t];
+    }
+  });
   return out;
 }
 
@@ -215,4 +278,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode", &encode, "greedy longest-match encoding of ternary rows");
   m.def("decode", &decode, "codewords -> ternary codes of a range of rows");
   m.def("decode_dense", &decode_dense, "codewords -> fp32 weights of a range of rows");
+  m.def("ternary_matmul", &ternary_matmul, "x Wᵀ straight from the codewords (one grid per row)");
 }
