@@ -264,6 +264,19 @@ def info_command(directory: Path, verify: bool, as_json: bool) -> None:
                    f"{layer['bits_per_weight_all_in']:>11.4f} {'-' if e is None else f'{e:.4f}':>12}")
 
 
+@main.command("build-kernels")
+@click.option("--verbose", is_flag=True, help="Show the compiler's command lines and output.")
+@handle_errors
+def build_kernels_command(verbose: bool) -> None:
+    """Compile the CUDA decode-matmul kernels ahead of time (needs nvcc and a CUDA torch, not a GPU)."""
+    from .kernels import build_kernels
+
+    note("building the CUDA kernels (minutes the first time, then cached)")
+    build = build_kernels(verbose)
+    click.echo(f"built {build.library} with nvcc {build.nvcc} for sm_{', sm_'.join(build.archs)} "
+               f"(+ compute_{build.ptx} PTX) in {build.seconds:.1f} s")
+
+
 @main.command("presets")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @handle_errors
