@@ -111,14 +111,18 @@ class QuantizedExperts:
             raise QmoeError(f"{file.path}: tensor '{key}' is missing; the checkpoint is corrupt")
         return file.read(key)
 
-    def matrix(self, j: int, name: str) -> torch.Tensor:
-        """Dequantized weight `expert_{j}.{name}` -> [rows, cols] fp32."""
+    def encoded(self, j: int, name: str) -> tuple[torch.Tensor, TernaryGrid | IntGrid]:
+        """`expert_{j}.{name}` as stored: codes [1, rows, cols] uint8 and grid [1, rows, G] fp32."""
         file = self._group_file(j)
         prefix = f"expert_{j}.{name}."
         fields = ("lo", "hi") if self.spec.ternary else ("scale", "zero")
         grid = grid_from_tensors(self.spec, {f: self._read(file, prefix + f) for f in fields})
-        codes = self._read(file, prefix + "codes")
-        return dequantize(codes[None], grid, self.spec)[0]
+        return self._read(file, prefix + "codes")[None], grid
+
+    def matrix(self, j: int, name: str) -> torch.Tensor:
+        """Dequantized weight `expert_{j}.{name}` -> [rows, cols] fp32."""
+        codes, grid = self.encoded(j, name)
+        return dequantize(codes, grid, self.spec)[0]
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
         return [ExpertFFN.from_weights(self.matrix(j, "wi").to(device=device, dtype=dtype),

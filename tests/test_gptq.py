@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from qmoe_cli.quant.gptq import (
     GPTQConfig,
-    accumulate_hessian,
     gptq_quantize,
     gptq_reference,
+    hessian_from_sum,
+    hessian_sum,
     rtn_quantize,
 )
 from qmoe_cli.quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize, fit_grid, quantize
@@ -228,13 +229,16 @@ def test_only_bad_experts_fall_back(bits, act_order, group_size):
 # --- Hessian accumulation ------------------------------------------------------------------
 
 
-def test_hessian_running_average_over_chunks():
+def test_hessian_does_not_depend_on_how_tokens_are_split():
+    # Ranks (or chunks) each sum their share of X^T X in fp64: the fp32 Hessian must come out
+    # the same as from all tokens at once, and equal 2 X^T X / n.
     torch.manual_seed(17)
-    x = torch.randn(50, 6, dtype=torch.float64).float()
-    h, count = None, 0
-    for chunk in x.split([7, 0, 20, 23]):
-        h, count = accumulate_hessian(h, count, chunk)
-    assert count == 50
-    torch.testing.assert_close(h, 2 * x.T @ x / 50, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="count"):
-        accumulate_hessian(None, 3, x)
+    x = torch.randn(500, 24) * torch.rand(24) * 10  # [n, cols] fp32, columns of mixed scale
+    whole = hessian_from_sum(hessian_sum(x)[None], torch.tensor([500]))
+    for split in ([7, 0, 200, 293], [250, 250], [1] * 500):
+        parts = sum(hessian_sum(chunk) for chunk in x.split(split))
+        assert torch.equal(hessian_from_sum(parts[None], torch.tensor([500])), whole)
+    assert whole.dtype == torch.float32 and whole.shape == (1, 24, 24)
+    torch.testing.assert_close(whole[0], 2 * x.double().T @ x.double() / 500, rtol=1e-7, atol=0, check_dtype=False)
+    empty = hessian_from_sum(hessian_sum(x[:0])[None], torch.tensor([0]))
+    assert torch.equal(empty, torch.zeros(1, 24, 24))

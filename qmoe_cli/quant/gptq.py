@@ -83,40 +83,35 @@ class GPTQResult:
     fallback: Tensor  # [E] bool, expert was rounded to nearest (no tokens or H not PD)
 
 
-def accumulate_hessian(h: Tensor | None, count: int, x: Tensor) -> tuple[Tensor, int]:
-    """Fold one chunk of an expert's input tokens into its Hessian H = 2 X^T X / n.
+def hessian_sum(x: Tensor) -> Tensor:
+    """X^T X of (some of) one expert's input tokens, in fp64: x [n, cols] -> [cols, cols] fp64.
 
-    h: [cols, cols] fp32 over `count` earlier tokens, or None with count 0.
-    x: [n, cols] (any leading dims are flattened; any float dtype, accumulated in fp32).
-    Returns (h [cols, cols] fp32, count + n); `h` is not modified.
-
-    Running average as in the GPTQ reference, so tokens may arrive in any number of chunks and
-    H stays O(|x|^2) however many arrive. One expert per call: experts receive different numbers
-    of tokens, and one [E, n, cols] batch would need padding to the busiest expert. The caller
-    accumulates each expert of a group and stacks: `torch.stack(hs)` -> [E, cols, cols].
+    x may have any float dtype and leading dims (flattened). Products of fp32 (or bf16) inputs
+    are exact in fp64, so partial sums over any split of the tokens -- chunks, or the shards of
+    several ranks -- add up to the same total within fp64 rounding, ~2^29 times finer than the
+    fp32 Hessian that `hessian_from_sum` casts to: the Hessian does not depend on the split.
+    One expert per call: experts receive different numbers of tokens, and one [E, n, cols]
+    batch would need padding to the busiest expert.
     """
-    x = x.reshape(-1, x.shape[-1]).float()
-    n, cols = x.shape
-    if h is None:
-        if count != 0:
-            raise ValueError(f"accumulate_hessian: h is None but count is {count}; pass count=0")
-        h = torch.zeros(cols, cols, dtype=torch.float32, device=x.device)
-    if h.shape != (cols, cols):
-        raise ValueError(f"accumulate_hessian: h is {tuple(h.shape)}, x has {cols} columns")
-    if n == 0:
-        return h, count
-    total = count + n
-    # Scale x by sqrt(2 / total) before the product, as the reference does: the fp32 sum of
-    # many outer products then never grows with the token count.
-    x = x * math.sqrt(2.0 / total)
-    return torch.addmm(h.float(), x.T, x, beta=count / total), total
+    x = x.reshape(-1, x.shape[-1]).double()
+    return x.T @ x
+
+
+def hessian_from_sum(s: Tensor, count: Tensor) -> Tensor:
+    """GPTQ's H = 2 X^T X / n from summed products.
+
+    s: [E, cols, cols] fp64 sums from `hessian_sum`; count: [E] int64 tokens summed over.
+    Returns [E, cols, cols] fp32, all zeros where count is 0 (an expert without tokens).
+    """
+    scale = 2.0 / count.clamp(min=1).to(device=s.device, dtype=torch.float64)  # [E]
+    return (s * scale[:, None, None]).float()
 
 
 def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig) -> GPTQResult:
     """GPTQ on E experts at once.
 
     w: [E, rows, cols] float (expert weights, out x in); h: [E, cols, cols] float (each
-    expert's Hessian, e.g. from `accumulate_hessian`). Neither is modified. Runs on w's device.
+    expert's Hessian, e.g. from `hessian_from_sum`). Neither is modified. Runs on w's device.
     """
     w, h = _check_inputs(w, h)
     cols, spec = w.shape[-1], cfg.spec
