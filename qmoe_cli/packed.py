@@ -41,7 +41,7 @@ from .codec.rows import decode_dense, row_widths, ternary_matmul
 from .config import SwitchConfig
 from .errors import QmoeError
 from .quant.grids import QuantSpec, dequantize
-from .quantized import dense_file, expert_file, grid_from_tensors, read_manifest
+from .quantized import DenseTensorFiles, expert_file, grid_from_tensors, read_manifest
 from .safetensors_io import SafetensorsFile
 from .switch import ExpertFFN
 
@@ -201,7 +201,7 @@ class PackedExperts:
 
 
 @dataclass
-class PackedWeights:
+class PackedWeights(DenseTensorFiles):
     """`ModelWeights` over a packed directory."""
 
     directory: Path
@@ -259,21 +259,8 @@ class PackedWeights:
         finally:
             file.close()
 
-    def _file(self, name: str) -> SafetensorsFile:
-        if name not in self._files:
-            self._files[name] = self.open_verified(name)
-        return self._files[name]
-
-    def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        file = self._file(dense_file(name))
-        if name not in file.entries:
-            raise QmoeError(f"{file.path}: tensor '{name}' is missing")
-        return file.read(name).to(dtype=dtype, device=device)
+    def _open(self, name: str) -> SafetensorsFile:
+        return self.open_verified(name)
 
     def experts(self, stack: str, index: int) -> PackedExperts:
         return PackedExperts(self, stack, index)
-
-    def close(self) -> None:
-        for file in self._files.values():
-            file.close()
-        self._files.clear()

@@ -129,8 +129,32 @@ class QuantizedExperts:
                                        self.matrix(j, "wo").to(device=device, dtype=dtype)) for j in ids]
 
 
+class DenseTensorFiles:
+    """Reading non-expert tensors (head, per-block files) of a compressed checkpoint, each file
+    opened once; a checkpoint kind says how it opens (and checks) a file in `_open`."""
+
+    _files: dict[str, SafetensorsFile]  # set in the subclass's __post_init__
+
+    def _open(self, name: str) -> SafetensorsFile:
+        raise NotImplementedError
+
+    def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        file_name = dense_file(name)
+        if file_name not in self._files:
+            self._files[file_name] = self._open(file_name)
+        file = self._files[file_name]
+        if name not in file.entries:
+            raise QmoeError(f"{file.path}: tensor '{name}' is missing")
+        return file.read(name).to(dtype=dtype, device=device)
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
+
+
 @dataclass
-class QuantizedWeights:
+class QuantizedWeights(DenseTensorFiles):
     """`ModelWeights` over a quantized directory (finished or, for --resume, partial)."""
 
     directory: Path
@@ -151,24 +175,11 @@ class QuantizedWeights:
         config = SwitchConfig.from_hf_dict(manifest["config"])
         return cls(directory, config, QuantSpec(settings["bits"], settings.get("grid_group")), settings["group_size"])
 
-    def _file(self, name: str) -> SafetensorsFile:
-        if name not in self._files:
-            path = self.directory / name
-            if not path.is_file():
-                raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
-            self._files[name] = SafetensorsFile(path)
-        return self._files[name]
-
-    def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        file = self._file(dense_file(name))
-        if name not in file.entries:
-            raise QmoeError(f"{file.path}: tensor '{name}' is missing")
-        return file.read(name).to(dtype=dtype, device=device)
+    def _open(self, name: str) -> SafetensorsFile:
+        path = self.directory / name
+        if not path.is_file():
+            raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
+        return SafetensorsFile(path)
 
     def experts(self, stack: str, index: int) -> QuantizedExperts:
         return QuantizedExperts(self.directory, stack, index, self.spec, self.config.num_experts, self.group_size)
-
-    def close(self) -> None:
-        for file in self._files.values():
-            file.close()
-        self._files.clear()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_gptq import median_ms, parse_shapes
+from bench_gptq import emit_table, median_ms, parse_shapes
 from qmoe_cli.codec.dictionary import Codebook, fit_dictionary, pair_symbols, symbol_frequencies
 from qmoe_cli.codec.native import codec_extension
 from qmoe_cli.codec.rows import decode_matrix, encode_matrix
@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {rows}x{cols} | {r['bits']:.3f} | {r['enc_1']:.0f} | {r['enc_all']:.0f} | {r['dec_1']:.0f} "
                      f"| {r['dec_all']:.0f} "
                      + "".join(f"| {r[f'dense_{t}']:.3f} | {r[f'packed_{t}']:.3f} " for t in TOKENS) + "|")
-    table = "\n".join(lines) + "\n"
-    print(table, end="")
-    if args.out is not None:
-        args.out.write_text(table)
+    emit_table(lines, args.out)
     return 0
 
 

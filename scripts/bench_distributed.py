@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bench_gptq import emit_table
 from qmoe_cli.config import SwitchConfig
 from qmoe_cli.model import SwitchModel, save_pretrained
 from qmoe_cli.safetensors_io import SafetensorsFile
@@ -165,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(seconds)
             results[setup] = (statistics.median(times), summary, out)
         lines = table_lines(config, args, setups, results)
-    table = "\n".join(lines) + "\n"
-    print(table, end="")
-    if args.out is not None:
-        args.out.write_text(table)
+    emit_table(lines, args.out)
     return 0
 
 

@@ -71,6 +71,14 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return statistics.median(times)
 
 
+def emit_table(lines: list[str], out: Path | None) -> None:
+    """Print a benchmark's markdown table on stdout and, with `--out`, write it to that file."""
+    table = "\n".join(lines) + "\n"
+    print(table, end="")
+    if out is not None:
+        out.write_text(table)
+
+
 def bench_shape(rows: int, cols: int, experts: int, device: torch.device, repeats: int,
                 cfg: GPTQConfig) -> tuple[float, float]:
     """(per-expert-loop ms, batched ms) for one shape."""
@@ -128,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         looped, batched = bench_shape(rows, cols, experts, device, args.repeats, cfg)
         lines.append(f"| {rows}x{cols} | {device.type} | {experts} | {looped:.0f} | {batched:.0f} "
                      f"| {looped / batched:.2f}x |")
-    table = "\n".join(lines) + "\n"
-    print(table, end="")
-    if args.out is not None:
-        args.out.write_text(table)
+    emit_table(lines, args.out)
     return 0
 
 

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gptq import parse_shapes  # noqa: E402
+from bench_gptq import emit_table, parse_shapes  # noqa: E402
 
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, fit_dictionary  # noqa: E402
 from qmoe_cli.codec.rows import encode_matrix  # noqa: E402
@@ -115,10 +115,7 @@ def main() -> None:
         book = Codebook.from_sequences(fit_dictionary(symbol_probs(p_zero), DictionarySpec()), 14)
         for rows, cols in parse_shapes(args.shapes):
             lines += bench(rows, cols, p_zero, book, tokens, args)
-    table = "\n".join(lines) + "\n"
-    sys.stdout.write(table)
-    if args.out:
-        args.out.write_text(table)
+    emit_table(lines, args.out)
 
 
 if __name__ == "__main__":
