@@ -84,6 +84,19 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     return shifted.masked_fill(shifted == -100, pad_id)
 
 
+def random_model(config: SwitchConfig, seed: int = 0) -> SwitchModel:
+    """A freshly initialised model with router weights drawn at std 1, so tokens spread over
+    every expert (the default init routes nearly all tokens alike): what tests and benchmarks
+    compress when the weights need no training."""
+    torch.manual_seed(seed)
+    model = SwitchModel(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "router" in name:
+                param.normal_(0, 1.0)
+    return model
+
+
 def save_pretrained(model: SwitchModel, directory: Path) -> None:
     """Write `model` in the Hugging Face layout (config.json + model.safetensors).
 

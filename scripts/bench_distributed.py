@@ -35,22 +35,16 @@ import torch
 
 from bench_gptq import emit_table
 from qmoe_cli.config import SwitchConfig
-from qmoe_cli.model import SwitchModel, save_pretrained
+from qmoe_cli.model import random_model, save_pretrained
 from qmoe_cli.safetensors_io import SafetensorsFile
 
 
 def make_model(directory: Path, d_model: int, d_ff: int, experts: int, layers: int) -> SwitchConfig:
     """A random Switch model with every block sparse; routers spread so every expert gets tokens."""
-    torch.manual_seed(0)
     config = SwitchConfig(vocab_size=512, d_model=d_model, d_kv=d_model // 4, d_ff=d_ff, num_heads=4,
                           num_layers=layers, num_decoder_layers=layers, num_experts=experts,
                           encoder_sparse_step=1, decoder_sparse_step=1)
-    model = SwitchModel(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "router" in name:
-                param.normal_(0, 1.0)
-    save_pretrained(model, directory)
+    save_pretrained(random_model(config), directory)
     return config
 
 

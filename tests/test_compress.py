@@ -17,20 +17,14 @@ from click.testing import CliRunner
 
 from qmoe_cli.cli import main
 from qmoe_cli.config import SwitchConfig
-from qmoe_cli.model import SwitchModel, save_pretrained
+from qmoe_cli.model import random_model, save_pretrained
 from qmoe_cli.safetensors_io import SafetensorsFile
 
 
 def _model(directory: Path, *, experts: int = 4, layers: int = 2, d_model: int = 32, d_ff: int = 64) -> Path:
-    torch.manual_seed(0)
     config = SwitchConfig(vocab_size=64, d_model=d_model, d_kv=8, d_ff=d_ff, num_heads=4, num_layers=layers,
                           num_decoder_layers=layers, num_experts=experts, encoder_sparse_step=1, decoder_sparse_step=1)
-    model = SwitchModel(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "router" in name:
-                param.normal_(0, 1.0)
-    save_pretrained(model, directory)
+    save_pretrained(random_model(config), directory)
     return directory
 
 
