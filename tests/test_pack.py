@@ -68,13 +68,18 @@ def test_info_reports_bits_entropy_and_layers(ternary_dirs) -> None:
     assert "packed checkpoint of tiny-switch" in text and "decoder.3" in text and "entropy" in text
 
 
-def test_two_bit_checkpoints_are_bit_packed(tmp_path: Path) -> None:
-    quantized = tmp_path / "q2"
-    _cli("compress", *CALIB, "--bits", "2", "--method", "rtn", "--out", str(quantized), "--device", "cpu")
+@pytest.mark.parametrize("bits,codec", [("2", "bitpack"), ("ternary", "dictionary")])
+def test_grid_groups_and_bit_widths_pack_and_run(tmp_path: Path, bits: str, codec: str) -> None:
+    """2-bit codes are bit-packed; ternary with grids per 32 columns takes the decode-then-BLAS path."""
+    quantized = tmp_path / "q"
+    _cli("compress", *CALIB, "--bits", bits, "--method", "rtn", "--grid-group", "32", "--out", str(quantized),
+         "--device", "cpu")
     info = _json("pack", str(quantized))
-    assert info["codec"] == {"type": "bitpack", "bits": 2} and info["bits_per_weight_codes"] == 2.0
+    assert info["codec"]["type"] == codec and info["settings"]["grid_group"] == 32
+    if bits == "2":
+        assert info["codec"]["bits"] == 2 and info["bits_per_weight_codes"] == 2.0
     q = _json("eval", "--model", str(quantized), *EVAL)
-    p = _json("eval", "--model", str(tmp_path / "q2-packed"), *EVAL)
+    p = _json("eval", "--model", str(tmp_path / "q-packed"), *EVAL)
     assert abs(p["loss"] - q["loss"]) <= 1e-4
 
 
