@@ -58,6 +58,11 @@ class SwitchConfig:
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"SwitchConfig.{name} must be an integer >= 0, got {value!r}")
 
+    def sparse_blocks(self) -> list[tuple[str, int]]:
+        """(stack, index) of every block that holds experts, encoder first."""
+        return [(stack, i) for stack in ("encoder", "decoder") for i in range(self.num_blocks(stack))
+                if self.is_sparse(stack, i)]
+
     def is_sparse(self, stack: str, index: int) -> bool:
         """Whether block `index` of `stack` ("encoder" | "decoder") holds experts.
 

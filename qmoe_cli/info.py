@@ -15,6 +15,7 @@ import torch
 
 from . import packed, quantized
 from .errors import QmoeError
+from .pack import LayerSize
 from .safetensors_io import SafetensorsFile
 
 
@@ -33,6 +34,7 @@ def checkpoint_info(directory: Path, verify: bool = False) -> dict[str, Any]:
     else:
         weights = quantized.QuantizedWeights.open(directory)
         info = _quantized_sizes(weights)
+        info.pop("name")
     weights.close()
     total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     entropy = info.get("entropy_bits_per_weight")
@@ -43,38 +45,30 @@ def checkpoint_info(directory: Path, verify: bool = False) -> dict[str, Any]:
 
 def _quantized_sizes(weights: quantized.QuantizedWeights) -> dict[str, Any]:
     """Bytes of the stored uint8 codes and grids per sparse block, from the file headers."""
-    layers = []
-    for stack in ("encoder", "decoder"):
-        for i in range(weights.config.num_blocks(stack)):
-            if not weights.config.is_sparse(stack, i):
-                continue
-            n, code_bytes, all_in = 0, 0, 0
-            for group in range(math.ceil(weights.config.num_experts / weights.group_size)):
-                path = weights.directory / quantized.expert_file(stack, i, group)
-                if not path.is_file():
-                    raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
-                file = SafetensorsFile(path)
-                for key, entry in file.entries.items():
-                    size = entry.end - entry.begin
-                    all_in += size
-                    if key.endswith(".codes"):
-                        n, code_bytes = n + math.prod(entry.shape), code_bytes + size
-                file.close()
-            layers.append({"name": f"{stack}.{i}", "weights": n, "code_bytes": code_bytes, "all_in_bytes": all_in,
-                           "bits_per_weight_codes": 8 * code_bytes / n, "bits_per_weight_all_in": 8 * all_in / n,
-                           "entropy_bits_per_weight": None})
-    n = sum(r["weights"] for r in layers)
-    code_bytes, all_in = sum(r["code_bytes"] for r in layers), sum(r["all_in_bytes"] for r in layers)
-    return {"weights": n, "code_bytes": code_bytes, "all_in_bytes": all_in, "bits_per_weight_codes": 8 * code_bytes / n,
-            "bits_per_weight_all_in": 8 * all_in / n, "entropy_bits_per_weight": None, "layers": layers}
+    layers, total = [], LayerSize()
+    for stack, i in weights.config.sparse_blocks():
+        layer = LayerSize()
+        for group in quantized.expert_groups(weights.config, weights.group_size):
+            path = weights.directory / quantized.expert_file(stack, i, group)
+            if not path.is_file():
+                raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
+            file = SafetensorsFile(path)
+            for key, entry in file.entries.items():
+                layer.all_in_bytes += entry.end - entry.begin
+                if key.endswith(".codes"):
+                    layer.weights += math.prod(entry.shape)
+                    layer.code_bytes += entry.end - entry.begin
+            file.close()
+        layers.append(layer.summary(f"{stack}.{i}"))
+        total.weights += layer.weights
+        total.code_bytes += layer.code_bytes
+        total.all_in_bytes += layer.all_in_bytes
+    return {**total.summary("all"), "layers": layers}
 
 
 def _verify(weights: packed.PackedWeights) -> None:
     """Check every file's checksum and validate every expert matrix (raises QmoeError)."""
     for name in weights.manifest["files"]:
         weights.verify_file(name)
-    config = weights.config
-    for stack in ("encoder", "decoder"):
-        for i in range(config.num_blocks(stack)):
-            if config.is_sparse(stack, i):
-                weights.experts(stack, i).load(range(config.num_experts), torch.device("cpu"), torch.float32)
+    for stack, i in weights.config.sparse_blocks():
+        weights.experts(stack, i).load(range(weights.config.num_experts), torch.device("cpu"), torch.float32)

@@ -12,7 +12,6 @@ The output is written under a temporary name and renamed into place only when co
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,8 +27,8 @@ from .codec.rows import decode_matrix, encode_matrix
 from .errors import QmoeError
 from .fsutil import atomic_directory
 from .packed import DICTIONARY_FILE, FORMAT_VERSION, KIND, file_record, manifest_digest
-from .quantized import (HEAD_FILE, QuantizedWeights, block_file, expert_file, read_manifest, save_tensors_atomic,
-                        write_json_atomic)
+from .quantized import (HEAD_FILE, QuantizedWeights, block_file, expert_file, expert_groups, read_manifest,
+                        save_tensors_atomic, write_json_atomic)
 from .safetensors_io import SafetensorsFile
 
 MATRICES = ("wi", "wo")
@@ -55,20 +54,22 @@ class PackConfig:
 
 
 @dataclass
-class _Layer:
-    """Running totals of one sparse block."""
+class LayerSize:
+    """Running totals of one sparse block's expert storage (or of all of them)."""
 
     weights: int = 0
     code_bytes: int = 0  # codewords (or bit-packed codes) only
     all_in_bytes: int = 0  # plus row offsets and grids
-    histogram: torch.Tensor | None = None  # symbol counts: [9] pairs (ternary) or [2^b] codes
+    histogram: torch.Tensor | None = None  # symbol counts: [9] pairs (ternary) or [2^b] codes; None: unknown
 
-    def summary(self, name: str, per_symbol_weights: int) -> dict[str, Any]:
+    def summary(self, name: str, per_symbol_weights: int = 1) -> dict[str, Any]:
+        """The manifest's / `qmoe info`'s row; entropy per weight from `histogram` if counted."""
+        entropy = None if self.histogram is None else _entropy_bits(self.histogram) / per_symbol_weights
         return {"name": name, "weights": self.weights, "code_bytes": self.code_bytes,
                 "all_in_bytes": self.all_in_bytes,
                 "bits_per_weight_codes": 8 * self.code_bytes / self.weights,
                 "bits_per_weight_all_in": 8 * self.all_in_bytes / self.weights,
-                "entropy_bits_per_weight": _entropy_bits(self.histogram) / per_symbol_weights}
+                "entropy_bits_per_weight": entropy}
 
 
 def _entropy_bits(counts: torch.Tensor) -> float:
@@ -86,9 +87,8 @@ def pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -
     if out.exists():
         raise QmoeError(f"--out {out}: already exists; choose another directory or remove it")
     spec = weights.spec
-    blocks = [(stack, i) for stack in ("encoder", "decoder") for i in range(weights.config.num_blocks(stack))
-              if weights.config.is_sparse(stack, i)]
-    layers = {f"{stack}.{i}": _Layer() for stack, i in blocks}
+    blocks = weights.config.sparse_blocks()
+    layers = {f"{stack}.{i}": LayerSize() for stack, i in blocks}
     with atomic_directory(out) as tmp:
         codec: dict[str, Any]
         if spec.ternary:
@@ -97,7 +97,7 @@ def pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -
         else:
             book, codec = None, {"type": "bitpack", "bits": int(spec.bits)}
         for stack, i in tqdm(blocks, desc="packing", unit="block", disable=not cfg.progress):
-            for group in range(_groups(weights)):
+            for group in expert_groups(weights.config, weights.group_size):
                 tensors = _pack_group(weights, stack, i, group, book, layers[f"{stack}.{i}"])
                 save_tensors_atomic(tensors, tmp / expert_file(stack, i, group))
         _copy_dense(source, tmp, weights)
@@ -107,13 +107,13 @@ def pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -
     return manifest
 
 
-def _fit(weights: QuantizedWeights, blocks: list[tuple[str, int]], layers: dict[str, _Layer], cfg: PackConfig,
+def _fit(weights: QuantizedWeights, blocks: list[tuple[str, int]], layers: dict[str, LayerSize], cfg: PackConfig,
          log: Callable[[str], None]) -> tuple[Codebook, dict[str, Any]]:
     """First pass: count pair symbols per layer; fit the dictionary to the whole model's counts."""
     total = torch.zeros(NUM_SYMBOLS, dtype=torch.int64)
     for stack, i in tqdm(blocks, desc="counting symbols", unit="block", disable=not cfg.progress):
         counts = torch.zeros(NUM_SYMBOLS, dtype=torch.int64)
-        for group in range(_groups(weights)):
+        for group in expert_groups(weights.config, weights.group_size):
             for _, _, tensors in _matrices(weights, stack, i, group):
                 counts += torch.bincount(pair_symbols(tensors["codes"]).flatten(), minlength=NUM_SYMBOLS)
         layers[f"{stack}.{i}"].histogram = counts
@@ -125,10 +125,6 @@ def _fit(weights: QuantizedWeights, blocks: list[tuple[str, int]], layers: dict[
         f"{int(total.sum())} pairs ({probs[4]:.1%} zero pairs); expected {8 / pairs_per_word:.4f} bits/weight")
     return book, {"type": "dictionary", "size": book.size, "max_pairs": book.max_len, "symbol_probs": probs,
                   "expected_bits_per_weight": 8 / pairs_per_word}
-
-
-def _groups(weights: QuantizedWeights) -> int:
-    return math.ceil(weights.config.num_experts / weights.group_size)
 
 
 def _matrices(weights: QuantizedWeights, stack: str, i: int,
@@ -153,7 +149,7 @@ def _matrices(weights: QuantizedWeights, stack: str, i: int,
 
 
 def _pack_group(weights: QuantizedWeights, stack: str, i: int, group: int, book: Codebook | None,
-                layer: _Layer) -> dict[str, torch.Tensor]:
+                layer: LayerSize) -> dict[str, torch.Tensor]:
     """Encode one expert group, checking each matrix decodes back to its codes."""
     out: dict[str, torch.Tensor] = {}
     for j, name, tensors in _matrices(weights, stack, i, group):
@@ -192,11 +188,11 @@ def _copy_dense(source: Path, tmp: Path, weights: QuantizedWeights) -> None:
         shutil.copyfile(source / name, tmp / name)
 
 
-def _manifest(quantized: dict[str, Any], codec: dict[str, Any], cfg: PackConfig, layers: dict[str, _Layer],
+def _manifest(quantized: dict[str, Any], codec: dict[str, Any], cfg: PackConfig, layers: dict[str, LayerSize],
               ternary: bool, tmp: Path) -> dict[str, Any]:
     per_symbol = 2 if ternary else 1  # weights per counted symbol: pairs, or single b-bit codes
     rows = [layer.summary(name, per_symbol) for name, layer in layers.items()]
-    total = _Layer(weights=sum(r["weights"] for r in rows), code_bytes=sum(r["code_bytes"] for r in rows),
+    total = LayerSize(weights=sum(r["weights"] for r in rows), code_bytes=sum(r["code_bytes"] for r in rows),
                    all_in_bytes=sum(r["all_in_bytes"] for r in rows),
                    histogram=torch.stack([layer.histogram for layer in layers.values()]).sum(0))
     files = {str(p.relative_to(tmp)): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}

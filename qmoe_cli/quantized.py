@@ -19,6 +19,7 @@ Layout of a quantized directory (all safetensors + JSON, never pickle):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,6 +46,11 @@ def block_file(stack: str, index: int) -> str:
 
 def expert_file(stack: str, index: int, group: int) -> str:
     return f"experts/{stack}-{index:03d}/group-{group:05d}.safetensors"
+
+
+def expert_groups(config: SwitchConfig, group_size: int) -> range:
+    """Indices of a sparse block's expert group files."""
+    return range(math.ceil(config.num_experts / group_size))
 
 
 def dense_file(name: str) -> str:
