@@ -1,7 +1,8 @@
 """`qmoe info`: what a quantized or packed checkpoint holds and how many bits its experts take.
 
-Read from the manifest (a packed manifest is checked against its own checksum) and from
-safetensors headers, so it is instant even for switch-c2048; `verify` additionally checks
+Read from the manifest (a packed manifest is checked against its own checksum), safetensors
+headers and, for a packed checkpoint, the small checksummed files opening it reads (dictionary,
+tokenizer), so it is instant even for switch-c2048; `verify` additionally checks
 every file's checksum and validates every expert matrix as `qmoe eval` would.
 """
 
