@@ -64,9 +64,9 @@ def main() -> None:
 def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, seed: int, split: str,
                     calib: bool) -> tuple[Any, Any, list[Any]]:
     """Open the model, its tokenizer (None when it has none) and the datasets to run."""
-    from .data import DataSpec, load_samples
-    from .models import open_model
-    from .tokenizer import has_tokenizer, load_tokenizer
+    from .data.datasets import DataSpec, load_samples
+    from .data.tokenizer import has_tokenizer, load_tokenizer
+    from .formats.open import open_model
 
     model = open_model(model_name)
     tokenizer = load_tokenizer(model.tokenizer_dir) if has_tokenizer(model.tokenizer_dir) else None
@@ -77,7 +77,7 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
     datasets = []
     for source in sources:
         spec = DataSpec(source=source, split=split, num_samples=samples, seed=seed, window=model.window)
-        data = load_samples(spec, tokenizer, model.weights.config.vocab_size)
+        data = load_samples(spec, tokenizer, model.weights.arch.config.vocab_size)
         if data.short:
             note(f"note: {data.name} has only {len(data.samples)} usable samples (asked for {samples}); using them all")
         if data.skipped_too_long:
@@ -106,8 +106,8 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
 def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, seed: int, device: str,
                  dtype: str, as_json: bool) -> None:
     """Masked-LM loss and perplexity of a model (original, quantized or packed), streamed."""
-    from .evaluate import evaluate, resolve_device, resolve_dtype
-    from .runtime import RunConfig
+    from .run.evaluate import evaluate, resolve_device, resolve_dtype
+    from .run.stream import RunConfig
 
     run_device = resolve_device(device)
     model, _, datasets = _open_with_data(model_name, data_sources, samples, seed, "validation", calib=False)
@@ -162,10 +162,11 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
     rank: calibration samples are sharded, the experts of each group are split across ranks, and
     rank 0 writes the checkpoint.
     """
-    from .compress import CompressConfig, compress
-    from .distributed import DistConfig, process_group
-    from .evaluate import resolve_device, resolve_dtype
-    from .runtime import RunConfig
+    from .compress.config import CompressConfig
+    from .compress.distributed import DistConfig, process_group
+    from .compress.pipeline import compress
+    from .run.evaluate import resolve_device, resolve_dtype
+    from .run.stream import RunConfig
 
     cfg = CompressConfig(bits=bits, method=method, group_size=group_size, damp=damp, act_order=act_order,
                          grid_group=grid_group, token_cap=token_cap)
@@ -188,8 +189,8 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
                "fallbacks": sum(b["fallbacks"] for b in manifest["blocks"].values()), "blocks": manifest["blocks"]}
     summary.update(world_size=comm.world_size, communicated_bytes=comm.traffic)  # per phase, rank 0's
     if then_pack:
-        from .info import checkpoint_info
-        from .pack import PackConfig, pack
+        from .compress.pack import PackConfig, pack
+        from .formats.info import checkpoint_info
 
         pack(out, packed_out, PackConfig(progress=sys.stderr.isatty()), note)
         summary["packed"] = checkpoint_info(packed_out)
@@ -214,8 +215,8 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
 @handle_errors
 def pack_command(source: Path, out_dir: Path | None, dictionary_size: int, max_pairs: int, as_json: bool) -> None:
     """Entropy-code a quantized checkpoint (ternary: dictionary code; b-bit: bit-packed)."""
-    from .info import checkpoint_info
-    from .pack import PackConfig, pack
+    from .compress.pack import PackConfig, pack
+    from .formats.info import checkpoint_info
 
     cfg = PackConfig(dictionary_size=dictionary_size, max_pairs=max_pairs, progress=sys.stderr.isatty())
     out = out_dir or source.with_name(source.name + "-packed")
@@ -240,7 +241,7 @@ def _echo_packed(out: Path, info: dict[str, Any]) -> None:
 @handle_errors
 def info_command(directory: Path, verify: bool, as_json: bool) -> None:
     """Kind, source, settings, size and bits per expert weight of a quantized or packed checkpoint."""
-    from .info import checkpoint_info
+    from .formats.info import checkpoint_info
 
     info = checkpoint_info(directory, verify)
     if as_json:
@@ -282,7 +283,7 @@ def build_kernels_command(verbose: bool) -> None:
 @handle_errors
 def presets_command(as_json: bool) -> None:
     """List the known models (`--model NAME`) and their hub ids."""
-    from .config import load_preset, preset_names
+    from .arch.presets import load_preset, preset_names
 
     presets = [load_preset(name) for name in preset_names()]
     if as_json:

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from bench_gptq import emit_table
-from qmoe_cli.config import SwitchConfig
-from qmoe_cli.model import random_model, save_pretrained
-from qmoe_cli.safetensors_io import SafetensorsFile
+
+from qmoe_cli.arch.switch.config import SwitchConfig
+from qmoe_cli.arch.switch.model import random_model, save_pretrained
+from qmoe_cli.formats.safetensors_io import SafetensorsFile
 
 
 def make_model(directory: Path, d_model: int, d_ff: int, experts: int, layers: int) -> SwitchConfig:

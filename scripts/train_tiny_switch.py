@@ -2,7 +2,7 @@
 """Train the tiny Switch Transformer that ships in the package as the `tiny-switch` preset.
 
 Why: compressing a randomly initialised model costs no loss worth showing; a model that has
-learned the synthetic corpus (`qmoe_cli.corpus`) does, and it runs on any machine without a
+learned the synthetic corpus (`qmoe_cli.data.corpus`) does, and it runs on any machine without a
 download. This script is how `qmoe_cli/assets/tiny-switch/` was made:
 
     python scripts/train_tiny_switch.py --out qmoe_cli/assets/tiny-switch --threads 2
@@ -45,17 +45,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from qmoe_cli.config import SwitchConfig  # noqa: E402
-from qmoe_cli.corpus import (CorpusSpec, generate_documents, save_tokenizer,  # noqa: E402
-                             unigram_entropy_bits, write_jsonl)
-from qmoe_cli.data import (DataSpec, Sample, SpanCorruption, corrupted_lengths,  # noqa: E402
-                           load_samples, span_corrupt)
-from qmoe_cli.evaluate import evaluate  # noqa: E402
-from qmoe_cli.model import SwitchModel, save_pretrained, shift_right  # noqa: E402
-from qmoe_cli.models import open_model  # noqa: E402
-from qmoe_cli.runtime import RunConfig  # noqa: E402
-from qmoe_cli.switch import Attention, ExpertFFN, RMSNorm, Router  # noqa: E402
-from qmoe_cli.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from qmoe_cli.arch.switch.config import SwitchConfig  # noqa: E402
+from qmoe_cli.arch.switch.layers import Attention, ExpertFFN, RMSNorm, Router  # noqa: E402
+from qmoe_cli.arch.switch.model import SwitchModel, save_pretrained, shift_right  # noqa: E402
+from qmoe_cli.data.corpus import CorpusSpec, generate_documents, save_tokenizer, unigram_entropy_bits, write_jsonl  # noqa: E402
+from qmoe_cli.data.datasets import DataSpec, Sample, SpanCorruption, corrupted_lengths, load_samples, span_corrupt  # noqa: E402
+from qmoe_cli.data.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from qmoe_cli.formats.open import open_model  # noqa: E402
+from qmoe_cli.run.evaluate import evaluate  # noqa: E402
+from qmoe_cli.run.stream import RunConfig  # noqa: E402
 
 VOCAB_SIZE = 955  # the corpus tokenizer: 3 specials, the words, 100 sentinels
 VALIDATION_DOCS = 256  # validation.jsonl, the preset's default eval data
@@ -336,7 +334,7 @@ def streamed_validation(directory: Path, window: int) -> tuple[float, int, list[
     tokenizer = load_tokenizer(directory)
     spec = DataSpec(source=str(directory / "validation.jsonl"), split="validation",
                     num_samples=EVAL_SAMPLES, seed=0, window=window)
-    data = load_samples(spec, tokenizer, opened.weights.config.vocab_size)
+    data = load_samples(spec, tokenizer, opened.weights.arch.config.vocab_size)
     run = RunConfig(device=torch.device("cpu"), dtype=torch.float32, progress=False)
     report = evaluate(opened.weights, [data], run)
     opened.weights.close()

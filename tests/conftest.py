@@ -70,7 +70,7 @@ def tiny_spiece_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_tokenizer_json_dir: Path):
-    """The `qmoe_cli.tokenizer.Tokenizer` of `tiny_tokenizer_json_dir`."""
-    from qmoe_cli.tokenizer import load_tokenizer
+    """The `qmoe_cli.data.tokenizer.Tokenizer` of `tiny_tokenizer_json_dir`."""
+    from qmoe_cli.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_tokenizer_json_dir)

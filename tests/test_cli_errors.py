@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from hf_models import save_hf_switch
+
 from qmoe_cli.cli import main
 
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_codec_reference import fixed_probs, ternary
 
 from qmoe_cli.codec.bitpack import pack_bits, row_bytes, unpack_bits
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, build_dictionary, encode_row, pair_symbols
 from qmoe_cli.codec.native import codec_extension
 from qmoe_cli.codec.rows import decode_dense, decode_matrix, encode_matrix, row_widths, ternary_matmul
-from test_codec_reference import fixed_probs, ternary
 
 WIDTHS = [1, 2, 27, 28, 29, 768, 3072, 2080]
 

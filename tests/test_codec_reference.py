@@ -13,8 +13,17 @@ import math
 import pytest
 import torch
 
-from qmoe_cli.codec.dictionary import (Codebook, DictionarySpec, build_dictionary, decode_row, encode_row,
-                                       fit_dictionary, pair_symbols, parse_statistics, symbol_frequencies)
+from qmoe_cli.codec.dictionary import (
+    Codebook,
+    DictionarySpec,
+    build_dictionary,
+    decode_row,
+    encode_row,
+    fit_dictionary,
+    pair_symbols,
+    parse_statistics,
+    symbol_frequencies,
+)
 from qmoe_cli.codec.rows import encode_matrix
 
 

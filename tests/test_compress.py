@@ -15,10 +15,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from qmoe_cli.arch.switch.config import SwitchConfig
+from qmoe_cli.arch.switch.model import random_model, save_pretrained
 from qmoe_cli.cli import main
-from qmoe_cli.config import SwitchConfig
-from qmoe_cli.model import random_model, save_pretrained
-from qmoe_cli.safetensors_io import SafetensorsFile
+from qmoe_cli.formats.safetensors_io import SafetensorsFile
 
 
 def _model(directory: Path, *, experts: int = 4, layers: int = 2, d_model: int = 32, d_ff: int = 64) -> Path:
@@ -62,7 +62,7 @@ def test_codes_and_grids_and_eval_agree(setup, tmp_path: Path, bits: str) -> Non
         assert codes.dtype == torch.uint8 and codes.shape == (64, 32)
         assert int(codes.max()) <= (2 if bits == "ternary" else 2 ** int(bits) - 1)
     if bits == "ternary":  # every row: at most 3 distinct values, one of them 0
-        from qmoe_cli.quantized import QuantizedWeights
+        from qmoe_cli.formats.quantized import QuantizedWeights
         bank = QuantizedWeights.open(tmp_path / "q").experts("decoder", 1)
         for j in range(4):
             for name in ("wi", "wo"):

@@ -10,8 +10,8 @@ import re
 import pytest
 from tokenizers import Tokenizer
 
-from qmoe_cli import corpus
-from qmoe_cli.corpus import (
+from qmoe_cli.data import corpus
+from qmoe_cli.data.corpus import (
     NUM_SENTINELS,
     STREAMS,
     TOPICS,

@@ -1,4 +1,4 @@
-"""qmoe_cli.data: T5 noise mask, span corruption, file and C4 loading with their errors."""
+"""qmoe_cli.data.datasets: T5 noise mask, span corruption, file and C4 loading with their errors."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_sentences
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmoe_cli.data import (
+from qmoe_cli.data.datasets import (
     DataSpec,
     LoadedData,
     Sample,
@@ -21,10 +22,8 @@ from qmoe_cli.data import (
     random_spans_noise_mask,
     span_corrupt,
 )
+from qmoe_cli.data.tokenizer import Tokenizer
 from qmoe_cli.errors import QmoeError
-from qmoe_cli.tokenizer import Tokenizer
-
-from conftest import tiny_sentences
 
 # --- noise mask -----------------------------------------------------------------------------
 
@@ -314,7 +313,7 @@ def test_c4_stream_failure_and_success(monkeypatch: pytest.MonkeyPatch, tiny_tok
 
 def test_spiece_tokenizer_samples(tmp_path: Path, tiny_spiece_dir: Path) -> None:
     """With a bare spiece.model the sentinels lie past the sp vocab; samples still round-trip."""
-    from qmoe_cli.tokenizer import load_tokenizer
+    from qmoe_cli.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_spiece_dir)
     texts = [" ".join(tiny_sentences(6, seed=i)) for i in range(5)]

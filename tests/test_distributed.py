@@ -23,9 +23,16 @@ import torch
 from click.testing import CliRunner
 
 from qmoe_cli.cli import main
-from qmoe_cli.distributed import TORCHRUN_VARIABLES, Comm, DistConfig, process_group, shard_bounds, split_evenly
+from qmoe_cli.compress.distributed import (
+    TORCHRUN_VARIABLES,
+    Comm,
+    DistConfig,
+    process_group,
+    shard_bounds,
+    split_evenly,
+)
 from qmoe_cli.errors import QmoeError
-from qmoe_cli.safetensors_io import SafetensorsFile
+from qmoe_cli.formats.safetensors_io import SafetensorsFile
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 COMPRESS = ["-m", "qmoe_cli", "compress", "--device", "cpu", "--calib-samples", "64", "--json"]

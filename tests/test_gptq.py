@@ -9,14 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmoe_cli.quant.gptq import (
-    GPTQConfig,
-    gptq_quantize,
-    gptq_reference,
-    hessian_from_sum,
-    hessian_sum,
-    rtn_quantize,
-)
+from qmoe_cli.quant.gptq import GPTQConfig, gptq_quantize, gptq_reference, hessian_from_sum, hessian_sum, rtn_quantize
 from qmoe_cli.quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize, fit_grid, quantize
 
 ALL_BITS = ["ternary", "2", "3", "4", "8"]

@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from test_codec_reference import fixed_probs, ternary
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, build_dictionary
@@ -20,7 +21,6 @@ from qmoe_cli.codec.rows import decode_dense as codec_decode_dense
 from qmoe_cli.codec.rows import encode_matrix
 from qmoe_cli.kernels import ops
 from qmoe_cli.kernels.ops import codebook_masks, decode_dense_reference
-from test_codec_reference import fixed_probs, ternary
 
 HAS_TOOLCHAIN = bool(shutil.which("nvcc") or os.environ.get("CUDA_HOME")) and bool(torch.version.cuda)
 needs_toolchain = pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs nvcc and a CUDA build of torch")

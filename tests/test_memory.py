@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from qmoe_cli.config import SwitchConfig
-from qmoe_cli.model import SwitchModel, save_pretrained
+from qmoe_cli.arch.switch.config import SwitchConfig
+from qmoe_cli.arch.switch.model import SwitchModel, save_pretrained
 
 D_MODEL, D_FF = 128, 1024  # one fp32 expert: 2 * 128 * 1024 * 4 B = 1 MiB
 
 CHILD = """
 import sys, torch
-from qmoe_cli.checkpoint import resolve_model
-from qmoe_cli.runtime import RunConfig, streamed_losses
-from qmoe_cli.weights import CheckpointWeights
+from qmoe_cli.formats.hf import resolve_model
+from qmoe_cli.run.stream import RunConfig, streamed_losses
+from qmoe_cli.formats.hf import CheckpointWeights
 torch.manual_seed(0)
 weights = CheckpointWeights(resolve_model(sys.argv[1]))
 ids = torch.randint(3, 100, (16, 64)).tolist()

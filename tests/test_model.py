@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from hf_models import save_hf_switch
-from qmoe_cli.checkpoint import resolve_model
+
+from qmoe_cli.arch.switch.model import SwitchModel, lm_logits, shift_right
 from qmoe_cli.cli import main
-from qmoe_cli.model import SwitchModel, lm_logits, shift_right
-from qmoe_cli.runtime import RunConfig, streamed_decoder_states
-from qmoe_cli.weights import CheckpointWeights
+from qmoe_cli.formats.hf import CheckpointWeights, resolve_model
+from qmoe_cli.run.stream import RunConfig, streamed_states
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,18 +47,18 @@ def test_whole_and_streamed_logits_match_transformers(checkpoint: Path) -> None:
     reference = _reference(checkpoint, ids, labels)
     weights = CheckpointWeights(resolve_model(str(checkpoint)))
     assert any(name.endswith(".bin") for name in weights.reader.weight_map.values()) == ("bin" in checkpoint.name)
-    model = SwitchModel(weights.config).eval()
+    model = SwitchModel(weights.arch.config).eval()
     model.load_state_dict({name: weights.reader.get(name) for name in model.state_dict()})
     decoder_ids = shift_right(labels, 0, 0)
     with torch.no_grad():
         whole = model(ids, decoder_ids)
     torch.testing.assert_close(whole, reference.logits, atol=1e-5, rtol=0)
 
-    states = streamed_decoder_states(weights, ids.tolist(), decoder_ids.tolist(), CPU)
+    states = streamed_states(weights, {"encoder": ids.tolist(), "decoder": decoder_ids.tolist()}, CPU)
     head = getattr(model, "lm_head", None)
     for s in range(ids.shape[0]):
         with torch.no_grad():
-            streamed = lm_logits(states.sample(s), model.shared.weight, head, weights.config)
+            streamed = lm_logits(states.sample(s), model.shared.weight, head, weights.arch.config)
         torch.testing.assert_close(streamed, reference.logits[s], atol=1e-5, rtol=0)
 
 
@@ -67,7 +66,7 @@ def test_padded_batch_matches_unpadded_samples(tmp_path: Path) -> None:
     """The whole model's padding masks make a padded batch equal to samples run alone."""
     checkpoint = save_hf_switch(tmp_path / "m", sparse_step=2)
     weights = CheckpointWeights(resolve_model(str(checkpoint)))
-    model = SwitchModel(weights.config).eval()
+    model = SwitchModel(weights.arch.config).eval()
     model.load_state_dict({name: weights.reader.get(name) for name in model.state_dict()})
     ids, labels = _batch(seed=2)
     mask = torch.ones_like(ids)

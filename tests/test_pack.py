@@ -10,13 +10,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from test_codec_reference import fixed_probs, ternary
 
 from qmoe_cli.cli import main
 from qmoe_cli.codec.dictionary import Codebook, build_dictionary
 from qmoe_cli.codec.rows import encode_matrix
-from qmoe_cli.packed import SPARSE_MAX_TOKENS, DictionaryMatrix, PackedLinear, file_record, manifest_digest
+from qmoe_cli.formats.packed import SPARSE_MAX_TOKENS, DictionaryMatrix, PackedLinear, file_record, manifest_digest
 from qmoe_cli.quant.grids import QuantSpec
-from test_codec_reference import fixed_probs, ternary
 
 CALIB = ["--calib-samples", "32"]
 EVAL = ["--samples", "32", "--device", "cpu"]

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from test_compress import _calib, _model
 
 from qmoe_cli.cli import main
 from qmoe_cli.errors import QmoeError
-from qmoe_cli.models import open_model
-from qmoe_cli.runtime import RunConfig, streamed_losses
-from test_compress import _calib, _model
+from qmoe_cli.formats.open import open_model
+from qmoe_cli.run.stream import RunConfig, streamed_losses
 
 CASES = 300
 RUN = RunConfig(device=torch.device("cpu"), dtype=torch.float32, progress=False)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qmoe_cli.corpus import unigram_entropy_bits
-from qmoe_cli.data import DataSpec, Sample, load_samples
-from qmoe_cli.model import SwitchModel, shift_right
-from qmoe_cli.models import open_model
-from qmoe_cli.switch import Router
-from qmoe_cli.tokenizer import load_tokenizer
+from qmoe_cli.arch.switch.layers import Router
+from qmoe_cli.arch.switch.model import SwitchModel, shift_right
+from qmoe_cli.data.corpus import unigram_entropy_bits
+from qmoe_cli.data.datasets import DataSpec, Sample, load_samples
+from qmoe_cli.data.tokenizer import load_tokenizer
+from qmoe_cli.formats.open import open_model
 
 MIN_EXPERT_SHARE = 0.02  # the acceptance bar of scripts/train_tiny_switch.py
 
@@ -29,7 +29,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def whole(tiny) -> SwitchModel:
-    model = SwitchModel(tiny.weights.config).eval()
+    model = SwitchModel(tiny.weights.arch.config).eval()
     model.load_state_dict(load_file(str(tiny.tokenizer_dir / "model.safetensors")))
     return model
 
@@ -96,5 +96,5 @@ def test_every_expert_gets_tokens(tiny, whole) -> None:
 def test_training_record(tiny) -> None:
     record = json.loads((tiny.tokenizer_dir / "training.json").read_text())
     assert "scripts/train_tiny_switch.py" in record["command"] and "--out" in record["command"]
-    assert record["model_config"] == tiny.weights.config.to_dict()
+    assert record["model_config"] == tiny.weights.arch.config.to_dict()
     assert record["validation"]["loss_bits"] < record["validation"]["unigram_entropy_bits"]

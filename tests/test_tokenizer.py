@@ -1,4 +1,4 @@
-"""qmoe_cli.tokenizer on tiny offline tokenizers: both backends, special ids, sentinels, errors."""
+"""qmoe_cli.data.tokenizer on tiny offline tokenizers: both backends, special ids, sentinels, errors."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import sentencepiece
 import tokenizers
-
-from qmoe_cli.errors import QmoeError
-from qmoe_cli.tokenizer import Tokenizer, load_tokenizer
-
 from conftest import TINY_SENTINELS, tiny_sentences, write_tiny_spiece_model, write_tiny_tokenizer_json
+
+from qmoe_cli.data.tokenizer import Tokenizer, load_tokenizer
+from qmoe_cli.errors import QmoeError
 
 
 def test_tokenizer_json_special_ids_and_sentinels(tiny_tokenizer_json_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""The optional C++ codec (`csrc/codec.cpp`), compiled on first use and cached.
+"""The optional C++ codec (`kernels/codec.cpp` at the top of the repository), compiled on first use and cached.
 
 `torch.utils.cpp_extension.load` builds with the system compiler against the installed torch
 (the CPU build is enough) into torch's extension cache, rebuilding only when the source changes.
@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import subprocess
 import warnings
-from importlib import resources
 from types import ModuleType
+
+from ..resources import shipped_dir
 
 
 @functools.cache
@@ -21,7 +22,7 @@ def codec_extension() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        source = resources.files("qmoe_cli.codec") / "csrc" / "codec.cpp"
+        source = shipped_dir("native") / "codec.cpp"
         return load(name="qmoe_codec", sources=[str(source)], extra_cflags=["-O3"], verbose=False)
     except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,11 +1,11 @@
-"""The CUDA decode-matmul kernel (`csrc/`) as `torch.library` ops, with typed wrappers.
+"""The CUDA decode-matmul kernel (top-level `kernels/`) as `torch.library` ops, with typed wrappers.
 
 Ops, defined here so their fake (meta) implementations work without the compiled library:
 
     qmoe::decode_matmul(words, offsets, masks, lo, hi, x) -> y [tokens, rows] bf16, tokens <= 32
     qmoe::decode_dense(words, offsets, masks, lo, hi, cols) -> weights [rows, cols] bf16
 
-The CUDA implementations come from `csrc/binding.cpp`, JIT-built by `torch.utils.cpp_extension`
+The CUDA implementations come from `kernels/binding.cpp`, JIT-built by `torch.utils.cpp_extension`
 for sm_80 and sm_90 (plus sm_90 PTX, so newer GPUs can JIT it) on first use and cached in torch's
 extension directory. Without nvcc or a CUDA build of torch, `kernel_library()` warns once and
 returns None and callers keep the CPU reference (`qmoe_cli.codec.rows.decode_dense`).
@@ -24,12 +24,12 @@ import subprocess
 import time
 import warnings
 from dataclasses import dataclass
-from importlib import resources
 
 import torch
 
 from ..codec.dictionary import Codebook
 from ..errors import QmoeError
+from ..resources import shipped_dir
 
 MAX_TOKENS = 32  # the fused kernel's limit: one lane writes each token's sum
 # Batches above this decode to a bf16 scratch matrix and use torch.matmul (tensor cores). 32 is
@@ -138,7 +138,7 @@ def build_kernels(verbose: bool = False) -> KernelBuild:
     nvcc = _find_nvcc()
     from torch.utils.cpp_extension import load
 
-    csrc = resources.files("qmoe_cli.kernels") / "csrc"
+    csrc = shipped_dir("native")
     start = time.perf_counter()
     try:
         library = load(name=EXTENSION_NAME, sources=[str(csrc / "binding.cpp"), str(csrc / "decode_matmul.cu")],

@@ -28,64 +28,37 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import TOKENIZER_FILES
-from .compress_block import ExpertCompressor
-from .config import SwitchConfig
-from .data import LoadedData, Sample
+from ..arch import Architecture
+from ..data.datasets import LoadedData, Sample
+from ..errors import QmoeError
+from ..files import temporary_name
+from ..formats.hf import TOKENIZER_FILES
+from ..formats.open import OpenModel
+from ..formats.quantized import (
+    FORMAT_VERSION,
+    HEAD_FILE,
+    KIND,
+    block_file,
+    read_manifest,
+    save_tensors_atomic,
+    write_json_atomic,
+)
+from ..run.stream import RunConfig, streamed_losses
+from .block import ExpertCompressor
+from .config import CompressConfig
 from .distributed import Comm, shard_bounds
-from .errors import QmoeError
-from .fsutil import temporary_name
-from .models import OpenModel
-from .quant.gptq import GPTQConfig
-from .quant.grids import QuantSpec
-from .quantized import FORMAT_VERSION, HEAD_FILE, KIND, block_file, read_manifest, save_tensors_atomic, write_json_atomic
-from .runtime import RunConfig, streamed_losses
-from .switch import Block
-
-METHODS = ("gptq", "rtn")
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    """Settings of one compression run; all of them enter the resume fingerprint."""
-
-    bits: str  # "ternary" | "2" | "3" | "4" | "8"
-    method: str = "gptq"  # "rtn": round-to-nearest on the same grids, the baseline
-    group_size: int = 16  # experts quantized in one batched call (bounds GPU memory)
-    damp: float = 0.1  # fraction of the mean Hessian diagonal added to it (QMoE's value)
-    block_size: int = 128  # GPTQ lazy-batch width
-    act_order: bool = False
-    grid_group: int | None = None  # columns per grid; None: one grid per row (QMoE)
-    token_cap: float = 4.0  # an expert's Hessian uses at most token_cap x mean tokens/expert
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"--group-size must be an integer >= 1, got {self.group_size!r}")
-        if not self.token_cap > 0:
-            raise ValueError(f"--token-cap must be > 0, got {self.token_cap!r}")
-        self.gptq  # validates bits, damp, block_size, grid_group
-
-    @property
-    def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.grid_group)
-
-    @property
-    def gptq(self) -> GPTQConfig:
-        return GPTQConfig(spec=self.spec, damp=self.damp, block_size=self.block_size, act_order=self.act_order)
 
 
 def fingerprint(model: OpenModel, calib: LoadedData, cfg: CompressConfig) -> str:
     """Hash of everything that determines the output: settings, model config, calibration."""
     h = hashlib.sha256()
-    h.update(json.dumps({"settings": asdict(cfg), "config": model.weights.config.to_dict(),
+    h.update(json.dumps({"settings": asdict(cfg), "config": model.weights.arch.config.to_dict(),
                          "source": model.label}, sort_keys=True).encode())
     for sample in calib.samples:
         h.update(json.dumps([sample.input_ids, sample.labels]).encode())
@@ -107,8 +80,8 @@ def compress(model: OpenModel, calib: LoadedData, cfg: CompressConfig, out: Path
     _check_same_run(digest, comm)
     samples, counts = _shard(calib.samples, comm)
     manifest = comm.on_root(lambda: _open_partial(model, cfg, out, resume, digest, log), "starting the run")
-    config = model.weights.config
-    hook = ExpertCompressor(cfg, config, temporary_name(out), _sentinel_masks(samples, config, sentinel_ids),
+    arch = model.weights.arch
+    hook = ExpertCompressor(cfg, arch, temporary_name(out), _sentinel_masks(samples, arch, sentinel_ids),
                             manifest, log, comm)
     loss_sum, tokens = streamed_losses(model.weights, [s.input_ids for s in samples], [s.labels for s in samples],
                                        run, sparse_hook=hook)
@@ -174,22 +147,20 @@ def _finish(manifest: dict, out: Path) -> dict:
 def _start(model: OpenModel, cfg: CompressConfig, digest: str, partial: Path) -> dict:
     """Create the partial directory: manifest, config, tokenizer, non-expert weights."""
     partial.mkdir(parents=True)
-    config = model.weights.config
+    arch = model.weights.arch
     manifest = {"kind": KIND, "format_version": FORMAT_VERSION, "source": model.label, "window": model.window,
-                "settings": {**asdict(cfg)}, "config": config.to_dict(), "fingerprint": digest,
+                "settings": {**asdict(cfg)}, "config": arch.config.to_dict(), "fingerprint": digest,
                 "finished": [], "blocks": {}, "complete": False}
     for name in TOKENIZER_FILES:
         if (model.tokenizer_dir / name).is_file():
             shutil.copy(model.tokenizer_dir / name, partial / name)
-    head = ["shared.weight", "encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"]
-    if not config.tie_word_embeddings:
-        head.append("lm_head.weight")
+    head = arch.head_tensors()
     save_tensors_atomic({n: model.weights.tensor(n, None, torch.device("cpu")) for n in head}, partial / HEAD_FILE)
-    for stack in ("encoder", "decoder"):
-        for i in range(config.num_blocks(stack)):
+    for stack in arch.stacks:
+        for i in range(arch.num_blocks(stack)):
             with torch.device("meta"):
-                names = list(Block(config, stack, i, experts=_NoExperts()).state_dict())
-            prefix = f"{stack}.block.{i}."
+                names = list(arch.block(stack, i, _NoExperts()).state_dict())
+            prefix = arch.block_prefix(stack, i)
             tensors = {prefix + n: model.weights.tensor(prefix + n, None, torch.device("cpu")) for n in names}
             save_tensors_atomic(tensors, partial / block_file(stack, i))
     write_json_atomic(partial / "manifest.json", manifest)
@@ -202,15 +173,10 @@ class _NoExperts:
     num_experts = 0
 
 
-def _sentinel_masks(samples: Sequence[Sample], config: SwitchConfig,
+def _sentinel_masks(samples: Sequence[Sample], arch: Architecture,
                     sentinel_ids: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """Per stack, [tokens] bool: positions holding a sentinel, left out of Hessians (QMoE)."""
     sentinels = torch.tensor(sorted(sentinel_ids), dtype=torch.long)
-    masks = {}
-    for stack in ("encoder", "decoder"):
-        ids = []
-        for s in samples:
-            seq = list(s.input_ids) if stack == "encoder" else [config.decoder_start_token_id, *s.labels[:-1]]
-            ids.extend(seq)
-        masks[stack] = torch.isin(torch.tensor(ids, dtype=torch.long), sentinels)
-    return masks
+    tokens = arch.stack_tokens([s.input_ids for s in samples], [s.labels for s in samples])
+    return {stack: torch.isin(torch.tensor([t for seq in tokens[stack] for t in seq], dtype=torch.long), sentinels)
+            for stack in arch.stacks}

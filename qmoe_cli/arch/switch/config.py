@@ -1,27 +1,13 @@
-"""Model architecture and preset configuration.
-
-`SwitchConfig` is the architecture of a Switch Transformer as our model code needs it, read from
-a Hugging Face `config.json` (plus a preset's overrides). `Preset` is one file of `configs/`:
-the hub id of a known model and the quirks of its checkpoint, so that no code branches on a
-model's name.
-"""
+"""`SwitchConfig`: the architecture of a Switch Transformer as our model code needs it, read
+from a Hugging Face `config.json` dict (plus a preset's overrides)."""
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from .errors import QmoeError
-from .fsutil import read_json_object
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from ...errors import QmoeError
 
 
 @dataclass(frozen=True)
@@ -94,64 +80,5 @@ class SwitchConfig:
             raise QmoeError(f"config.json lacks {', '.join(missing)}: not a Switch Transformer config")
         return cls(**{k: v for k, v in merged.items() if k in names})
 
-    @classmethod
-    def from_file(cls, path: Path, overrides: dict[str, Any] | None = None) -> "SwitchConfig":
-        raw = read_json_object(path, "a model directory needs a config.json")
-        try:
-            return cls.from_hf_dict(raw, overrides)
-        except (TypeError, ValueError) as exc:
-            raise QmoeError(f"{path}: {exc}") from None
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class Preset:
-    """One `configs/*.toml` file: a known model, where it lives, and its checkpoint's quirks."""
-
-    name: str
-    hub_id: str
-    description: str = ""
-    stored_dtype: str = "float32"  # what the checkpoint holds; GPUs run float32 ones in bfloat16
-    window: int = 512  # longest input or label sequence a sample may have, in tokens
-    embedding_key: str = "shared.weight"  # the input embedding (shared by encoder and decoder)
-    local_dir: str | None = None  # a checkpoint shipped inside the package, relative to it
-    default_calib: str = "c4"
-    default_data: str = "c4"
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.stored_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"Preset.stored_dtype must be float32, bfloat16 or float16, got {self.stored_dtype!r}")
-        if self.window < 2:
-            raise ValueError(f"Preset.window must be >= 2, got {self.window}")
-
-
-def _preset_files() -> dict[str, Any]:
-    root = resources.files("qmoe_cli.configs")
-    return {p.name[: -len(".toml")]: p for p in root.iterdir() if p.name.endswith(".toml")}
-
-
-def preset_names() -> list[str]:
-    return sorted(_preset_files())
-
-
-def load_preset(name: str) -> Preset | None:
-    """The preset called `name`, or the one whose hub id is `name`; None when there is none."""
-    files = _preset_files()
-    if name in files:
-        return _parse_preset(files[name])
-    for candidate in files.values():
-        preset = _parse_preset(candidate)
-        if preset.hub_id == name:
-            return preset
-    return None
-
-
-def _parse_preset(path: Any) -> Preset:
-    try:
-        raw = tomllib.loads(path.read_text())
-        return Preset(**raw)
-    except (tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
-        raise QmoeError(f"preset {path.name}: {exc}") from None

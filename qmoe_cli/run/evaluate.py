@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .data import LoadedData
-from .runtime import ModelWeights, RunConfig, streamed_losses
+from ..data.datasets import LoadedData
+from .stream import ModelWeights, RunConfig, streamed_losses
 
 
 @dataclass(frozen=True)

@@ -20,18 +20,25 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from .checkpoint import TOKENIZER_FILES
-from .codec.bitpack import pack_bits, unpack_bits
-from .codec.dictionary import NUM_SYMBOLS, Codebook, DictionarySpec, fit_dictionary, pair_symbols, parse_statistics
-from .codec.rows import decode_matrix, encode_matrix
-from .errors import QmoeError
-from .fsutil import atomic_directory
-from .packed import DICTIONARY_FILE, FORMAT_VERSION, KIND, file_record, manifest_digest
-from .quantized import (HEAD_FILE, QuantizedWeights, block_file, expert_file, expert_groups, read_manifest,
-                        save_tensors_atomic, write_json_atomic)
-from .safetensors_io import SafetensorsFile
-
-MATRICES = ("wi", "wo")
+from ..codec.bitpack import pack_bits, unpack_bits
+from ..codec.dictionary import NUM_SYMBOLS, Codebook, DictionarySpec, fit_dictionary, pair_symbols, parse_statistics
+from ..codec.rows import decode_matrix, encode_matrix
+from ..errors import QmoeError
+from ..files import atomic_directory
+from ..formats.hf import TOKENIZER_FILES
+from ..formats.packed import DICTIONARY_FILE, FORMAT_VERSION, KIND, file_record, manifest_digest
+from ..formats.quantized import (
+    HEAD_FILE,
+    QuantizedWeights,
+    block_file,
+    expert_file,
+    expert_groups,
+    read_manifest,
+    save_tensors_atomic,
+    write_json_atomic,
+)
+from ..formats.safetensors_io import SafetensorsFile
+from ..formats.stats import LayerSize
 
 
 @dataclass(frozen=True)
@@ -53,31 +60,6 @@ class PackConfig:
         return DictionarySpec(self.dictionary_size, self.max_pairs)
 
 
-@dataclass
-class LayerSize:
-    """Running totals of one sparse block's expert storage (or of all of them)."""
-
-    weights: int = 0
-    code_bytes: int = 0  # codewords (or bit-packed codes) only
-    all_in_bytes: int = 0  # plus row offsets and grids
-    histogram: torch.Tensor | None = None  # symbol counts: [9] pairs (ternary) or [2^b] codes; None: unknown
-
-    def summary(self, name: str, per_symbol_weights: int = 1) -> dict[str, Any]:
-        """The manifest's / `qmoe info`'s row; entropy per weight from `histogram` if counted."""
-        entropy = None if self.histogram is None else _entropy_bits(self.histogram) / per_symbol_weights
-        return {"name": name, "weights": self.weights, "code_bytes": self.code_bytes,
-                "all_in_bytes": self.all_in_bytes,
-                "bits_per_weight_codes": 8 * self.code_bytes / self.weights,
-                "bits_per_weight_all_in": 8 * self.all_in_bytes / self.weights,
-                "entropy_bits_per_weight": entropy}
-
-
-def _entropy_bits(counts: torch.Tensor) -> float:
-    p = counts.double() / counts.sum()
-    p = p[p > 0]
-    return float(-(p * p.log2()).sum())
-
-
 def pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -> dict[str, Any]:
     """Pack the quantized checkpoint `source` into `out` (which must not exist); returns the manifest."""
     weights = QuantizedWeights.open(source)
@@ -87,7 +69,7 @@ def pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -
     if out.exists():
         raise QmoeError(f"--out {out}: already exists; choose another directory or remove it")
     spec = weights.spec
-    blocks = weights.config.sparse_blocks()
+    blocks = weights.arch.sparse_blocks()
     layers = {f"{stack}.{i}": LayerSize() for stack, i in blocks}
     with atomic_directory(out) as tmp:
         codec: dict[str, Any]
@@ -97,7 +79,7 @@ def pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -
         else:
             book, codec = None, {"type": "bitpack", "bits": int(spec.bits)}
         for stack, i in tqdm(blocks, desc="packing", unit="block", disable=not cfg.progress):
-            for group in expert_groups(weights.config, weights.group_size):
+            for group in expert_groups(weights.arch.num_experts, weights.group_size):
                 tensors = _pack_group(weights, stack, i, group, book, layers[f"{stack}.{i}"])
                 save_tensors_atomic(tensors, tmp / expert_file(stack, i, group))
         _copy_dense(source, tmp, weights)
@@ -113,7 +95,7 @@ def _fit(weights: QuantizedWeights, blocks: list[tuple[str, int]], layers: dict[
     total = torch.zeros(NUM_SYMBOLS, dtype=torch.int64)
     for stack, i in tqdm(blocks, desc="counting symbols", unit="block", disable=not cfg.progress):
         counts = torch.zeros(NUM_SYMBOLS, dtype=torch.int64)
-        for group in expert_groups(weights.config, weights.group_size):
+        for group in expert_groups(weights.arch.num_experts, weights.group_size):
             for _, _, tensors in _matrices(weights, stack, i, group):
                 counts += torch.bincount(pair_symbols(tensors["codes"]).flatten(), minlength=NUM_SYMBOLS)
         layers[f"{stack}.{i}"].histogram = counts
@@ -137,8 +119,8 @@ def _matrices(weights: QuantizedWeights, stack: str, i: int,
     file = SafetensorsFile(path)
     try:
         first = group * weights.group_size
-        for j in range(first, min(first + weights.group_size, weights.config.num_experts)):
-            for name in MATRICES:
+        for j in range(first, min(first + weights.group_size, weights.arch.num_experts)):
+            for name in weights.arch.expert.matrices:
                 keys = [f"expert_{j}.{name}.{f}" for f in fields]
                 missing = [k for k in keys if k not in file.entries]
                 if missing:
@@ -178,8 +160,8 @@ def _pack_group(weights: QuantizedWeights, stack: str, i: int, group: int, book:
 
 def _copy_dense(source: Path, tmp: Path, weights: QuantizedWeights) -> None:
     """Head, per-block dense files and tokenizer files, byte for byte."""
-    names = [HEAD_FILE] + [block_file(stack, i) for stack in ("encoder", "decoder")
-                           for i in range(weights.config.num_blocks(stack))]
+    names = [HEAD_FILE] + [block_file(stack, i) for stack in weights.arch.stacks
+                           for i in range(weights.arch.num_blocks(stack))]
     names += [n for n in TOKENIZER_FILES if (source / n).is_file()]
     for name in names:
         if not (source / name).is_file():

@@ -20,19 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .config import SwitchConfig
-from .model import lm_logits, shift_right
-from .switch import Block, ExpertBank, FeedForward, RMSNorm, position_bias
-
-
-class ModelWeights(Protocol):
-    """What the runner needs from a checkpoint: named tensors and per-block expert banks."""
-
-    config: SwitchConfig
-
-    def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor: ...
-
-    def experts(self, stack: str, index: int) -> ExpertBank: ...
+from ..arch import ExpertBank, ModelWeights, MoEBlock
 
 
 @dataclass(frozen=True)
@@ -93,72 +81,71 @@ class Routing:
         return self.starts[expert + 1] - self.starts[expert]
 
 
-def route(ffn: FeedForward, buffer: ListBuffer, run: RunConfig) -> Routing:
-    """Route every token of the buffer (layer norm then router, fp32), chunk by chunk."""
+def route(block: MoEBlock, buffer: ListBuffer, run: RunConfig) -> Routing:
+    """Route every token of the buffer (norm then router, fp32), chunk by chunk."""
     index, prob = [], []
     for part in buffer.chunks(run.token_chunk):
         x = buffer.data[part].to(run.device, non_blocking=True)
-        top_index, top_prob, _ = ffn.mlp.router(ffn.layer_norm(x))
+        top_index, top_prob = block.route(block.ffn_norm(x))
         index.append(top_index.cpu())
         prob.append(top_prob.cpu())
     index_all, prob_all = torch.cat(index), torch.cat(prob)
-    counts = torch.bincount(index_all, minlength=ffn.mlp.experts.num_experts)
+    counts = torch.bincount(index_all, minlength=block.experts.num_experts)
     starts = [0] + torch.cumsum(counts, 0).tolist()
     return Routing(index_all, prob_all, torch.argsort(index_all, stable=True), starts)
 
 
-def apply_expert(ffn: FeedForward, expert: nn.Module, buffer: ListBuffer, tokens: torch.Tensor,
+def apply_expert(block: MoEBlock, expert: nn.Module, buffer: ListBuffer, tokens: torch.Tensor,
                  prob: torch.Tensor, run: RunConfig) -> None:
     """buffer[tokens] += prob * expert(norm(buffer[tokens])), in place; tokens [n] int64."""
     for first in range(0, tokens.numel(), run.token_chunk):
         ids = tokens[first:first + run.token_chunk]
         x = buffer.data.index_select(0, ids).to(run.device, non_blocking=True)
-        y = x + expert(ffn.layer_norm(x)) * prob[ids].to(run.device, x.dtype)[:, None]
+        y = x + expert(block.ffn_norm(x)) * prob[ids].to(run.device, x.dtype)[:, None]
         buffer.data.index_copy_(0, ids, y.to(buffer.data.dtype).cpu())
 
 
-def apply_experts(ffn: FeedForward, bank: ExpertBank, buffer: ListBuffer, routing: Routing, run: RunConfig) -> None:
+def apply_experts(block: MoEBlock, bank: ExpertBank, buffer: ListBuffer, routing: Routing, run: RunConfig) -> None:
     """Run every routed token through its expert from `bank`, loading `run.group_size` at a time."""
     active = [j for j in range(bank.num_experts) if routing.count(j)]
     for first in range(0, len(active), run.group_size):
         ids = active[first:first + run.group_size]
         for j, expert in zip(ids, bank.load(ids, run.device, run.dtype)):
-            apply_expert(ffn, expert, buffer, routing.tokens(j), routing.prob, run)
+            apply_expert(block, expert, buffer, routing.tokens(j), routing.prob, run)
 
 
-def sparse_feed_forward(ffn: FeedForward, buffer: ListBuffer, run: RunConfig) -> Routing:
-    routing = route(ffn, buffer, run)
-    apply_experts(ffn, ffn.mlp.experts, buffer, routing, run)
+def sparse_feed_forward(block: MoEBlock, buffer: ListBuffer, run: RunConfig) -> Routing:
+    routing = route(block, buffer, run)
+    apply_experts(block, block.experts, buffer, routing, run)
     return routing
 
 
-def dense_feed_forward(ffn: FeedForward, buffer: ListBuffer, run: RunConfig) -> None:
+def dense_feed_forward(block: MoEBlock, buffer: ListBuffer, run: RunConfig) -> None:
     for part in buffer.chunks(run.token_chunk):
         x = buffer.data[part].to(run.device, non_blocking=True)
-        buffer.data[part] = ffn(x).cpu()
+        buffer.data[part] = block.feed_forward(x).cpu()
 
 
-def load_block(weights: ModelWeights, stack: str, index: int, run: RunConfig) -> Block:
+def load_block(weights: ModelWeights, stack: str, index: int, run: RunConfig) -> MoEBlock:
     """Build block `index` of `stack` with its non-expert weights read now, on the device."""
-    config = weights.config
-    bank = weights.experts(stack, index) if config.is_sparse(stack, index) else None
+    arch = weights.arch
+    bank = weights.experts(stack, index) if arch.is_sparse(stack, index) else None
     with torch.device("meta"):
-        block = Block(config, stack, index, experts=bank)
-    prefix = f"{stack}.block.{index}."
+        block = arch.block(stack, index, bank)
+    prefix = arch.block_prefix(stack, index)
     state = {name: weights.tensor(prefix + name, run.dtype, run.device) for name in block.state_dict()}
     block.load_state_dict(state, assign=True)
-    block.ffn.mlp.group_size = run.group_size if block.is_sparse else 1
     return block.eval()
 
 
 class BlockHook(Protocol):
     """Replaces how a sparse block's feed-forward is run (compression plugs in here)."""
 
-    def __call__(self, stack: str, index: int, block: Block, buffer: ListBuffer, run: RunConfig) -> None: ...
+    def __call__(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, run: RunConfig) -> None: ...
 
 
-def default_sparse(stack: str, index: int, block: Block, buffer: ListBuffer, run: RunConfig) -> None:
-    sparse_feed_forward(block.ffn, buffer, run)
+def default_sparse(stack: str, index: int, block: MoEBlock, buffer: ListBuffer, run: RunConfig) -> None:
+    sparse_feed_forward(block, buffer, run)
 
 
 @torch.no_grad()
@@ -169,49 +156,43 @@ def streamed_losses(weights: ModelWeights, input_ids: Sequence[Sequence[int]], l
     Returns (loss_sum [n] fp64, tokens [n] int64): per sample, summed token losses over label
     positions (labels of -100 are ignored) and the number of such positions.
     """
-    config = weights.config
-    label_tensors = [torch.tensor(l, dtype=torch.long) for l in labels]
-    decoder_ids = [shift_right(l, config.decoder_start_token_id, config.pad_token_id).tolist() for l in label_tensors]
-    states = streamed_decoder_states(weights, input_ids, decoder_ids, run, sparse_hook)
-    return _losses(weights, states, label_tensors, run)
+    states = streamed_states(weights, weights.arch.stack_tokens(input_ids, labels), run, sparse_hook)
+    return _losses(weights, states, [torch.tensor(l, dtype=torch.long) for l in labels], run)
 
 
 @torch.no_grad()
-def streamed_decoder_states(weights: ModelWeights, input_ids: Sequence[Sequence[int]],
-                            decoder_ids: Sequence[Sequence[int]], run: RunConfig,
-                            sparse_hook: BlockHook = default_sparse) -> ListBuffer:
-    """Final (normalised) decoder hidden states of every sample, streaming block by block."""
-    config = weights.config
+def streamed_states(weights: ModelWeights, tokens: dict[str, Sequence[Sequence[int]]], run: RunConfig,
+                    sparse_hook: BlockHook = default_sparse) -> ListBuffer:
+    """Final (normalised) hidden states of the last stack for every sample, streaming block by
+    block; `tokens` holds the ids entering each stack (`Architecture.stack_tokens`)."""
+    arch = weights.arch
     pin = run.device.type == "cuda"
-    embedding = weights.tensor("shared.weight", run.dtype, run.device)
-    encoder = _embed(embedding, input_ids, pin)
-    decoder = _embed(embedding, decoder_ids, pin)
-    del embedding
-    bar = tqdm(total=config.num_layers + config.num_decoder_layers, desc="blocks", unit="block",
+    buffers: dict[str, ListBuffer] = {}
+    bar = tqdm(total=sum(arch.num_blocks(stack) for stack in arch.stacks), desc="blocks", unit="block",
                disable=not run.progress, leave=False)
-    for stack in ("encoder", "decoder"):
-        table = weights.tensor(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                               run.dtype, run.device)
-        buffer = encoder if stack == "encoder" else decoder
-        for i in range(config.num_blocks(stack)):
+    for stack in arch.stacks:
+        buffer = _embed(weights.tensor(arch.embedding_tensor(stack), run.dtype, run.device), tokens[stack], pin)
+        context = arch.stack_context(stack, weights.tensor, run.device, run.dtype)
+        memory_stack = arch.memory_stack(stack)
+        memory = None if memory_stack is None else buffers[memory_stack]
+        for i in range(arch.num_blocks(stack)):
             block = load_block(weights, stack, i, run)
             for s in range(len(buffer)):
                 x = buffer.sample(s).to(run.device)[None]
-                bias = position_bias(table, config, x.shape[1], x.shape[1], bidirectional=stack == "encoder")
-                memory = encoder.sample(s).to(run.device)[None] if stack == "decoder" else None
-                buffer.sample(s).copy_(block.attend(x, bias, memory, _NO_MASK)[0])
+                m = None if memory is None else memory.sample(s).to(run.device)[None]
+                buffer.sample(s).copy_(context.attend(block, x, m)[0])
             if block.is_sparse:
                 sparse_hook(stack, i, block, buffer, run)
             else:
-                dense_feed_forward(block.ffn, buffer, run)
+                dense_feed_forward(block, buffer, run)
             del block
             bar.update()
-        _final_norm(weights, stack, buffer, run)
+        norm = arch.final_norm(stack, weights.tensor, run.device, run.dtype)
+        for part in buffer.chunks(run.token_chunk):
+            buffer.data[part] = norm(buffer.data[part].to(run.device)).cpu()
+        buffers[stack] = buffer
     bar.close()
-    return decoder
-
-
-_NO_MASK = torch.zeros(())  # cross-attention of one unpadded sample: nothing to mask
+    return buffers[arch.stacks[-1]]
 
 
 def _embed(embedding: torch.Tensor, ids: Sequence[Sequence[int]], pin: bool) -> ListBuffer:
@@ -222,27 +203,15 @@ def _embed(embedding: torch.Tensor, ids: Sequence[Sequence[int]], pin: bool) -> 
     return buffer
 
 
-def _final_norm(weights: ModelWeights, stack: str, buffer: ListBuffer, run: RunConfig) -> None:
-    norm = RMSNorm(weights.config.d_model, weights.config.layer_norm_epsilon)
-    norm.weight = nn.Parameter(weights.tensor(f"{stack}.final_layer_norm.weight", run.dtype, run.device))
-    for part in buffer.chunks(run.token_chunk):
-        buffer.data[part] = norm(buffer.data[part].to(run.device)).cpu()
-
-
-def _losses(weights: ModelWeights, decoder: ListBuffer, labels: list[torch.Tensor],
+def _losses(weights: ModelWeights, states: ListBuffer, labels: list[torch.Tensor],
             run: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    config = weights.config
-    embedding = weights.tensor("shared.weight", run.dtype, run.device) if config.tie_word_embeddings else None
-    head = None
-    if not config.tie_word_embeddings:
-        head = nn.Linear(config.d_model, config.vocab_size, bias=False, device="meta")
-        head.weight = nn.Parameter(weights.tensor("lm_head.weight", run.dtype, run.device))
+    head = weights.arch.head(weights.tensor, run.device, run.dtype)
     flat_labels = torch.cat(labels)
     sample_of = torch.repeat_interleave(torch.arange(len(labels)), torch.tensor([len(l) for l in labels]))
     token_loss = torch.empty(flat_labels.shape[0], dtype=torch.float64)
     step = max(1, run.token_chunk // 4)  # logits are [step, vocab]: keep them small
-    for part in decoder.chunks(step):
-        logits = lm_logits(decoder.data[part].to(run.device), embedding, head, config).float()
+    for part in states.chunks(step):
+        logits = head(states.data[part].to(run.device)).float()
         target = flat_labels[part].to(run.device)
         token_loss[part] = F.cross_entropy(logits, target, ignore_index=-100, reduction="none").double().cpu()
     valid = flat_labels != -100

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import QmoeError
+from ..errors import QmoeError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 OUTSIDE = "setup"  # bytes communicated outside any named phase (start, calibration loss)

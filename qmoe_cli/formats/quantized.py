@@ -3,7 +3,7 @@
 Layout of a quantized directory (all safetensors + JSON, never pickle):
 
     manifest.json               kind "quantized", format version, source, settings, architecture
-                                (SwitchConfig), fingerprint,
+                                (the model's config), fingerprint,
                                 per-block statistics, finished blocks (for --resume)
     tokenizer.json | spiece.model ...   copied from the source
     head.safetensors            embedding, final layer norms, lm_head: as stored in the source
@@ -28,12 +28,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import SwitchConfig
-from .errors import QmoeError
-from .fsutil import read_json_object, replace_durably
-from .quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize
+from ..arch import Architecture, architecture_from_config
+from ..errors import QmoeError
+from ..files import read_json_object, replace_durably
+from ..quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize
 from .safetensors_io import SafetensorsFile
-from .switch import ExpertFFN
 
 FORMAT_VERSION = 1
 KIND = "quantized"
@@ -48,16 +47,17 @@ def expert_file(stack: str, index: int, group: int) -> str:
     return f"experts/{stack}-{index:03d}/group-{group:05d}.safetensors"
 
 
-def expert_groups(config: SwitchConfig, group_size: int) -> range:
+def expert_groups(num_experts: int, group_size: int) -> range:
     """Indices of a sparse block's expert group files."""
-    return range(math.ceil(config.num_experts / group_size))
+    return range(math.ceil(num_experts / group_size))
 
 
-def dense_file(name: str) -> str:
-    """The file holding non-expert tensor `name` (HF naming): its block's file, else the head."""
-    parts = name.split(".")
-    if len(parts) > 3 and parts[1] == "block":
-        return block_file(parts[0], int(parts[2]))
+def dense_file(arch: Architecture, name: str) -> str:
+    """The file holding non-expert tensor `name` (checkpoint naming): its block's, else the head."""
+    for stack in arch.stacks:
+        for i in range(arch.num_blocks(stack)):
+            if name.startswith(arch.block_prefix(stack, i)):
+                return block_file(stack, i)
     return HEAD_FILE
 
 
@@ -96,10 +96,11 @@ class QuantizedExperts:
     Keeps one group file open at a time (groups are visited in order).
     """
 
-    def __init__(self, directory: Path, stack: str, index: int, spec: QuantSpec, num_experts: int,
+    def __init__(self, directory: Path, stack: str, index: int, spec: QuantSpec, arch: Architecture,
                  group_size: int):
         self.directory, self.stack, self.index = directory, stack, index
-        self.spec, self.num_experts, self.group_size = spec, num_experts, group_size
+        self.spec, self.arch, self.group_size = spec, arch, group_size
+        self.num_experts = arch.num_experts
         self._file: SafetensorsFile | None = None
 
     def _group_file(self, j: int) -> SafetensorsFile:
@@ -131,8 +132,8 @@ class QuantizedExperts:
         return dequantize(codes, grid, self.spec)[0]
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
-        return [ExpertFFN.from_weights(self.matrix(j, "wi").to(device=device, dtype=dtype),
-                                       self.matrix(j, "wo").to(device=device, dtype=dtype)) for j in ids]
+        return [self.arch.make_expert({m: self.matrix(j, m).to(device=device, dtype=dtype)
+                                       for m in self.arch.expert.matrices}) for j in ids]
 
 
 class DenseTensorFiles:
@@ -140,12 +141,13 @@ class DenseTensorFiles:
     opened once; a checkpoint kind says how it opens (and checks) a file in `_open`."""
 
     _files: dict[str, SafetensorsFile]  # set in the subclass's __post_init__
+    arch: Architecture
 
     def _open(self, name: str) -> SafetensorsFile:
         raise NotImplementedError
 
     def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        file_name = dense_file(name)
+        file_name = dense_file(self.arch, name)
         if file_name not in self._files:
             self._files[file_name] = self._open(file_name)
         file = self._files[file_name]
@@ -164,7 +166,7 @@ class QuantizedWeights(DenseTensorFiles):
     """`ModelWeights` over a quantized directory (finished or, for --resume, partial)."""
 
     directory: Path
-    config: SwitchConfig
+    arch: Architecture
     spec: QuantSpec
     group_size: int  # experts per file under experts/
 
@@ -178,8 +180,8 @@ class QuantizedWeights(DenseTensorFiles):
             raise QmoeError(f"{directory}: manifest is kind {manifest['kind']!r} version "
                             f"{manifest.get('format_version')!r}; expected {KIND!r} version {FORMAT_VERSION}")
         settings = manifest["settings"]
-        config = SwitchConfig.from_hf_dict(manifest["config"])
-        return cls(directory, config, QuantSpec(settings["bits"], settings.get("grid_group")), settings["group_size"])
+        arch = architecture_from_config(manifest["config"])
+        return cls(directory, arch, QuantSpec(settings["bits"], settings.get("grid_group")), settings["group_size"])
 
     def _open(self, name: str) -> SafetensorsFile:
         path = self.directory / name
@@ -188,4 +190,4 @@ class QuantizedWeights(DenseTensorFiles):
         return SafetensorsFile(path)
 
     def experts(self, stack: str, index: int) -> QuantizedExperts:
-        return QuantizedExperts(self.directory, stack, index, self.spec, self.config.num_experts, self.group_size)
+        return QuantizedExperts(self.directory, stack, index, self.spec, self.arch, self.group_size)

@@ -24,7 +24,7 @@ from pathlib import Path
 import sentencepiece
 import tokenizers
 
-from .errors import QmoeError
+from ..errors import QmoeError
 
 TOKENIZER_JSON = "tokenizer.json"
 SPIECE_MODEL = "spiece.model"

@@ -1,4 +1,5 @@
-"""Lazy, per-tensor access to a Hugging Face checkpoint directory, and finding that directory.
+"""Original Hugging Face checkpoints: finding the directory, lazy per-tensor access, and the
+`ModelWeights` over them.
 
 A `CheckpointReader` maps tensor names to shards through the index JSON (or the single shard),
 opens shards on demand and keeps at most `max_open_shards` open (least recently used closed
@@ -13,11 +14,16 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
+from torch import nn
 
-from .config import Preset, SwitchConfig, load_preset, preset_names
-from .errors import QmoeError
+from ..arch import Architecture, architecture_from_config
+from ..arch.presets import Preset, load_preset, preset_names
+from ..errors import QmoeError
+from ..files import read_json_object
+from ..resources import package_dir
 from .safetensors_io import SafetensorsFile
 
 _LAYOUTS = (  # (index file, single-shard file), in order of preference
@@ -137,9 +143,14 @@ class ModelSource:
     preset: Preset | None
     label: str  # what the user named: preset name, hub id or directory
 
-    def config(self) -> SwitchConfig:
-        overrides = self.preset.config_overrides if self.preset else None
-        return SwitchConfig.from_file(self.directory / "config.json", overrides)
+    def arch(self) -> Architecture:
+        """The architecture its `config.json` describes, with the preset's overrides."""
+        path = self.directory / "config.json"
+        raw = read_json_object(path, "a model directory needs a config.json")
+        try:
+            return architecture_from_config(raw, self.preset.config_overrides if self.preset else None)
+        except (TypeError, ValueError) as exc:
+            raise QmoeError(f"{path}: {exc}") from None
 
 
 def resolve_model(name: str) -> ModelSource:
@@ -155,8 +166,7 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(path, None, str(path))
     preset = load_preset(name)
     if preset is not None and preset.local_dir is not None:
-        from importlib import resources
-        return ModelSource(Path(str(resources.files("qmoe_cli") / preset.local_dir)), preset, name)
+        return ModelSource(package_dir() / preset.local_dir, preset, name)
     if preset is None and (name.count("/") != 1 or path.exists()):
         raise QmoeError(f"--model {name!r}: not a model directory, a preset "
                         f"({', '.join(preset_names())}) or a hub id like google/switch-base-8")
@@ -175,3 +185,46 @@ def _download(hub_id: str) -> Path:
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         raise QmoeError(f"--model {hub_id}: could not download from the Hugging Face hub "
                         f"({type(exc).__name__}); check the name and network, or pass a local directory") from None
+
+
+# Where the input embedding may be stored, after the preset's own `embedding_key`.
+_EMBEDDING_ALIASES = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+class CheckpointExperts:
+    """The experts of one sparse block, read from the checkpoint when asked for (lazily)."""
+
+    def __init__(self, reader: CheckpointReader, arch: Architecture, stack: str, index: int):
+        self.reader, self.arch, self.stack, self.index = reader, arch, stack, index
+        self.num_experts = arch.num_experts
+
+    def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
+        return [self.arch.make_expert({m: self.reader.get(self.arch.expert_tensor(self.stack, self.index, j, m),
+                                                          dtype, device)
+                                       for m in self.arch.expert.matrices}) for j in ids]
+
+
+class CheckpointWeights:
+    """Tensors of an original checkpoint by Hugging Face name, read on demand."""
+
+    def __init__(self, source: ModelSource, max_open_shards: int = 2):
+        self.source = source
+        self.arch = source.arch()
+        self.reader = CheckpointReader(source.directory, max_open_shards)
+        preferred = source.preset.embedding_key if source.preset else "shared.weight"
+        self._embedding_key = next((k for k in (preferred, *_EMBEDDING_ALIASES) if k in self.reader), preferred)
+
+    def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if name == "shared.weight":
+            name = self._embedding_key
+        return self.reader.get(name, dtype, device)
+
+    def experts(self, stack: str, index: int) -> CheckpointExperts:
+        return CheckpointExperts(self.reader, self.arch, stack, index)
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint stores its floating weights in (from the embedding)."""
+        return self.reader.dtype(self._embedding_key)
+
+    def close(self) -> None:
+        self.reader.close()

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...files import atomic_directory
 from .config import SwitchConfig
-from .fsutil import atomic_directory
-from .switch import Block, RMSNorm, padding_bias, position_bias
+from .layers import Block, RMSNorm, padding_bias, position_bias
 
 
 class Stack(nn.Module):

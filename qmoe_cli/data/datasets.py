@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import QmoeError
+from ..errors import QmoeError
 from .tokenizer import Tokenizer
 
 C4 = "c4"

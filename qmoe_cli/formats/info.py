@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from ..errors import QmoeError
 from . import packed, quantized
-from .errors import QmoeError
-from .pack import LayerSize
 from .safetensors_io import SafetensorsFile
+from .stats import LayerSize
 
 
 def checkpoint_info(directory: Path, verify: bool = False) -> dict[str, Any]:
@@ -47,9 +47,9 @@ def checkpoint_info(directory: Path, verify: bool = False) -> dict[str, Any]:
 def _quantized_sizes(weights: quantized.QuantizedWeights) -> dict[str, Any]:
     """Bytes of the stored uint8 codes and grids per sparse block, from the file headers."""
     layers, total = [], LayerSize()
-    for stack, i in weights.config.sparse_blocks():
+    for stack, i in weights.arch.sparse_blocks():
         layer = LayerSize()
-        for group in quantized.expert_groups(weights.config, weights.group_size):
+        for group in quantized.expert_groups(weights.arch.num_experts, weights.group_size):
             path = weights.directory / quantized.expert_file(stack, i, group)
             if not path.is_file():
                 raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
@@ -71,5 +71,5 @@ def _verify(weights: packed.PackedWeights) -> None:
     """Check every file's checksum and validate every expert matrix (raises QmoeError)."""
     for name in weights.manifest["files"]:
         weights.verify_file(name)
-    for stack, i in weights.config.sparse_blocks():
-        weights.experts(stack, i).load(range(weights.config.num_experts), torch.device("cpu"), torch.float32)
+    for stack, i in weights.arch.sparse_blocks():
+        weights.experts(stack, i).load(range(weights.arch.num_experts), torch.device("cpu"), torch.float32)

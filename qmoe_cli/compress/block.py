@@ -36,24 +36,18 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import SwitchConfig
+from ..arch import Architecture, MoEBlock
+from ..formats.quantized import QuantizedExperts, QuantizedWeights, expert_file, save_tensors_atomic, write_json_atomic
+from ..quant.gptq import GPTQResult, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
+from ..quant.grids import Grid, IntGrid, QuantSpec, TernaryGrid, dequantize
+from ..run.stream import ListBuffer, Routing, RunConfig, apply_expert, route
+from .config import CompressConfig
 from .distributed import Comm, TensorSpec, split_evenly
-from .quant.gptq import GPTQResult, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
-from .quant.grids import Grid, IntGrid, QuantSpec, TernaryGrid, dequantize
-from .quantized import QuantizedExperts, QuantizedWeights, expert_file, save_tensors_atomic, write_json_atomic
-from .runtime import ListBuffer, Routing, RunConfig, apply_expert, route
-from .switch import Block, ExpertFFN
-
-if TYPE_CHECKING:
-    from .compress import CompressConfig
-
-MATRICES = ("wi", "wo")
 
 
 @dataclass(frozen=True)
@@ -134,20 +128,20 @@ class ExpertCompressor:
     """The runtime's sparse-block hook: quantize a block's experts across the ranks of `comm`
     and propagate every rank's tokens through them; rank 0 writes files and manifest."""
 
-    def __init__(self, cfg: CompressConfig, config: SwitchConfig, partial: Path, skip: dict[str, torch.Tensor],
+    def __init__(self, cfg: CompressConfig, arch: Architecture, partial: Path, skip: dict[str, torch.Tensor],
                  manifest: dict, log: Callable[[str], None], comm: Comm):
-        self.cfg, self.config, self.partial, self.skip, self.log, self.comm = cfg, config, partial, skip, log, comm
+        self.cfg, self.arch, self.partial, self.skip, self.log, self.comm = cfg, arch, partial, skip, log, comm
         self.manifest = manifest  # written by rank 0 only; the others read `finished`
         self.root = comm.rank == 0
-        self.saved = QuantizedWeights(partial, config, cfg.spec, cfg.group_size) if self.root else None
+        self.saved = QuantizedWeights(partial, arch, cfg.spec, cfg.group_size) if self.root else None
 
     def close(self) -> None:
         if self.saved is not None:
             self.saved.close()
 
-    def __call__(self, stack: str, index: int, block: Block, buffer: ListBuffer, run: RunConfig) -> None:
+    def __call__(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, run: RunConfig) -> None:
         name = f"{stack}.{index}"
-        routing = route(block.ffn, buffer, run)
+        routing = route(block, buffer, run)
         if name in self.manifest["finished"]:
             with self.comm.phase(name):
                 self._replay(stack, index, block, buffer, routing, run)
@@ -165,10 +159,10 @@ class ExpertCompressor:
                      f"(min/median/max), error {stats.error:.4g}, fallbacks {stats.fallbacks}, "
                      f"zeros {stats.zero_fraction:.1%}, {time.perf_counter() - started:.1f}s{traffic}")
 
-    def _quantize(self, stack: str, index: int, block: Block, buffer: ListBuffer, routing: Routing,
+    def _quantize(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, routing: Routing,
                   run: RunConfig) -> BlockStats:
         """Quantize every expert of the block, round by round; returns the block's statistics."""
-        num = block.ffn.mlp.experts.num_experts
+        num = block.experts.num_experts
         plan = plan_tokens(routing.index, ~self.skip[stack], num, self.cfg.token_cap, self.comm)
         tally = _Tally(_GroupFiles(self.partial, stack, index, self.cfg.group_size, num) if self.root else None)
         step = self.cfg.group_size * self.comm.world_size
@@ -182,24 +176,28 @@ class ExpertCompressor:
         return BlockStats(f"{stack}.{index}", counts[0], counts[len(counts) // 2], counts[-1],
                           math.fsum(tally.errors), tally.fallbacks, tally.zeros / max(1, tally.total))
 
-    def _round(self, block: Block, buffer: ListBuffer, routing: Routing, slices: list[Sequence[int]],
+    def _round(self, block: MoEBlock, buffer: ListBuffer, routing: Routing, slices: list[Sequence[int]],
                inputs: dict[int, torch.Tensor], plan: TokenPlan, run: RunConfig, tally: "_Tally") -> None:
         """Quantize one round of experts, `slices[r]` by rank r, and propagate through them."""
         mine = list(slices[self.comm.rank])
-        weights = block.ffn.mlp.experts.load(mine, run.device, torch.float32) if mine else []
-        wi = self._solve([e.wi.weight for e in weights], lambda r, ids: [inputs[j] for j in ids], slices, plan, "wi")
+        shape = self.arch.expert
+        first, second = shape.matrices
+        weights = block.experts.load(mine, run.device, torch.float32) if mine else []
+        wi = self._solve([getattr(e, first).weight for e in weights], lambda r, ids: [inputs[j] for j in ids],
+                         slices, plan, first)
 
-        def hidden(r: int, ids: Sequence[int]) -> list[torch.Tensor]:  # wo's inputs, from slice r's quantized wi
+        def hidden(r: int, ids: Sequence[int]) -> list[torch.Tensor]:  # second's inputs, from slice r's quantized first
             own = [Encoded(wi.codes, wi.grid)] if r == self.comm.rank else None
-            values = self._broadcast(r, ids, own, ["wi"], "wi codes")[0].values(self.cfg.spec)
-            return [F.relu(inputs[j] @ values[e].T) for e, j in enumerate(ids)]
+            values = self._broadcast(r, ids, own, [first], f"{first} codes")[0].values(self.cfg.spec)
+            return [shape.hidden(inputs[j], values[e]) for e, j in enumerate(ids)]
 
-        wo = self._solve([e.wo.weight for e in weights], hidden, slices, plan, "wo")
+        wo = self._solve([getattr(e, second).weight for e in weights], hidden, slices, plan, second)
         self._gather_stats(mine, wi, wo, max(len(s) for s in slices), tally)
         for r, ids in enumerate(slices):
             if ids:
                 own = [Encoded(wi.codes, wi.grid), Encoded(wo.codes, wo.grid)] if r == self.comm.rank else None
-                self._propagate(block, buffer, routing, ids, self._broadcast(r, ids, own, MATRICES, "codes"), run, tally)
+                self._propagate(block, buffer, routing, ids, self._broadcast(r, ids, own, shape.matrices, "codes"),
+                                run, tally)
 
     def _solve(self, weights: list[torch.Tensor], features: Callable[[int, Sequence[int]], list[torch.Tensor]],
                slices: list[Sequence[int]], plan: TokenPlan, name: str) -> GPTQResult | None:
@@ -233,7 +231,7 @@ class ExpertCompressor:
     def _broadcast(self, src: int, ids: Sequence[int], encoded: list[Encoded] | None, names: Sequence[str],
                    what: str) -> list[Encoded]:
         """Matrices `names` of experts `ids`, from rank `src` to all; `encoded` is read on `src` only."""
-        shapes = {"wi": (self.config.d_ff, self.config.d_model), "wo": (self.config.d_model, self.config.d_ff)}
+        shapes = self.arch.expert.shapes
         specs = [s for name in names for s in Encoded.specs(len(ids), *shapes[name], self.cfg.spec)]
         tensors = None if encoded is None else [t for enc in encoded for t in enc.tensors()]
         received = self.comm.broadcast_bundle(tensors, specs, src, what)
@@ -252,37 +250,39 @@ class ExpertCompressor:
             tally.errors.extend(everyone[:, :, 0].flatten().tolist())  # padding rows add 0.0
             tally.fallbacks += int(everyone[:, :, 1].sum())
 
-    def _propagate(self, block: Block, buffer: ListBuffer, routing: Routing, ids: Sequence[int],
+    def _propagate(self, block: MoEBlock, buffer: ListBuffer, routing: Routing, ids: Sequence[int],
                    encoded: list[Encoded], run: RunConfig, tally: "_Tally | None" = None) -> None:
         """Run this rank's tokens of experts `ids` through their quantized weights; rank 0
         also writes them (and counts zeros) when quantizing."""
-        wi, wo = (enc.values(self.cfg.spec) for enc in encoded)  # [n, rows, cols] fp32
+        matrices = self.arch.expert.matrices
+        values = [enc.values(self.cfg.spec) for enc in encoded]  # each [n, rows, cols] fp32
         if tally is not None and tally.files is not None:
-            tally.files.add(ids, dict(zip(MATRICES, encoded)))
-            tally.zeros += int((wi == 0).sum() + (wo == 0).sum())
-            tally.total += wi.numel() + wo.numel()
+            tally.files.add(ids, dict(zip(matrices, encoded)))
+            tally.zeros += sum(int((v == 0).sum()) for v in values)
+            tally.total += sum(v.numel() for v in values)
         for e, j in enumerate(ids):
             if routing.count(j):
-                expert = ExpertFFN.from_weights(wi[e].to(device=run.device, dtype=run.dtype),
-                                                wo[e].to(device=run.device, dtype=run.dtype))
-                apply_expert(block.ffn, expert, buffer, routing.tokens(j), routing.prob, run)
+                expert = self.arch.make_expert({m: v[e].to(device=run.device, dtype=run.dtype)
+                                                for m, v in zip(matrices, values)})
+                apply_expert(block, expert, buffer, routing.tokens(j), routing.prob, run)
 
-    def _replay(self, stack: str, index: int, block: Block, buffer: ListBuffer, routing: Routing,
+    def _replay(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, routing: Routing,
                 run: RunConfig) -> None:
         """A block finished before --resume: rank 0's saved codes, group by group, to every rank."""
-        num, size = block.ffn.mlp.experts.num_experts, self.cfg.group_size
+        num, size = block.experts.num_experts, self.cfg.group_size
         bank = self.saved.experts(stack, index) if self.root else None
         for first in range(0, num, size):
             ids = range(first, min(num, first + size))
-            stored = [Encoded.stored(bank, ids, name) for name in MATRICES] if self.root else None
-            self._propagate(block, buffer, routing, ids, self._broadcast(0, ids, stored, MATRICES, "saved codes"), run)
+            matrices = self.arch.expert.matrices
+            stored = [Encoded.stored(bank, ids, name) for name in matrices] if self.root else None
+            self._propagate(block, buffer, routing, ids, self._broadcast(0, ids, stored, matrices, "saved codes"), run)
 
-    def _calibration_inputs(self, block: Block, buffer: ListBuffer, tokens: torch.Tensor, stack: str,
+    def _calibration_inputs(self, block: MoEBlock, buffer: ListBuffer, tokens: torch.Tensor, stack: str,
                             take: int, run: RunConfig) -> torch.Tensor:
         """Normalised inputs [n, d] fp32 of this rank's share of an expert's Hessian tokens."""
         tokens = tokens[~self.skip[stack][tokens]][:take]
         x = buffer.data.index_select(0, tokens).to(run.device)
-        return block.ffn.layer_norm(x).float()
+        return block.ffn_norm(x).float()
 
 
 class _Tally:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 
-from .checkpoint import resolve_model
-from .config import Preset, load_preset
+from ..arch import ModelWeights
+from ..arch.presets import Preset, load_preset
+from ..resources import package_dir
 from . import packed, quantized
+from .hf import CheckpointWeights, resolve_model
 from .quantized import read_manifest
-from .runtime import ModelWeights
-from .weights import CheckpointWeights
 
 DEFAULT_WINDOW = 512  # Switch Transformers were trained on 512-token inputs
 DEFAULT_DATA = "c4"
@@ -40,7 +39,7 @@ def _defaults(preset: Preset | None) -> tuple[int, str, str]:
         return DEFAULT_WINDOW, DEFAULT_DATA, DEFAULT_DATA
     if preset.local_dir is None:
         return preset.window, preset.default_data, preset.default_calib
-    directory = Path(str(resources.files("qmoe_cli") / preset.local_dir))
+    directory = package_dir() / preset.local_dir
     return preset.window, str(directory / preset.default_data), str(directory / preset.default_calib)
 
 

@@ -11,12 +11,13 @@ whole: a sparse block asks its `ExpertBank` for the experts that received tokens
 from __future__ import annotations
 
 import math
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base import ExpertBank
 from .config import SwitchConfig
 
 
@@ -131,16 +132,6 @@ class ExpertFFN(nn.Module):
             expert = cls(1, 1)
         expert.wi, expert.wo = wi, wo
         return expert
-
-
-class ExpertBank(Protocol):
-    """Where a sparse block gets its experts: resident, read from a checkpoint, or compressed."""
-
-    num_experts: int
-
-    def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
-        """Modules computing experts `ids` on `[n, d_model]` inputs; dropped after use."""
-        ...
 
 
 class ResidentExperts(nn.ModuleDict):
@@ -258,6 +249,20 @@ class Block(nn.Module):
     @property
     def ffn(self) -> FeedForward:
         return self.layer[-1]
+
+    @property
+    def experts(self) -> ExpertBank | None:
+        return self.ffn.mlp.experts if self.is_sparse else None
+
+    def ffn_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn.layer_norm(x)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index, prob, _ = self.ffn.mlp.router(x)
+        return index, prob
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(x)
 
     def attend(self, x: torch.Tensor, self_bias: torch.Tensor, memory: torch.Tensor | None = None,
                cross_bias: torch.Tensor | None = None) -> torch.Tensor:

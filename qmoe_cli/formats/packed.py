@@ -35,15 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codec.bitpack import row_bytes, unpack_bits
-from .codec.dictionary import Codebook
-from .codec.rows import decode_dense, row_widths, ternary_matmul
-from .config import SwitchConfig
-from .errors import QmoeError
-from .quant.grids import QuantSpec, dequantize
+from ..arch import Architecture, architecture_from_config
+from ..codec.bitpack import row_bytes, unpack_bits
+from ..codec.dictionary import Codebook
+from ..codec.rows import decode_dense, row_widths, ternary_matmul
+from ..errors import QmoeError
+from ..quant.grids import QuantSpec, dequantize
 from .quantized import DenseTensorFiles, expert_file, grid_from_tensors, read_manifest
 from .safetensors_io import SafetensorsFile
-from .switch import ExpertFFN
 
 FORMAT_VERSION = 1
 KIND = "packed"
@@ -170,7 +169,7 @@ class PackedExperts:
 
     def __init__(self, checkpoint: "PackedWeights", stack: str, index: int):
         self.checkpoint, self.stack, self.index = checkpoint, stack, index
-        self.num_experts = checkpoint.config.num_experts
+        self.num_experts = checkpoint.arch.num_experts
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
         """Experts `ids` as modules decoding on the fly (compressed tensors stay on the CPU)."""
@@ -180,15 +179,15 @@ class PackedExperts:
             try:
                 for j in ids:
                     if j // self.checkpoint.group_size == group:
-                        experts[j] = ExpertFFN.from_linears(PackedLinear(self._matrix(file, j, "wi")),
-                                                            PackedLinear(self._matrix(file, j, "wo")))
+                        experts[j] = self.checkpoint.arch.make_expert(
+                            {m: PackedLinear(self._matrix(file, j, m)) for m in self.checkpoint.arch.expert.matrices})
             finally:
                 file.close()
         return [experts[j] for j in ids]
 
     def _matrix(self, file: SafetensorsFile, j: int, name: str) -> DictionaryMatrix | BitpackedMatrix:
-        config, spec = self.checkpoint.config, self.checkpoint.spec
-        rows, cols = (config.d_ff, config.d_model) if name == "wi" else (config.d_model, config.d_ff)
+        spec = self.checkpoint.spec
+        rows, cols = self.checkpoint.arch.expert.shapes[name]
         fields = ("words", "offsets", "lo", "hi") if spec.ternary else ("packed", "scale", "zero")
         where = f"{file.path} expert_{j}.{name}"
         missing = [f for f in fields if f"expert_{j}.{name}.{f}" not in file.entries]
@@ -206,7 +205,7 @@ class PackedWeights(DenseTensorFiles):
 
     directory: Path
     manifest: dict[str, Any]
-    config: SwitchConfig
+    arch: Architecture
     spec: QuantSpec
     group_size: int
 
@@ -228,8 +227,8 @@ class PackedWeights(DenseTensorFiles):
             raise QmoeError(f"{where}: checksum mismatch; the manifest is corrupt")
         try:
             settings = manifest["settings"]
-            config = SwitchConfig.from_hf_dict(manifest["config"])
-            return cls(directory, manifest, config, QuantSpec(settings["bits"], settings.get("grid_group")),
+            arch = architecture_from_config(manifest["config"])
+            return cls(directory, manifest, arch, QuantSpec(settings["bits"], settings.get("grid_group")),
                        settings["group_size"])
         except (KeyError, TypeError, ValueError) as exc:
             raise QmoeError(f"{where}: malformed manifest ({exc})") from None

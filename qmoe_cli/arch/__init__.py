@@ -1,0 +1,35 @@
+"""Model families behind one interface (`base.Architecture`), and the presets of known models.
+
+Holds what differs per family: config parsing, checkpoint names, the block list, dense
+sublayers, the router and the expert FFN. Switch Transformers (`switch/`) are the first family.
+Imports only `errors`, `files`, `resources` and torch; everything above (formats, run, compress)
+asks an `Architecture` and never names a family's classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import QmoeError
+from .base import Architecture, ExpertBank, ExpertShape, ModelWeights, MoEBlock, StackContext, TensorReader
+from .switch import SwitchArchitecture
+from .switch.config import SwitchConfig
+
+# Hugging Face `model_type` -> family. A config without one (manifests written by qmoe) is Switch.
+_FAMILIES = {"switch_transformers": (SwitchConfig, SwitchArchitecture)}
+
+
+def architecture_from_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Architecture:
+    """The architecture a Hugging Face `config.json` dict describes (`overrides`, a preset's, win).
+
+    QmoeError for a family qmoe does not support; ValueError (naming the field) for a bad value.
+    """
+    model_type = raw.get("model_type", "switch_transformers")
+    if model_type not in _FAMILIES:
+        raise QmoeError(f"model_type {model_type!r} is not supported (supported: {', '.join(sorted(_FAMILIES))})")
+    config_class, arch_class = _FAMILIES[model_type]
+    return arch_class(config_class.from_hf_dict(raw, overrides))
+
+
+__all__ = ["Architecture", "ExpertBank", "ExpertShape", "MoEBlock", "ModelWeights", "StackContext", "TensorReader",
+           "architecture_from_config"]

@@ -1,0 +1,41 @@
+"""`CompressConfig`: the settings of one `qmoe compress` run (all of them enter its fingerprint)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..quant.gptq import GPTQConfig
+from ..quant.grids import QuantSpec
+
+METHODS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Settings of one compression run; all of them enter the resume fingerprint."""
+
+    bits: str  # "ternary" | "2" | "3" | "4" | "8"
+    method: str = "gptq"  # "rtn": round-to-nearest on the same grids, the baseline
+    group_size: int = 16  # experts quantized in one batched call (bounds GPU memory)
+    damp: float = 0.1  # fraction of the mean Hessian diagonal added to it (QMoE's value)
+    block_size: int = 128  # GPTQ lazy-batch width
+    act_order: bool = False
+    grid_group: int | None = None  # columns per grid; None: one grid per row (QMoE)
+    token_cap: float = 4.0  # an expert's Hessian uses at most token_cap x mean tokens/expert
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"--group-size must be an integer >= 1, got {self.group_size!r}")
+        if not self.token_cap > 0:
+            raise ValueError(f"--token-cap must be > 0, got {self.token_cap!r}")
+        self.gptq  # validates bits, damp, block_size, grid_group
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.grid_group)
+
+    @property
+    def gptq(self) -> GPTQConfig:
+        return GPTQConfig(spec=self.spec, damp=self.damp, block_size=self.block_size, act_order=self.act_order)
