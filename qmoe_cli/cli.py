@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+from safetensors import SafetensorError
 
 from . import __version__
-from .errors import QmoeError
+from .errors import QmoeError, os_error_message
 
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -44,10 +45,15 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             note(f"error: {exc}")
             sys.exit(1)
+        except (OSError, SafetensorError) as exc:  # the system said no: a permission, a full disk, ...
+            if debug:
+                raise
+            note(f"error: {os_error_message(exc)}")
+            sys.exit(1)
         except ValueError as exc:  # configuration dataclasses reject a flag's value
             if debug:
                 raise
-            raise click.UsageError(str(exc)) from None
+            raise click.UsageError(str(exc), click.get_current_context(silent=True)) from None
         except KeyboardInterrupt:
             note("interrupted")
             sys.exit(130)
@@ -55,7 +61,51 @@ def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """click's own usage errors (bad flags and values) in the style of all other errors: one line
+    `error: ...` on stderr, exit 2, instead of click's usage text and `Error:` line."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} -h`)" if isinstance(exc, click.UsageError) and ctx else ""
+            note(f"error: {' '.join(exc.format_message().split())}{hint}")
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            note("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _output_dir(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """`--out` must name a directory to create (`--out ''` is the current directory's path '.')."""
+    if value is not None and value.name in ("", ".", ".."):
+        raise click.BadParameter(f"{str(value)!r} does not name a new directory; give one, such as ./my-run")
+    return value
+
+
+def threads_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="CPU threads. Default: the cores this process may use (CPU affinity, cgroup quota), "
+                             "shared among torchrun's local ranks; OMP_NUM_THREADS when set, outside torchrun.")(command)
+
+
+def _use_threads(threads: int | None) -> int:
+    """Set torch's CPU threads (`--threads`, or the default of `qmoe_cli.threads`); returns the number."""
+    import torch
+
+    from .threads import default_threads
+
+    chosen = threads or default_threads()
+    torch.set_num_threads(chosen)
+    return chosen
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qmoe")
 def main() -> None:
     """Compress Mixture-of-Experts models below one bit per expert weight, and run them."""
@@ -101,23 +151,26 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Compute dtype; auto: float32 on CPU, the stored dtype (bfloat16 for float32 checkpoints) on GPU.")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @handle_errors
 def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, seed: int, device: str,
-                 dtype: str, as_json: bool) -> None:
+                 dtype: str, threads: int | None, as_json: bool) -> None:
     """Masked-LM loss and perplexity of a model (original, quantized or packed), streamed."""
     from .run.evaluate import evaluate, resolve_device, resolve_dtype
     from .run.stream import RunConfig
 
     run_device = resolve_device(device)
+    threads = _use_threads(threads)
     model, _, datasets = _open_with_data(model_name, data_sources, samples, seed, "validation", calib=False)
     run = RunConfig(device=run_device, dtype=resolve_dtype(dtype, model.stored_dtype, run_device),
                     progress=not as_json and sys.stderr.isatty())
     report = evaluate(model.weights, datasets, run)
     if as_json:
-        click.echo(json.dumps({"model": model_name, "kind": model.kind, **report.to_json()}))
+        click.echo(json.dumps({"model": model_name, "kind": model.kind, **report.to_json(), "threads": threads}))
         return
-    click.echo(f"model {model_name} ({model.kind}) on {run.device}, {str(run.dtype).removeprefix('torch.')}")
+    click.echo(f"model {model_name} ({model.kind}) on {run.device} ({threads} CPU threads), "
+               f"{str(run.dtype).removeprefix('torch.')}")
     click.echo(f"{'dataset':<24} {'samples':>8} {'tokens':>9} {'loss':>8} {'ppl':>10}")
     rows = list(report.datasets.items()) + ([("all", report.overall)] if len(report.datasets) > 1 else [])
     for name, r in rows:
@@ -141,7 +194,7 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
 @click.option("--token-cap", type=float, default=4.0, show_default=True,
               help="Hessian tokens per expert capped at this multiple of the mean.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Span-corruption seed.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, callback=_output_dir,
               help="Output directory (default: ./NAME-METHOD-BITS). Never overwritten.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same settings into --out.")
 @click.option("--pack", "then_pack", is_flag=True, help="Then pack the result into OUT-packed (see `qmoe pack`).")
@@ -150,12 +203,13 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
               help="Run as one rank of a torchrun job (detected without this flag; with it, no torchrun is an error).")
 @click.option("--dist-timeout", type=float, default=600.0, show_default=True,
               help="Seconds a rank waits for the others in one collective before the job fails.")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @handle_errors
 def compress_command(model_name: str, bits: str, method: str, calib_source: str | None, calib_samples: int,
                      group_size: int, damp: float, act_order: bool, grid_group: int | None, token_cap: float,
                      seed: int, out_dir: Path | None, resume: bool, then_pack: bool, device: str,
-                     distributed: bool, dist_timeout: float, as_json: bool) -> None:
+                     distributed: bool, dist_timeout: float, threads: int | None, as_json: bool) -> None:
     """Quantize every expert with batched GPTQ, streaming the model block by block.
 
     Under torchrun (`torchrun --nproc-per-node N -m qmoe_cli compress ...`) each process is one
@@ -171,6 +225,7 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
     cfg = CompressConfig(bits=bits, method=method, group_size=group_size, damp=damp, act_order=act_order,
                          grid_group=grid_group, token_cap=token_cap)
     dist_cfg = DistConfig(timeout_s=dist_timeout)
+    threads = _use_threads(threads)
     comm = click.get_current_context().with_resource(process_group(dist_cfg, resolve_device(device), distributed))
     run_device = comm.device  # this rank's: cuda:LOCAL_RANK under torchrun on GPUs
     model, tokenizer, datasets = _open_with_data(model_name, (calib_source,) if calib_source else (),
@@ -187,7 +242,7 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
         return  # rank 0 reports (and packs)
     summary = {"out": str(out), "calibration_loss": manifest["calibration_loss"], "settings": manifest["settings"],
                "fallbacks": sum(b["fallbacks"] for b in manifest["blocks"].values()), "blocks": manifest["blocks"]}
-    summary.update(world_size=comm.world_size, communicated_bytes=comm.traffic)  # per phase, rank 0's
+    summary.update(world_size=comm.world_size, communicated_bytes=comm.traffic, threads=threads)  # rank 0's
     if then_pack:
         from .compress.pack import PackConfig, pack
         from .formats.info import checkpoint_info
@@ -205,25 +260,30 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
 
 @main.command("pack")
 @click.argument("source", type=click.Path(path_type=Path), metavar="QUANTIZED_DIR")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, callback=_output_dir,
               help="Output directory (default: QUANTIZED_DIR-packed). Never overwritten.")
 @click.option("--dictionary-size", type=int, default=1 << 16, show_default=True,
               help="Codewords (at most 65536: 16-bit indices).")
 @click.option("--max-pairs", type=int, default=14, show_default=True,
               help="Longest codeword, in pairs of weights (14 = 28 weights, what the kernel expects).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (as `qmoe info --json`) on stdout.")
+@threads_option
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (as `qmoe info --json`, plus `threads`) on stdout.")
 @handle_errors
-def pack_command(source: Path, out_dir: Path | None, dictionary_size: int, max_pairs: int, as_json: bool) -> None:
+def pack_command(source: Path, out_dir: Path | None, dictionary_size: int, max_pairs: int, threads: int | None,
+                 as_json: bool) -> None:
     """Entropy-code a quantized checkpoint (ternary: dictionary code; b-bit: bit-packed)."""
     from .compress.pack import PackConfig, pack
     from .formats.info import checkpoint_info
 
     cfg = PackConfig(dictionary_size=dictionary_size, max_pairs=max_pairs, progress=sys.stderr.isatty())
+    threads = _use_threads(threads)
+    source = source.resolve() if source.name in ("", "..") else source  # `qmoe pack .`: a name for -packed
     out = out_dir or source.with_name(source.name + "-packed")
     pack(source, out, cfg, note)
     info = checkpoint_info(out)
     if as_json:
-        click.echo(json.dumps(info))
+        click.echo(json.dumps({**info, "threads": threads}))
     else:
         _echo_packed(out, info)
 
@@ -272,8 +332,7 @@ def build_kernels_command(verbose: bool) -> None:
     """Compile the CUDA decode-matmul kernels ahead of time (needs nvcc and a CUDA torch, not a GPU)."""
     from .kernels import build_kernels
 
-    note("building the CUDA kernels (minutes the first time, then cached)")
-    build = build_kernels(verbose)
+    build = build_kernels(verbose)  # says on stderr when it compiles (minutes, once per version)
     click.echo(f"built {build.library} with nvcc {build.nvcc} for sm_{', sm_'.join(build.archs)} "
                f"(+ compute_{build.ptx} PTX) in {build.seconds:.1f} s")
 

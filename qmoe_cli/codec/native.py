@@ -1,9 +1,10 @@
 """The optional C++ codec (`kernels/codec.cpp` at the top of the repository), compiled on first use and cached.
 
-`torch.utils.cpp_extension.load` builds with the system compiler against the installed torch
-(the CPU build is enough) into torch's extension cache, rebuilding only when the source changes.
-Without a compiler the codec falls back to the pure-Python reference, with one warning: packing
-then works, slowly.
+`native_build.load_native` builds it with the system compiler against the installed torch (the
+CPU build is enough) into torch's extension cache, keyed by the source's hash, under a lock that
+a killed build cannot leave behind. Without a compiler the codec falls back to the pure-Python
+reference, with one warning: packing then works, slowly. Waiting too long for another process's
+build is an error (QmoeError), not a fallback.
 """
 
 from __future__ import annotations
@@ -13,17 +14,20 @@ import subprocess
 import warnings
 from types import ModuleType
 
+from ..native_build import NativeBuild, load_native
 from ..resources import shipped_dir
+
+
+def codec_build() -> NativeBuild:
+    return NativeBuild(name="qmoe_codec", sources=(shipped_dir("native") / "codec.cpp",), what="the C++ codec",
+                       usual="a minute or two (30 s of CPU time)", extra_cflags=("-O3",), timeout_s=900.0)
 
 
 @functools.cache
 def codec_extension() -> ModuleType | None:
     """The compiled codec module, or None (after one warning) when it cannot be built."""
     try:
-        from torch.utils.cpp_extension import load
-
-        source = shipped_dir("native") / "codec.cpp"
-        return load(name="qmoe_codec", sources=[str(source)], extra_cflags=["-O3"], verbose=False)
+        return load_native(codec_build())[1]
     except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"qmoe: the C++ codec could not be built ({reason}); using the slow Python reference",

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from ..codec.bitpack import pack_bits, unpack_bits
 from ..codec.dictionary import NUM_SYMBOLS, Codebook, DictionarySpec, fit_dictionary, pair_symbols, parse_statistics
 from ..codec.rows import decode_matrix, encode_matrix
-from ..errors import QmoeError
+from ..errors import QmoeError, os_error_message
 from ..files import atomic_directory
 from ..formats.hf import TOKENIZER_FILES
 from ..formats.packed import DICTIONARY_FILE, FORMAT_VERSION, KIND, file_record, manifest_digest
@@ -39,6 +40,7 @@ from ..formats.quantized import (
 )
 from ..formats.safetensors_io import SafetensorsFile
 from ..formats.stats import LayerSize
+from ..locks import output_lock
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,23 @@ class PackConfig:
 
 
 def pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    """Pack the quantized checkpoint `source` into `out` (which must not exist); returns the manifest."""
+    """Pack the quantized checkpoint `source` into `out` (which must not exist); returns the manifest.
+
+    One process at a time writes `out` (a lock beside it); on any failure, a full disk included,
+    nothing is left at `out` or under its temporary name.
+    """
+    if not source.is_dir():
+        raise QmoeError(f"{source}: not a directory; `qmoe pack` takes a quantized checkpoint directory "
+                        "written by `qmoe compress`")
+    with output_lock(out, "qmoe pack"):
+        try:
+            return _pack(source, out, cfg, log)
+        except (OSError, SafetensorError) as exc:
+            raise QmoeError(f"{out}: {os_error_message(exc)}; nothing was written: free space (or fix the cause) "
+                            f"and rerun `qmoe pack {source}`") from exc
+
+
+def _pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -> dict[str, Any]:
     weights = QuantizedWeights.open(source)
     quantized = read_manifest(source)
     if not quantized.get("complete"):

@@ -28,15 +28,17 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors import SafetensorError
 
 from ..arch import Architecture
 from ..data.datasets import LoadedData, Sample
-from ..errors import QmoeError
+from ..errors import QmoeError, os_error_message
 from ..files import temporary_name
 from ..formats.hf import TOKENIZER_FILES
 from ..formats.open import OpenModel
@@ -49,6 +51,7 @@ from ..formats.quantized import (
     save_tensors_atomic,
     write_json_atomic,
 )
+from ..locks import output_lock
 from ..run.stream import RunConfig, streamed_losses
 from .block import ExpertCompressor
 from .config import CompressConfig
@@ -79,18 +82,28 @@ def compress(model: OpenModel, calib: LoadedData, cfg: CompressConfig, out: Path
     digest = fingerprint(model, calib, cfg)
     _check_same_run(digest, comm)
     samples, counts = _shard(calib.samples, comm)
-    manifest = comm.on_root(lambda: _open_partial(model, cfg, out, resume, digest, log), "starting the run")
-    arch = model.weights.arch
-    hook = ExpertCompressor(cfg, arch, temporary_name(out), _sentinel_masks(samples, arch, sentinel_ids),
-                            manifest, log, comm)
-    loss_sum, tokens = streamed_losses(model.weights, [s.input_ids for s in samples], [s.labels for s in samples],
-                                       run, sparse_hook=hook)
-    hook.close()
-    # Per-sample losses in global sample order, so the sum is the one a single process takes.
-    loss_sum = comm.gather_rows(loss_sum.to(comm.device), counts, "calibration losses").cpu()  # [samples] fp64
-    tokens = comm.gather_rows(tokens.to(comm.device), counts, "calibration losses").cpu()  # [samples] int64
-    manifest["calibration_loss"] = float(loss_sum.sum() / tokens.sum())
-    return comm.on_root(lambda: _finish(manifest, out), "finishing the run")
+    with ExitStack() as held:  # rank 0 holds the lock on `out` until the run is renamed into place
+        try:
+            manifest = comm.on_root(lambda: _open_partial(model, cfg, out, resume, digest, log, held),
+                                    "starting the run")
+            arch = model.weights.arch
+            hook = ExpertCompressor(cfg, arch, temporary_name(out), _sentinel_masks(samples, arch, sentinel_ids),
+                                    manifest, log, comm)
+            loss_sum, tokens = streamed_losses(model.weights, [s.input_ids for s in samples],
+                                               [s.labels for s in samples], run, sparse_hook=hook)
+            hook.close()
+            # Per-sample losses in global sample order, so the sum is the one a single process takes.
+            loss_sum = comm.gather_rows(loss_sum.to(comm.device), counts, "calibration losses").cpu()  # [samples] fp64
+            tokens = comm.gather_rows(tokens.to(comm.device), counts, "calibration losses").cpu()  # [samples] int64
+            manifest["calibration_loss"] = float(loss_sum.sum() / tokens.sum())
+            return comm.on_root(lambda: _finish(manifest, out), "finishing the run")
+        except (OSError, SafetensorError) as exc:
+            partial = temporary_name(out)
+            if comm.rank != 0 or not (partial / "manifest.json").is_file():
+                raise
+            # Disk full (or any failed write): what is finished stays, and --resume continues from it.
+            raise QmoeError(f"{partial}: {os_error_message(exc)}; the run so far is kept there: free space (or fix "
+                            f"the cause) and continue it with `qmoe compress ... --out {out} --resume`") from exc
 
 
 def _check_same_run(digest: str, comm: Comm) -> None:
@@ -104,9 +117,14 @@ def _check_same_run(digest: str, comm: Comm) -> None:
 
 
 def _open_partial(model: OpenModel, cfg: CompressConfig, out: Path, resume: bool, digest: str,
-                  log: Callable[[str], None]) -> dict:
-    """Rank 0: the manifest of the partial run to continue, or of a new one (set up now)."""
+                  log: Callable[[str], None], held: ExitStack) -> dict:
+    """Rank 0: the manifest of the partial run to continue, or of a new one (set up now); `held`
+    keeps the lock on `out` that makes this process its only writer."""
+    held.enter_context(output_lock(out, "qmoe compress"))
     if out.exists():
+        if resume and (out / "manifest.json").is_file() and read_manifest(out).get("fingerprint") == digest:
+            raise QmoeError(f"--resume: {out} is already complete, nothing to resume; pack it with "
+                            f"`qmoe pack {out}` or evaluate it with `qmoe eval --model {out}`")
         raise QmoeError(f"--out {out}: already exists; choose another directory or remove it")
     partial = temporary_name(out)
     if partial.exists() and resume and not (partial / "manifest.json").is_file():

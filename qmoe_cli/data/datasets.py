@@ -382,7 +382,9 @@ def _jsonl_record(where: str, line: str) -> _Text | _Tokens:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
-        raise QmoeError(f"{where}: not valid JSON ({err.msg} at column {err.colno}); the file must be "
+        # json's own messages may end in "at" ("Invalid control character at"): drop it, we say where
+        reason = err.msg.removesuffix(" at")
+        raise QmoeError(f"{where}: not valid JSON ({reason} at column {err.colno}); the file must be "
                         f"JSONL, one JSON object per line") from None
     if not isinstance(obj, dict):
         raise QmoeError(f"{where}: expected a JSON object, got a {type(obj).__name__}; write "

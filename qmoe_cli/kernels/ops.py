@@ -6,8 +6,8 @@ Ops, defined here so their fake (meta) implementations work without the compiled
     qmoe::decode_dense(words, offsets, masks, lo, hi, cols) -> weights [rows, cols] bf16
 
 The CUDA implementations come from `kernels/binding.cpp`, JIT-built by `torch.utils.cpp_extension`
-for sm_80 and sm_90 (plus sm_90 PTX, so newer GPUs can JIT it) on first use and cached in torch's
-extension directory. Without nvcc or a CUDA build of torch, `kernel_library()` warns once and
+for sm_80 and sm_90 (plus sm_90 PTX, so newer GPUs can JIT it) on first use and cached by the
+sources' hash (`qmoe_cli.native_build`). Without nvcc or a CUDA build of torch, `kernel_library()` warns once and
 returns None and callers keep the CPU reference (`qmoe_cli.codec.rows.decode_dense`).
 
 The GPU reads the dictionary as `masks` [size, 2] int32 (`codebook_masks`): 8 bytes a codeword
@@ -29,6 +29,7 @@ import torch
 
 from ..codec.dictionary import Codebook
 from ..errors import QmoeError
+from ..native_build import NativeBuild, load_native
 from ..resources import shipped_dir
 
 MAX_TOKENS = 32  # the fused kernel's limit: one lane writes each token's sum
@@ -130,20 +131,24 @@ def _find_nvcc() -> str:
     return nvcc
 
 
-def build_kernels(verbose: bool = False) -> KernelBuild:
-    """Compile (or load from torch's extension cache) and register the CUDA ops.
+def kernels_build() -> NativeBuild:
+    csrc = shipped_dir("native")
+    return NativeBuild(name=EXTENSION_NAME, sources=(csrc / "binding.cpp", csrc / "decode_matmul.cu"),
+                       what="the CUDA kernels", usual="a few minutes", headers=(csrc / "decode_matmul.h",),
+                       extra_cflags=("-O3",), extra_cuda_cflags=tuple(nvcc_flags()), is_python_module=False,
+                       include_dirs=(csrc,))
 
-    QmoeError when nvcc or a CUDA build of torch is missing or the compiler fails. Needs no GPU.
+
+def build_kernels(verbose: bool = False) -> KernelBuild:
+    """Compile (or load from the extension cache, `native_build`) and register the CUDA ops.
+
+    QmoeError when nvcc or a CUDA build of torch is missing, the compiler fails, or another
+    process's build of the same sources takes too long. Needs no GPU.
     """
     nvcc = _find_nvcc()
-    from torch.utils.cpp_extension import load
-
-    csrc = shipped_dir("native")
     start = time.perf_counter()
     try:
-        library = load(name=EXTENSION_NAME, sources=[str(csrc / "binding.cpp"), str(csrc / "decode_matmul.cu")],
-                       extra_cflags=["-O3"], extra_cuda_cflags=nvcc_flags(),
-                       extra_include_paths=[str(csrc)], is_python_module=False, verbose=verbose)
+        library, _ = load_native(kernels_build(), verbose)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         lines = str(exc).strip().splitlines()
         raise QmoeError(f"building the CUDA kernels failed: {lines[0] if lines else type(exc).__name__} "
