@@ -247,7 +247,11 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
         from .compress.pack import PackConfig, pack
         from .formats.info import checkpoint_info
 
-        pack(out, packed_out, PackConfig(progress=sys.stderr.isatty()), note)
+        try:
+            pack(out, packed_out, PackConfig(progress=sys.stderr.isatty()), note)
+        except (KeyboardInterrupt, QmoeError):
+            note(f"note: {out} is complete; pack it with `qmoe pack {out} --out {packed_out}`")
+            raise
         summary["packed"] = checkpoint_info(packed_out)
     if as_json:
         click.echo(json.dumps(summary))

@@ -33,10 +33,11 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-switch")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--calib-samples", default="128")
-    parser.add_argument("--samples", default="256", help="validation samples")
+    parser.add_argument("--samples", default=None, help="validation samples (default: qmoe eval's, 128)")
     args = parser.parse_args()
     common = ["--device", args.device]
-    original = qmoe("eval", "--model", args.model, "--samples", args.samples, *common)["loss"]
+    samples = ["--samples", args.samples] if args.samples else []  # the quick start's numbers by default
+    original = qmoe("eval", "--model", args.model, *samples, *common)["loss"]
     print("| method | bits | validation loss (packed) | bits/weight packed | all-in | entropy bound |")
     print("|---|---|---|---|---|---|")
     print(f"| original (fp32) | - | {original:.4f} | 32 | 32 | - |", flush=True)
@@ -46,7 +47,7 @@ def main() -> None:
                 out = Path(tmp) / f"{method}-{bits}"
                 packed = qmoe("compress", "--model", args.model, "--bits", bits, "--method", method,
                               "--calib-samples", args.calib_samples, "--out", str(out), "--pack", *common)["packed"]
-                loss = qmoe("eval", "--model", packed["path"], "--samples", args.samples, *common)["loss"]
+                loss = qmoe("eval", "--model", packed["path"], *samples, *common)["loss"]
                 print(f"| {method} | {bits} | {loss:.4f} | {packed['bits_per_weight_codes']:.3f} "
                       f"| {packed['bits_per_weight_all_in']:.3f} | {packed['entropy_bits_per_weight']:.3f} |", flush=True)
 

@@ -16,6 +16,7 @@ from .quantized import read_manifest
 
 DEFAULT_WINDOW = 512  # Switch Transformers were trained on 512-token inputs
 DEFAULT_DATA = "c4"
+OWN_DATA = ("validation.jsonl", "calibration.jsonl")  # default --data, --calib in a model directory
 
 
 @dataclass
@@ -32,11 +33,14 @@ class OpenModel:
     default_calib: str  # `--calib` when none is given
 
 
-def _defaults(preset: Preset | None) -> tuple[int, str, str]:
+def _defaults(preset: Preset | None, directory: Path | None = None) -> tuple[int, str, str]:
     """(window, default data, default calibration) of a preset; files of a shipped model resolve
-    to absolute paths inside its directory."""
+    to absolute paths inside its directory. A model directory without a preset that holds its
+    own data, as the shipped tiny-switch does (a copy of it, say), defaults to that data."""
     if preset is None:
-        return DEFAULT_WINDOW, DEFAULT_DATA, DEFAULT_DATA
+        data, calib = (str(directory / name) if directory is not None and (directory / name).is_file()
+                       else DEFAULT_DATA for name in OWN_DATA)
+        return DEFAULT_WINDOW, data, calib
     if preset.local_dir is None:
         return preset.window, preset.default_data, preset.default_calib
     directory = package_dir() / preset.local_dir
@@ -55,9 +59,10 @@ def open_model(name: str) -> OpenModel:
         kind = manifest["kind"]
         weights = packed.PackedWeights.open(path) if kind == packed.KIND else quantized.QuantizedWeights.open(path)
         stored = weights.tensor("shared.weight", None, torch.device("cpu")).dtype
-        _, data, calib = _defaults(load_preset(manifest["source"]))
+        source_dir = Path(manifest["source"]).expanduser()
+        _, data, calib = _defaults(load_preset(manifest["source"]), source_dir if source_dir.is_dir() else None)
         return OpenModel(name, kind, weights, path, stored, manifest["window"], data, calib)
     source = resolve_model(name)
     weights = CheckpointWeights(source)
-    window, data, calib = _defaults(source.preset)
+    window, data, calib = _defaults(source.preset, source.directory)
     return OpenModel(name, "original", weights, source.directory, weights.stored_dtype(), window, data, calib)
