@@ -244,6 +244,7 @@ def test_disk_full_during_compress_leaves_a_resumable_run(compress_setup, tmp_pa
     result = _compress(compress_setup, out, "--resume")
     assert result.exit_code == 0, result.stderr
     assert "resuming: 2 sparse blocks already done" in result.stderr
+    assert json.loads(result.stdout)["threads"] >= 1
     assert not (tmp_path / ".q.partial").exists() and not (tmp_path / ".q.lock").exists()
 
 

@@ -15,7 +15,7 @@ from qmoe_cli import resources
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "qmoe_cli"
-BASE = {"errors", "files", "resources"}
+BASE = {"errors", "files", "resources", "locks", "native_build", "threads"}
 # What each subpackage may import (besides itself); `cli` and `__main__` may import anything.
 ALLOWED = {
     "compress": {"run", "formats", "arch", "quant", "codec", "kernels", "data"} | BASE,
@@ -29,6 +29,9 @@ ALLOWED = {
     "errors": set(),
     "files": {"errors"},
     "resources": set(),
+    "locks": {"errors"},
+    "native_build": {"locks"},
+    "threads": set(),
 }
 
 
