@@ -249,7 +249,7 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
 
         try:
             pack(out, packed_out, PackConfig(progress=sys.stderr.isatty()), note)
-        except (KeyboardInterrupt, QmoeError):
+        except KeyboardInterrupt:
             note(f"note: {out} is complete; pack it with `qmoe pack {out} --out {packed_out}`")
             raise
         summary["packed"] = checkpoint_info(packed_out)
