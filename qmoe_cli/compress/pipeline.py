@@ -20,7 +20,9 @@ Crash safety and --resume: the run writes into `.{out}.partial`; non-expert weig
 first, then each sparse block's codes land in their own files and the manifest lists the block
 as finished. A resumed run (with any number of ranks) recomputes hidden states through finished
 blocks from their saved codes (bit-identical to what the first run propagated) and continues;
-the finished directory is renamed into place only when complete.
+the finished directory is renamed into place only when complete. Rank 0 holds an exclusive lock
+on `out` (`locks.output_lock`) from before it looks at the partial run until the rename, so two
+runs never write one directory; a failed write (a full disk) keeps the partial run resumable.
 """
 
 from __future__ import annotations
