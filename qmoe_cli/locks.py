@@ -53,8 +53,12 @@ def try_lock(path: Path, command: str) -> int | Holder:
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command}).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command}).encode(), 0)
+            except BaseException:
+                os.close(fd)
+                raise
             return fd
         os.close(fd)
 
@@ -77,7 +81,7 @@ def _read_holder(fd: int) -> Holder:
         if isinstance(info, dict) and isinstance(info.get("pid"), int):
             return Holder(info["pid"], str(info.get("command", "qmoe")))
         time.sleep(0.01)
-    return Holder(None, "another qmoe process")
+    return Holder(None, "qmoe process")
 
 
 def output_lock_path(directory: Path) -> Path:
