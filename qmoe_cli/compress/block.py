@@ -42,7 +42,8 @@ import torch
 from tqdm import tqdm
 
 from ..arch import Architecture, MoEBlock
-from ..formats.quantized import QuantizedExperts, QuantizedWeights, expert_file, save_tensors_atomic, write_json_atomic
+from ..files import save_tensors_atomic, write_json_atomic
+from ..formats.quantized import QuantizedExperts, QuantizedWeights, expert_file
 from ..quant.gptq import GPTQResult, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
 from ..quant.grids import Grid, IntGrid, QuantSpec, TernaryGrid, dequantize
 from ..run.stream import ListBuffer, Routing, RunConfig, apply_expert, route

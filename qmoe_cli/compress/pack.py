@@ -24,19 +24,10 @@ from ..codec.bitpack import pack_bits, unpack_bits
 from ..codec.dictionary import NUM_SYMBOLS, Codebook, DictionarySpec, fit_dictionary, pair_symbols, parse_statistics
 from ..codec.rows import decode_matrix, encode_matrix
 from ..errors import QmoeError
-from ..files import atomic_directory
+from ..files import atomic_directory, save_tensors_atomic, write_json_atomic
 from ..formats.hf import TOKENIZER_FILES
 from ..formats.packed import DICTIONARY_FILE, FORMAT_VERSION, KIND, file_record, manifest_digest
-from ..formats.quantized import (
-    HEAD_FILE,
-    QuantizedWeights,
-    block_file,
-    expert_file,
-    expert_groups,
-    read_manifest,
-    save_tensors_atomic,
-    write_json_atomic,
-)
+from ..formats.quantized import HEAD_FILE, QuantizedWeights, block_file, expert_file, expert_groups, read_manifest
 from ..formats.safetensors_io import SafetensorsFile
 from ..formats.stats import LayerSize
 

@@ -37,18 +37,10 @@ import torch
 from ..arch import Architecture
 from ..data.datasets import LoadedData, Sample
 from ..errors import QmoeError
-from ..files import temporary_name
+from ..files import save_tensors_atomic, temporary_name, write_json_atomic
 from ..formats.hf import TOKENIZER_FILES
 from ..formats.open import OpenModel
-from ..formats.quantized import (
-    FORMAT_VERSION,
-    HEAD_FILE,
-    KIND,
-    block_file,
-    read_manifest,
-    save_tensors_atomic,
-    write_json_atomic,
-)
+from ..formats.quantized import FORMAT_VERSION, HEAD_FILE, KIND, block_file, read_manifest
 from ..run.stream import RunConfig, streamed_losses
 from .block import ExpertCompressor
 from .config import CompressConfig
@@ -153,7 +145,7 @@ def _start(model: OpenModel, cfg: CompressConfig, digest: str, partial: Path) ->
                 "finished": [], "blocks": {}, "complete": False}
     for name in TOKENIZER_FILES:
         if (model.tokenizer_dir / name).is_file():
-            shutil.copy(model.tokenizer_dir / name, partial / name)
+            shutil.copyfile(model.tokenizer_dir / name, partial / name)
     head = arch.head_tensors()
     save_tensors_atomic({n: model.weights.tensor(n, None, torch.device("cpu")) for n in head}, partial / HEAD_FILE)
     for stack in arch.stacks:

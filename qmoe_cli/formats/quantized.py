@@ -18,19 +18,17 @@ Layout of a quantized directory (all safetensors + JSON, never pickle):
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..arch import Architecture, architecture_from_config
 from ..errors import QmoeError
-from ..files import read_json_object, replace_durably
+from ..files import read_json_object
 from ..quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize
 from .safetensors_io import SafetensorsFile
 
@@ -59,20 +57,6 @@ def dense_file(arch: Architecture, name: str) -> str:
             if name.startswith(arch.block_prefix(stack, i)):
                 return block_file(stack, i)
     return HEAD_FILE
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    replace_durably(tmp, path)
-
-
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors file written under a temporary name, then renamed (a crash leaves no half file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    replace_durably(tmp, path)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...files import atomic_directory
+from ...files import atomic_directory, save_tensors_atomic
 from .config import SwitchConfig
 from .layers import Block, RMSNorm, padding_bias, position_bias
 
@@ -104,8 +104,6 @@ def save_pretrained(model: SwitchModel, directory: Path) -> None:
     expert capacity is set high because our runtime never drops tokens; a lower value would
     make `transformers` drop some and disagree. Written to a temporary name, then renamed.
     """
-    from safetensors.torch import save_file
-
     config = {
         **model.config.to_dict(),
         "model_type": "switch_transformers",
@@ -119,4 +117,4 @@ def save_pretrained(model: SwitchModel, directory: Path) -> None:
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors_atomic(state, tmp / "model.safetensors")
