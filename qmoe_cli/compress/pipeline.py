@@ -146,7 +146,7 @@ def _start(model: OpenModel, cfg: CompressConfig, digest: str, partial: Path) ->
     for name in TOKENIZER_FILES:
         if (model.tokenizer_dir / name).is_file():
             shutil.copyfile(model.tokenizer_dir / name, partial / name)
-    head = arch.head_tensors()
+    head = sorted({model.weights.stored_name(n) for n in arch.head_tensors()})  # each stored matrix once
     save_tensors_atomic({n: model.weights.tensor(n, None, torch.device("cpu")) for n in head}, partial / HEAD_FILE)
     for stack in arch.stacks:
         for i in range(arch.num_blocks(stack)):

@@ -6,7 +6,8 @@ Layout of a quantized directory (all safetensors + JSON, never pickle):
                                 (the model's config), fingerprint,
                                 per-block statistics, finished blocks (for --resume)
     tokenizer.json | spiece.model ...   copied from the source
-    head.safetensors            embedding, final layer norms, lm_head: as stored in the source
+    head.safetensors            embeddings, final layer norms, lm_head: as stored in the source
+                                (under the names the source holds them, e.g. `shared.weight` alone)
     blocks/{stack}-{i:03d}.safetensors   one block's non-expert tensors as stored (HF names)
     experts/{stack}-{i:03d}/group-{k:05d}.safetensors  one expert group of a sparse block
                                 (experts k*G .. k*G+G-1, G = settings.group_size):
@@ -26,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..arch import Architecture, architecture_from_config
+from ..arch import Architecture, architecture_from_config, resolve_name
 from ..errors import QmoeError
 from ..files import read_json_object
 from ..quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize
@@ -126,18 +127,24 @@ class DenseTensorFiles:
 
     _files: dict[str, SafetensorsFile]  # set in the subclass's __post_init__
     arch: Architecture
+    directory: Path
 
     def _open(self, name: str) -> SafetensorsFile:
         raise NotImplementedError
 
-    def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def _file_of(self, name: str) -> SafetensorsFile:
+        """The open file that holds tensor `name` if the checkpoint has it."""
         file_name = dense_file(self.arch, name)
         if file_name not in self._files:
             self._files[file_name] = self._open(file_name)
-        file = self._files[file_name]
-        if name not in file.entries:
-            raise QmoeError(f"{file.path}: tensor '{name}' is missing")
-        return file.read(name).to(dtype=dtype, device=device)
+        return self._files[file_name]
+
+    def stored_name(self, name: str) -> str:
+        return resolve_name(self.arch, name, lambda n: n in self._file_of(n).entries, self.directory)
+
+    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+        stored = self.stored_name(name)
+        return self._file_of(stored).read(stored).to(dtype=dtype, device=device)
 
     def close(self) -> None:
         for file in self._files.values():
