@@ -1,4 +1,5 @@
-"""Crash-safe output: a directory appears under its final name only when complete."""
+"""Crash-safe output: a file or directory appears under its final name only when complete, with
+the mode the umask asks for."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+import torch
+from safetensors.torch import save_file
 
 from .errors import QmoeError
 
@@ -45,9 +49,44 @@ def atomic_directory(directory: Path, overwrite: bool = False) -> Iterator[Path]
 
 
 def replace_durably(tmp: Path, path: Path) -> None:
-    """Flush the finished file `tmp` to disk, then rename it to `path` (atomic on POSIX)."""
+    """Give the finished file `tmp` the umask's mode, flush it to disk, then rename it to `path`
+    (atomic on POSIX).
+
+    The mode matters on shared machines: safetensors' `save_file` creates 0600 files, which the
+    colleague who evaluates a checkpoint cannot read.
+    """
+    os.chmod(tmp, 0o666 & ~_umask())
     _fsync(tmp)
     os.replace(tmp, path)
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file written under a temporary name, then renamed (a crash leaves no half file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    replace_durably(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """`obj` as indented, key-sorted JSON, written under a temporary name, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    replace_durably(tmp, path)
+
+
+def _umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere the only way to read it is to set
+    it and put it back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:

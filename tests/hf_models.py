@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -9,8 +10,13 @@ import torch
 
 def save_hf_switch(directory: Path, *, num_experts: int = 4, sparse_step: int = 2, tied: bool = True,
                    layers: int = 2, d_model: int = 16, d_ff: int = 32, vocab: int = 96, seed: int = 0,
-                   safe_serialization: bool = True) -> Path:
-    """Write a random `SwitchTransformersForConditionalGeneration` with `save_pretrained`."""
+                   one_embedding: bool = False, safe_serialization: bool = True) -> Path:
+    """Write a random `SwitchTransformersForConditionalGeneration` with `save_pretrained`
+    (sparse blocks: every `sparse_step`-th, from block 1; every block for step 1).
+
+    `one_embedding`: each stack's input embedding equal to `shared`, as transformers 4 wrote
+    untied checkpoints (see `drop_stack_embeddings`).
+    """
     from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -27,10 +33,11 @@ def save_hf_switch(directory: Path, *, num_experts: int = 4, sparse_step: int = 
         for name, param in model.named_parameters():
             if "router" in name:
                 param.normal_(0, 2.0)
-        # Switch checkpoints have ONE input embedding (`shared`); transformers 5 unties the
-        # encoder/decoder copies from it when the head is untied, so tie them back by value.
-        model.encoder.embed_tokens.weight.copy_(model.shared.weight)
-        model.decoder.embed_tokens.weight.copy_(model.shared.weight)
+        if one_embedding:
+            model.encoder.embed_tokens.weight.copy_(model.shared.weight)
+            model.decoder.embed_tokens.weight.copy_(model.shared.weight)
+    # Untied, transformers 5 keeps four matrices (`shared`, each stack's `embed_tokens`,
+    # `lm_head`), all different; tied, it stores `shared` alone.
     model.save_pretrained(directory)
     if not safe_serialization:  # transformers 5 writes safetensors only: make the legacy shard
         from safetensors.torch import load_file
@@ -38,3 +45,16 @@ def save_hf_switch(directory: Path, *, num_experts: int = 4, sparse_step: int = 
         torch.save(load_file(weights), directory / "pytorch_model.bin")
         weights.unlink()
     return directory
+
+
+def drop_stack_embeddings(source: Path, target: Path) -> Path:
+    """A copy of checkpoint `source` without the stacks' own input embeddings: only `shared.weight`,
+    as on the hub for switch-c-2048."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    tensors = load_file(target / "model.safetensors")
+    for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        del tensors[name]
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target

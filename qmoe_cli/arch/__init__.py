@@ -11,7 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import QmoeError
-from .base import Architecture, ExpertBank, ExpertShape, ModelWeights, MoEBlock, StackContext, TensorReader
+from .base import (
+    Architecture,
+    ExpertBank,
+    ExpertShape,
+    ModelWeights,
+    MoEBlock,
+    StackContext,
+    TensorReader,
+    resolve_name,
+)
 from .switch import SwitchArchitecture
 from .switch.config import SwitchConfig
 
@@ -32,4 +41,4 @@ def architecture_from_config(raw: dict[str, Any], overrides: dict[str, Any] | No
 
 
 __all__ = ["Architecture", "ExpertBank", "ExpertShape", "MoEBlock", "ModelWeights", "StackContext", "TensorReader",
-           "architecture_from_config"]
+           "architecture_from_config", "resolve_name"]

@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
+from ..errors import QmoeError
+
 # Reads a named tensor of the model (Hugging Face names), cast to `dtype` (None: as stored) on `device`.
 TensorReader = Callable[[str, "torch.dtype | None", torch.device], torch.Tensor]
 
@@ -98,8 +100,15 @@ class Architecture(Protocol):
         """Checkpoint name of one expert matrix of a sparse block."""
         ...
 
-    def head_tensors(self) -> list[str]:
-        """Checkpoint names of the tensors outside any block (embeddings, final norms, head)."""
+    def head_tensors(self) -> dict[str, tuple[int, ...]]:
+        """Checkpoint names and shapes of the tensors outside any block (embeddings, final norms,
+        head), as the model uses them; a checkpoint may hold some under another name
+        (`storage_names`)."""
+        ...
+
+    def storage_names(self, name: str) -> tuple[str, ...]:
+        """The names a checkpoint may hold tensor `name` under, first choice first: itself, then
+        what stands in for it when absent (a stack's input embedding: the shared one)."""
         ...
 
     def stack_tokens(self, input_ids: Sequence[Sequence[int]],
@@ -111,7 +120,9 @@ class Architecture(Protocol):
         """The earlier stack whose final states `stack` attends to (cross-attention), if any."""
         ...
 
-    def embedding_tensor(self, stack: str) -> str: ...
+    def embedding_tensor(self, stack: str) -> str:
+        """Name of `stack`'s input embedding [vocab, d] (read through `storage_names`)."""
+        ...
 
     def final_norm(self, stack: str, read: TensorReader, device: torch.device,
                    dtype: torch.dtype) -> nn.Module: ...
@@ -135,6 +146,24 @@ class ModelWeights(Protocol):
 
     arch: Architecture
 
-    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor: ...
+    def stored_name(self, name: str) -> str:
+        """The name this checkpoint holds tensor `name` under: the first of
+        `arch.storage_names(name)` it holds (`resolve_name`)."""
+        ...
+
+    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+        """Tensor `name`, read under its `stored_name`."""
+        ...
 
     def experts(self, stack: str, index: int) -> ExpertBank: ...
+
+
+def resolve_name(arch: Architecture, name: str, holds: Callable[[str], bool], where: object) -> str:
+    """The first of `arch.storage_names(name)` that a checkpoint holds (`holds(name)`); QmoeError
+    naming the checkpoint `where` and every name tried when it holds none."""
+    candidates = arch.storage_names(name)
+    for candidate in candidates:
+        if holds(candidate):
+            return candidate
+    tried = f"'{name}'" + (f" (nor {', '.join(repr(c) for c in candidates[1:])})" if len(candidates) > 1 else "")
+    raise QmoeError(f"{where}: tensor {tried} is missing from the checkpoint")

@@ -29,7 +29,6 @@ class Preset:
     description: str = ""
     stored_dtype: str = "float32"  # what the checkpoint holds; GPUs run float32 ones in bfloat16
     window: int = 512  # longest input or label sequence a sample may have, in tokens
-    embedding_key: str = "shared.weight"  # the input embedding (shared by encoder and decoder)
     local_dir: str | None = None  # a checkpoint shipped inside the package, relative to it
     default_calib: str = "c4"
     default_data: str = "c4"

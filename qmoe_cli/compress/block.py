@@ -42,7 +42,9 @@ import torch
 from tqdm import tqdm
 
 from ..arch import Architecture, MoEBlock
-from ..formats.quantized import QuantizedExperts, QuantizedWeights, expert_file, save_tensors_atomic, write_json_atomic
+from ..files import save_tensors_atomic
+from ..formats.integrity import file_record
+from ..formats.quantized import QuantizedExperts, QuantizedWeights, expert_file, write_manifest
 from ..quant.gptq import GPTQResult, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
 from ..quant.grids import Grid, IntGrid, QuantSpec, TernaryGrid, dequantize
 from ..run.stream import ListBuffer, Routing, RunConfig, apply_expert, route
@@ -133,7 +135,10 @@ class ExpertCompressor:
         self.cfg, self.arch, self.partial, self.skip, self.log, self.comm = cfg, arch, partial, skip, log, comm
         self.manifest = manifest  # written by rank 0 only; the others read `finished`
         self.root = comm.rank == 0
-        self.saved = QuantizedWeights(partial, arch, cfg.spec, cfg.group_size) if self.root else None
+        self.saved = None
+        if self.root:  # files written so far, checked against the manifest before a resumed run reads them
+            self.saved = QuantizedWeights(partial, arch, cfg.spec, cfg.group_size, manifest["files"])
+            self.saved.check_layout([(s, i) for s, i in arch.sparse_blocks() if f"{s}.{i}" in manifest["finished"]])
 
     def close(self) -> None:
         if self.saved is not None:
@@ -152,7 +157,7 @@ class ExpertCompressor:
         if self.root:
             self.manifest["blocks"][name] = asdict(stats)
             self.manifest["finished"].append(name)
-            write_json_atomic(self.partial / "manifest.json", self.manifest)
+            write_manifest(self.partial, self.manifest)
             traffic = (f", {self.comm.traffic[name] / 1e6:.1f} MB communicated by rank 0"
                        if self.comm.world_size > 1 else "")
             self.log(f"{name}: tokens/expert {stats.tokens_min}/{stats.tokens_median}/{stats.tokens_max} "
@@ -164,7 +169,8 @@ class ExpertCompressor:
         """Quantize every expert of the block, round by round; returns the block's statistics."""
         num = block.experts.num_experts
         plan = plan_tokens(routing.index, ~self.skip[stack], num, self.cfg.token_cap, self.comm)
-        tally = _Tally(_GroupFiles(self.partial, stack, index, self.cfg.group_size, num) if self.root else None)
+        tally = _Tally(_GroupFiles(self.partial, stack, index, self.cfg.group_size, num, self.manifest["files"])
+                       if self.root else None)
         step = self.cfg.group_size * self.comm.world_size
         for first in tqdm(range(0, num, step), desc=f"{stack}.{index} expert rounds", unit="round",
                           disable=not run.progress, leave=False):
@@ -295,11 +301,13 @@ class _Tally:
 
 
 class _GroupFiles:
-    """Rank 0's writer: a block's expert tensors, saved one group file at a time once complete."""
+    """Rank 0's writer: a block's expert tensors, saved one group file at a time once complete,
+    each recorded in `records` (the manifest's `files`)."""
 
-    def __init__(self, partial: Path, stack: str, index: int, group_size: int, num_experts: int):
+    def __init__(self, partial: Path, stack: str, index: int, group_size: int, num_experts: int,
+                 records: dict[str, dict]):
         self.partial, self.stack, self.index = partial, stack, index
-        self.group_size, self.num_experts = group_size, num_experts
+        self.group_size, self.num_experts, self.records = group_size, num_experts, records
         self.pending: dict[str, torch.Tensor] = {}
 
     def add(self, ids: Sequence[int], encoded: dict[str, Encoded]) -> None:
@@ -310,6 +318,7 @@ class _GroupFiles:
                 for field, value in enc.grid.tensors().items():
                     self.pending[prefix + field] = value[e]
             if (j + 1) % self.group_size == 0 or j + 1 == self.num_experts:
-                path = self.partial / expert_file(self.stack, self.index, j // self.group_size)
-                save_tensors_atomic(self.pending, path)
+                name = expert_file(self.stack, self.index, j // self.group_size)
+                save_tensors_atomic(self.pending, self.partial / name)
+                self.records[name] = file_record(self.partial / name)
                 self.pending = {}

@@ -25,20 +25,11 @@ from ..codec.bitpack import pack_bits, unpack_bits
 from ..codec.dictionary import NUM_SYMBOLS, Codebook, DictionarySpec, fit_dictionary, pair_symbols, parse_statistics
 from ..codec.rows import decode_matrix, encode_matrix
 from ..errors import QmoeError, os_error_message
-from ..files import atomic_directory
+from ..files import atomic_directory, save_tensors_atomic, write_json_atomic
 from ..formats.hf import TOKENIZER_FILES
-from ..formats.packed import DICTIONARY_FILE, FORMAT_VERSION, KIND, file_record, manifest_digest
-from ..formats.quantized import (
-    HEAD_FILE,
-    QuantizedWeights,
-    block_file,
-    expert_file,
-    expert_groups,
-    read_manifest,
-    save_tensors_atomic,
-    write_json_atomic,
-)
-from ..formats.safetensors_io import SafetensorsFile
+from ..formats.integrity import file_record, manifest_digest
+from ..formats.packed import DICTIONARY_FILE, FORMAT_VERSION, KIND
+from ..formats.quantized import HEAD_FILE, QuantizedWeights, block_file, expert_file, expert_groups, read_manifest
 from ..formats.stats import LayerSize
 from ..locks import output_lock
 
@@ -80,10 +71,8 @@ def pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -
 
 
 def _pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    weights = QuantizedWeights.open(source)
+    weights = QuantizedWeights.open(source)  # refuses a corrupt, edited or incomplete checkpoint
     quantized = read_manifest(source)
-    if not quantized.get("complete"):
-        raise QmoeError(f"{source}: the quantized checkpoint is incomplete; finish it with `qmoe compress --resume`")
     if out.exists():
         raise QmoeError(f"--out {out}: already exists; choose another directory or remove it")
     spec = weights.spec
@@ -100,7 +89,7 @@ def _pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) 
             for group in expert_groups(weights.arch.num_experts, weights.group_size):
                 tensors = _pack_group(weights, stack, i, group, book, layers[f"{stack}.{i}"])
                 save_tensors_atomic(tensors, tmp / expert_file(stack, i, group))
-        _copy_dense(source, tmp, weights)
+        _copy_dense(tmp, weights)
         manifest = _manifest(quantized, codec, cfg, layers, spec.ternary, tmp)
         write_json_atomic(tmp / "manifest.json", manifest)
     weights.close()
@@ -129,23 +118,16 @@ def _fit(weights: QuantizedWeights, blocks: list[tuple[str, int]], layers: dict[
 
 def _matrices(weights: QuantizedWeights, stack: str, i: int,
               group: int) -> Iterator[tuple[int, str, dict[str, torch.Tensor]]]:
-    """(expert, matrix name, its tensors: codes and grid) over the expert matrices of one group file."""
-    fields = ("codes", "lo", "hi") if weights.spec.ternary else ("codes", "scale", "zero")
-    path = weights.directory / expert_file(stack, i, group)
-    if not path.is_file():
-        raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
-    file = SafetensorsFile(path)
+    """(expert, matrix name, its tensors: codes and grid) over the expert matrices of one group
+    file, verified (checksum, code range) as they are read."""
+    bank = weights.experts(stack, i)
     try:
         first = group * weights.group_size
         for j in range(first, min(first + weights.group_size, weights.arch.num_experts)):
             for name in weights.arch.expert.matrices:
-                keys = [f"expert_{j}.{name}.{f}" for f in fields]
-                missing = [k for k in keys if k not in file.entries]
-                if missing:
-                    raise QmoeError(f"{path}: tensor '{missing[0]}' is missing; the checkpoint is corrupt")
-                yield j, name, {f: file.read(k) for f, k in zip(fields, keys)}
+                yield j, name, bank.stored(j, name)
     finally:
-        file.close()
+        bank.close()
 
 
 def _pack_group(weights: QuantizedWeights, stack: str, i: int, group: int, book: Codebook | None,
@@ -176,16 +158,14 @@ def _pack_group(weights: QuantizedWeights, stack: str, i: int, group: int, book:
     return out
 
 
-def _copy_dense(source: Path, tmp: Path, weights: QuantizedWeights) -> None:
-    """Head, per-block dense files and tokenizer files, byte for byte."""
+def _copy_dense(tmp: Path, weights: QuantizedWeights) -> None:
+    """Head, per-block dense files and tokenizer files, byte for byte (each verified first)."""
     names = [HEAD_FILE] + [block_file(stack, i) for stack in weights.arch.stacks
                            for i in range(weights.arch.num_blocks(stack))]
-    names += [n for n in TOKENIZER_FILES if (source / n).is_file()]
+    names += [n for n in TOKENIZER_FILES if n in weights.files]
     for name in names:
-        if not (source / name).is_file():
-            raise QmoeError(f"{source / name}: missing; the quantized checkpoint is incomplete")
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / name, tmp / name)
+        shutil.copyfile(weights.verify_file(name), tmp / name)
 
 
 def _manifest(quantized: dict[str, Any], codec: dict[str, Any], cfg: PackConfig, layers: dict[str, LayerSize],

@@ -18,8 +18,9 @@ group: group_size x (d_model^2 + d_ff^2) fp32, and one matrix's fp64 sums while 
 
 Crash safety and --resume: the run writes into `.{out}.partial`; non-expert weights are copied
 first, then each sparse block's codes land in their own files and the manifest lists the block
-as finished. A resumed run (with any number of ranks) recomputes hidden states through finished
-blocks from their saved codes (bit-identical to what the first run propagated) and continues;
+as finished, with the size and sha256 of every file written so far (and its own checksum). A
+resumed run (with any number of ranks) recomputes hidden states through finished blocks from
+their saved codes (bit-identical to what the first run propagated) and continues;
 the finished directory is renamed into place only when complete. Rank 0 holds an exclusive lock
 on `out` (`locks.output_lock`) from before it looks at the partial run until the rename, so two
 runs never write one directory; a failed write (a full disk) keeps the partial run resumable.
@@ -41,17 +42,18 @@ from safetensors import SafetensorError
 from ..arch import Architecture
 from ..data.datasets import LoadedData, Sample
 from ..errors import QmoeError, os_error_message
-from ..files import temporary_name
+from ..files import save_tensors_atomic, temporary_name
 from ..formats.hf import TOKENIZER_FILES
+from ..formats.integrity import file_record
 from ..formats.open import OpenModel
 from ..formats.quantized import (
     FORMAT_VERSION,
     HEAD_FILE,
     KIND,
     block_file,
+    check_manifest,
     read_manifest,
-    save_tensors_atomic,
-    write_json_atomic,
+    write_manifest,
 )
 from ..locks import output_lock
 from ..run.stream import RunConfig, streamed_losses
@@ -140,6 +142,12 @@ def _open_partial(model: OpenModel, cfg: CompressConfig, out: Path, resume: bool
     if manifest.get("fingerprint") != digest:
         raise QmoeError(f"--resume: {partial} was made with other settings, model or calibration data; "
                         "rerun with the same flags or remove it")
+    try:
+        check_manifest(manifest, partial / "manifest.json")
+    except QmoeError as exc:
+        raise QmoeError(f"--resume: {exc}; remove {partial} to start over") from None
+    for stale in partial.rglob("*.tmp"):  # being written when the run died; never listed in the manifest
+        stale.unlink()
     log(f"resuming: {len(manifest['finished'])} sparse blocks already done")
     return manifest
 
@@ -159,7 +167,7 @@ def _finish(manifest: dict, out: Path) -> dict:
     """Rank 0: mark the run complete and move it into place."""
     partial = temporary_name(out)
     manifest["complete"] = True
-    write_json_atomic(partial / "manifest.json", manifest)
+    write_manifest(partial, manifest)
     partial.rename(out)
     return manifest
 
@@ -170,11 +178,11 @@ def _start(model: OpenModel, cfg: CompressConfig, digest: str, partial: Path) ->
     arch = model.weights.arch
     manifest = {"kind": KIND, "format_version": FORMAT_VERSION, "source": model.label, "window": model.window,
                 "settings": {**asdict(cfg)}, "config": arch.config.to_dict(), "fingerprint": digest,
-                "finished": [], "blocks": {}, "complete": False}
+                "finished": [], "blocks": {}, "complete": False, "files": {}}
     for name in TOKENIZER_FILES:
         if (model.tokenizer_dir / name).is_file():
-            shutil.copy(model.tokenizer_dir / name, partial / name)
-    head = arch.head_tensors()
+            shutil.copyfile(model.tokenizer_dir / name, partial / name)
+    head = sorted({model.weights.stored_name(n) for n in arch.head_tensors()})  # each stored matrix once
     save_tensors_atomic({n: model.weights.tensor(n, None, torch.device("cpu")) for n in head}, partial / HEAD_FILE)
     for stack in arch.stacks:
         for i in range(arch.num_blocks(stack)):
@@ -183,7 +191,8 @@ def _start(model: OpenModel, cfg: CompressConfig, digest: str, partial: Path) ->
             prefix = arch.block_prefix(stack, i)
             tensors = {prefix + n: model.weights.tensor(prefix + n, None, torch.device("cpu")) for n in names}
             save_tensors_atomic(tensors, partial / block_file(stack, i))
-    write_json_atomic(partial / "manifest.json", manifest)
+    manifest["files"] = {str(p.relative_to(partial)): file_record(p) for p in sorted(partial.rglob("*")) if p.is_file()}
+    write_manifest(partial, manifest)
     return manifest
 
 

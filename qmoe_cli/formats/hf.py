@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..arch import Architecture, architecture_from_config
+from ..arch import Architecture, architecture_from_config, resolve_name
 from ..arch.presets import Preset, load_preset, preset_names
 from ..errors import QmoeError
 from ..files import read_json_object
@@ -187,10 +187,6 @@ def _download(hub_id: str) -> Path:
                         f"({type(exc).__name__}); check the name and network, or pass a local directory") from None
 
 
-# Where the input embedding may be stored, after the preset's own `embedding_key`.
-_EMBEDDING_ALIASES = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-
-
 class CheckpointExperts:
     """The experts of one sparse block, read from the checkpoint when asked for (lazily)."""
 
@@ -211,20 +207,19 @@ class CheckpointWeights:
         self.source = source
         self.arch = source.arch()
         self.reader = CheckpointReader(source.directory, max_open_shards)
-        preferred = source.preset.embedding_key if source.preset else "shared.weight"
-        self._embedding_key = next((k for k in (preferred, *_EMBEDDING_ALIASES) if k in self.reader), preferred)
 
-    def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        if name == "shared.weight":
-            name = self._embedding_key
-        return self.reader.get(name, dtype, device)
+    def stored_name(self, name: str) -> str:
+        return resolve_name(self.arch, name, self.reader.__contains__, self.source.directory)
+
+    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+        return self.reader.get(self.stored_name(name), dtype, device)
 
     def experts(self, stack: str, index: int) -> CheckpointExperts:
         return CheckpointExperts(self.reader, self.arch, stack, index)
 
     def stored_dtype(self) -> torch.dtype:
-        """The dtype the checkpoint stores its floating weights in (from the embedding)."""
-        return self.reader.dtype(self._embedding_key)
+        """The dtype the checkpoint stores its floating weights in (from the first stack's embedding)."""
+        return self.reader.dtype(self.stored_name(self.arch.embedding_tensor(self.arch.stacks[0])))
 
     def close(self) -> None:
         self.reader.close()

@@ -1,9 +1,9 @@
 """`qmoe info`: what a quantized or packed checkpoint holds and how many bits its experts take.
 
-Read from the manifest (a packed manifest is checked against its own checksum), safetensors
-headers and, for a packed checkpoint, the small checksummed files opening it reads (dictionary,
-tokenizer), so it is instant even for switch-c2048; `verify` additionally checks
-every file's checksum and validates every expert matrix as `qmoe eval` would.
+Read from the manifest (checked against its own checksum), safetensors headers and the small
+checksummed files opening a checkpoint reads (tokenizer; a packed one's dictionary), so it is
+instant even for switch-c2048; `verify` additionally checks every file's checksum and validates
+every expert matrix as `qmoe eval` would.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def checkpoint_info(directory: Path, verify: bool = False) -> dict[str, Any]:
         info.pop("name")
     else:
         weights = quantized.QuantizedWeights.open(directory)
+        if verify:
+            weights.verify()
         info = _quantized_sizes(weights)
         info.pop("name")
     weights.close()

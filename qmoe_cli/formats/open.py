@@ -9,6 +9,7 @@ import torch
 
 from ..arch import ModelWeights
 from ..arch.presets import Preset, load_preset
+from ..errors import QmoeError
 from ..resources import package_dir
 from . import packed, quantized
 from .hf import CheckpointWeights, resolve_model
@@ -58,10 +59,14 @@ def open_model(name: str) -> OpenModel:
         manifest = read_manifest(path)
         kind = manifest["kind"]
         weights = packed.PackedWeights.open(path) if kind == packed.KIND else quantized.QuantizedWeights.open(path)
-        stored = weights.tensor("shared.weight", None, torch.device("cpu")).dtype
-        source_dir = Path(manifest["source"]).expanduser()
-        _, data, calib = _defaults(load_preset(manifest["source"]), source_dir if source_dir.is_dir() else None)
-        return OpenModel(name, kind, weights, path, stored, manifest["window"], data, calib)
+        window, source = manifest.get("window"), manifest.get("source")
+        if not isinstance(window, int) or window < 2 or not isinstance(source, str):
+            raise QmoeError(f"{path / 'manifest.json'}: malformed manifest (needs a 'source' name and a 'window' >= 2)")
+        embedding = weights.arch.embedding_tensor(weights.arch.stacks[0])
+        stored = weights.tensor(embedding, None, torch.device("cpu")).dtype
+        source_dir = Path(source).expanduser()
+        _, data, calib = _defaults(load_preset(source), source_dir if source_dir.is_dir() else None)
+        return OpenModel(name, kind, weights, path, stored, window, data, calib)
     source = resolve_model(name)
     weights = CheckpointWeights(source)
     window, data, calib = _defaults(source.preset, source.directory)

@@ -25,8 +25,6 @@ kernel can be handed a matrix that makes it read or write out of bounds.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,6 +39,7 @@ from ..codec.dictionary import Codebook
 from ..codec.rows import decode_dense, row_widths, ternary_matmul
 from ..errors import QmoeError
 from ..quant.grids import QuantSpec, dequantize
+from .integrity import manifest_digest, verify_file
 from .quantized import DenseTensorFiles, expert_file, grid_from_tensors, read_manifest
 from .safetensors_io import SafetensorsFile
 
@@ -51,25 +50,6 @@ _BLOCK_BYTES = 1 << 22  # fp32 bytes of weights one decode-matmul step materiali
 # Up to this many tokens the sparse product straight from the codewords beats decoding to fp32
 # and calling BLAS on the 2-core development CPU (scripts/bench_codec.py); beyond it BLAS wins.
 SPARSE_MAX_TOKENS = 32
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of the manifest without its own `manifest_sha256`, as canonical JSON."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_record(path: Path) -> dict[str, Any]:
-    """What the manifest's `files` holds for one file."""
-    return {"bytes": path.stat().st_size, "sha256": file_digest(path)}
 
 
 class DictionaryMatrix:
@@ -239,15 +219,7 @@ class PackedWeights(DenseTensorFiles):
 
     def verify_file(self, name: str) -> Path:
         """The path of file `name` after checking its size and sha256 against the manifest."""
-        path = self.directory / name
-        record = self.manifest["files"].get(name)
-        if record is None:
-            raise QmoeError(f"{path}: not listed in the manifest; the checkpoint is corrupt")
-        if not path.is_file():
-            raise QmoeError(f"{path}: missing; the packed checkpoint is incomplete")
-        if path.stat().st_size != record["bytes"] or file_digest(path) != record["sha256"]:
-            raise QmoeError(f"{path}: checksum mismatch; the file is corrupt or truncated")
-        return path
+        return verify_file(self.directory, self.manifest["files"], name, KIND)
 
     def _read_codebook(self) -> Codebook:
         file = self.open_verified(DICTIONARY_FILE)

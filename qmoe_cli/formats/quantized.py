@@ -3,10 +3,12 @@
 Layout of a quantized directory (all safetensors + JSON, never pickle):
 
     manifest.json               kind "quantized", format version, source, settings, architecture
-                                (the model's config), fingerprint,
-                                per-block statistics, finished blocks (for --resume)
+                                (the model's config), fingerprint, per-block statistics, finished
+                                blocks (for --resume), `files`: size and sha256 of every other file,
+                                `manifest_sha256`: of the rest of the manifest (`integrity.py`)
     tokenizer.json | spiece.model ...   copied from the source
-    head.safetensors            embedding, final layer norms, lm_head: as stored in the source
+    head.safetensors            embeddings, final layer norms, lm_head: as stored in the source
+                                (under the names the source holds them, e.g. `shared.weight` alone)
     blocks/{stack}-{i:03d}.safetensors   one block's non-expert tensors as stored (HF names)
     experts/{stack}-{i:03d}/group-{k:05d}.safetensors  one expert group of a sparse block
                                 (experts k*G .. k*G+G-1, G = settings.group_size):
@@ -14,27 +16,36 @@ Layout of a quantized directory (all safetensors + JSON, never pickle):
                                 (`lo`/`hi` for ternary, `scale`/`zero` for integer grids;
                                 [rows, groups] fp32). One file per group, so neither writing nor
                                 reading ever holds a whole block's codes (52 GB for switch-c2048).
+
+Safety, as for packed checkpoints: opening checks the manifest's checksum, then every file the
+architecture needs is listed with its size, and every tensor header (names, dtypes, shapes)
+matches the architecture the manifest's config describes (so an edited `d_ff` or `vocab_size`
+is an error before anything runs). Each file is checked against its sha256 before its first
+tensor is used, and every matrix's codes against the bit width and its grid for finite values.
+
+A partial run (`.OUT.partial`, for --resume) keeps the same manifest: a file's record is added
+when the file is written, and the manifest (with its checksum) is rewritten after every finished
+sparse block, so a resumed run reads back only files it can verify.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from ..arch import Architecture, architecture_from_config
+from ..arch import Architecture, architecture_from_config, resolve_name
 from ..errors import QmoeError
-from ..files import read_json_object, replace_durably
+from ..files import read_json_object, write_json_atomic
 from ..quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize
-from .safetensors_io import SafetensorsFile
+from .integrity import check_manifest_digest, file_records, manifest_digest, verify_file
+from .safetensors_io import SafetensorsFile, TensorEntry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: file records and the manifest checksum (1 had neither)
 KIND = "quantized"
 HEAD_FILE = "head.safetensors"
 
@@ -61,26 +72,54 @@ def dense_file(arch: Architecture, name: str) -> str:
     return HEAD_FILE
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    replace_durably(tmp, path)
-
-
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors file written under a temporary name, then renamed (a crash leaves no half file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    replace_durably(tmp, path)
-
-
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / "manifest.json"
     manifest = read_json_object(path, "not a qmoe checkpoint")
     if "kind" not in manifest:
         raise QmoeError(f"{path}: not a qmoe manifest (no 'kind')")
     return manifest
+
+
+def check_manifest(manifest: dict[str, Any], where: Path) -> None:
+    """A quantized manifest of this format version whose checksum holds (QmoeError otherwise)."""
+    kind, version = manifest.get("kind"), manifest.get("format_version")
+    if kind != KIND:
+        raise QmoeError(f"{where}: manifest is kind {kind!r} version {version!r}; "
+                        f"expected {KIND!r} version {FORMAT_VERSION}")
+    if version != FORMAT_VERSION:
+        older = isinstance(version, int) and version < FORMAT_VERSION
+        raise QmoeError(f"{where}: quantized format version {version!r} is not readable by this qmoe, which reads "
+                        f"version {FORMAT_VERSION}; " + ("compress the model again (version 1 has no checksums)"
+                                                         if older else "use the qmoe version that wrote it"))
+    check_manifest_digest(manifest, where)
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write `manifest` into `directory` with its checksum (atomically)."""
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    write_json_atomic(directory / "manifest.json", manifest)
+
+
+def grid_fields(spec: QuantSpec) -> tuple[str, str]:
+    """Names of a matrix's grid tensors."""
+    return ("lo", "hi") if spec.ternary else ("scale", "zero")
+
+
+# What a file must hold: tensor name -> (dtype, or None for any floating dtype; shape).
+Expected = dict[str, tuple["torch.dtype | None", tuple[int, ...]]]
+
+
+def matrix_entries(arch: Architecture, spec: QuantSpec, expert: int, name: str) -> Expected:
+    """The tensors of matrix `name` of `expert`: codes [rows, cols] uint8, grid [rows, G] fp32."""
+    rows, cols = arch.expert.shapes[name]
+    prefix, grid = f"expert_{expert}.{name}.", (torch.float32, (rows, spec.n_groups(cols)))
+    return {prefix + "codes": (torch.uint8, (rows, cols)), **{prefix + field: grid for field in grid_fields(spec)}}
+
+
+def expert_entries(arch: Architecture, spec: QuantSpec, experts: range) -> Expected:
+    """Every tensor of the expert group file holding `experts`."""
+    return {key: value for j in experts for name in arch.expert.matrices
+            for key, value in matrix_entries(arch, spec, j, name).items()}
 
 
 def grid_from_tensors(spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> TernaryGrid | IntGrid:
@@ -96,35 +135,45 @@ class QuantizedExperts:
     Keeps one group file open at a time (groups are visited in order).
     """
 
-    def __init__(self, directory: Path, stack: str, index: int, spec: QuantSpec, arch: Architecture,
-                 group_size: int):
-        self.directory, self.stack, self.index = directory, stack, index
-        self.spec, self.arch, self.group_size = spec, arch, group_size
-        self.num_experts = arch.num_experts
+    def __init__(self, checkpoint: "QuantizedWeights", stack: str, index: int):
+        self.checkpoint, self.stack, self.index = checkpoint, stack, index
+        self.spec, self.arch, self.group_size = checkpoint.spec, checkpoint.arch, checkpoint.group_size
+        self.num_experts = self.arch.num_experts
         self._file: SafetensorsFile | None = None
 
     def _group_file(self, j: int) -> SafetensorsFile:
-        path = self.directory / expert_file(self.stack, self.index, j // self.group_size)
-        if self._file is None or self._file.path != path:
-            if self._file is not None:
-                self._file.close()
-            if not path.is_file():
-                raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
-            self._file = SafetensorsFile(path)
+        name = expert_file(self.stack, self.index, j // self.group_size)
+        if self._file is None or self._file.path != self.checkpoint.directory / name:
+            self.close()
+            self._file = self.checkpoint.open_verified(name)
         return self._file
 
-    def _read(self, file: SafetensorsFile, key: str) -> torch.Tensor:
-        if key not in file.entries:
-            raise QmoeError(f"{file.path}: tensor '{key}' is missing; the checkpoint is corrupt")
-        return file.read(key)
+    def stored(self, j: int, name: str) -> dict[str, torch.Tensor]:
+        """`expert_{j}.{name}` as stored, checked: `codes` [rows, cols] uint8 (at most the grid's
+        largest code) and the grid tensors [rows, G] fp32 (finite)."""
+        file = self._group_file(j)
+        where = f"{file.path} expert_{j}.{name}"
+        prefix = f"expert_{j}.{name}."
+        tensors = {}
+        for key, (dtype, shape) in matrix_entries(self.arch, self.spec, j, name).items():
+            entry, field = file.entries.get(key), key.removeprefix(prefix)
+            if entry is None or entry.dtype != dtype or entry.shape != shape:
+                found = "missing" if entry is None else f"{entry.dtype}{list(entry.shape)}"
+                raise QmoeError(f"{where}: '{field}' is {found}, expected {dtype}{list(shape)}")
+            tensors[field] = file.read(key)
+        codes = tensors["codes"]
+        if codes.numel() and int(codes.max()) > self.spec.maxq:
+            grid = "ternary" if self.spec.ternary else f"{self.spec.bits}-bit"
+            raise QmoeError(f"{where}: code {int(codes.max())} is beyond the {grid} grid's largest, "
+                            f"{self.spec.maxq}; the checkpoint is corrupt")
+        if not all(bool(torch.isfinite(tensors[f]).all()) for f in grid_fields(self.spec)):
+            raise QmoeError(f"{where}: the grid holds a non-finite value; the checkpoint is corrupt")
+        return tensors
 
     def encoded(self, j: int, name: str) -> tuple[torch.Tensor, TernaryGrid | IntGrid]:
         """`expert_{j}.{name}` as stored: codes [1, rows, cols] uint8 and grid [1, rows, G] fp32."""
-        file = self._group_file(j)
-        prefix = f"expert_{j}.{name}."
-        fields = ("lo", "hi") if self.spec.ternary else ("scale", "zero")
-        grid = grid_from_tensors(self.spec, {f: self._read(file, prefix + f) for f in fields})
-        return self._read(file, prefix + "codes")[None], grid
+        tensors = self.stored(j, name)
+        return tensors["codes"][None], grid_from_tensors(self.spec, tensors)
 
     def matrix(self, j: int, name: str) -> torch.Tensor:
         """Dequantized weight `expert_{j}.{name}` -> [rows, cols] fp32."""
@@ -135,6 +184,11 @@ class QuantizedExperts:
         return [self.arch.make_expert({m: self.matrix(j, m).to(device=device, dtype=dtype)
                                        for m in self.arch.expert.matrices}) for j in ids]
 
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
 
 class DenseTensorFiles:
     """Reading non-expert tensors (head, per-block files) of a compressed checkpoint, each file
@@ -142,18 +196,24 @@ class DenseTensorFiles:
 
     _files: dict[str, SafetensorsFile]  # set in the subclass's __post_init__
     arch: Architecture
+    directory: Path
 
     def _open(self, name: str) -> SafetensorsFile:
         raise NotImplementedError
 
-    def tensor(self, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def _file_of(self, name: str) -> SafetensorsFile:
+        """The open file that holds tensor `name` if the checkpoint has it."""
         file_name = dense_file(self.arch, name)
         if file_name not in self._files:
             self._files[file_name] = self._open(file_name)
-        file = self._files[file_name]
-        if name not in file.entries:
-            raise QmoeError(f"{file.path}: tensor '{name}' is missing")
-        return file.read(name).to(dtype=dtype, device=device)
+        return self._files[file_name]
+
+    def stored_name(self, name: str) -> str:
+        return resolve_name(self.arch, name, lambda n: n in self._file_of(n).entries, self.directory)
+
+    def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+        stored = self.stored_name(name)
+        return self._file_of(stored).read(stored).to(dtype=dtype, device=device)
 
     def close(self) -> None:
         for file in self._files.values():
@@ -163,31 +223,136 @@ class DenseTensorFiles:
 
 @dataclass
 class QuantizedWeights(DenseTensorFiles):
-    """`ModelWeights` over a quantized directory (finished or, for --resume, partial)."""
+    """`ModelWeights` over a quantized directory (finished, or partial for --resume).
+
+    `files` is the manifest's record of every file (shared with a running compression, which adds
+    to it); each file is verified against it once, before its first use.
+    """
 
     directory: Path
     arch: Architecture
     spec: QuantSpec
     group_size: int  # experts per file under experts/
+    files: dict[str, dict[str, Any]]
 
     def __post_init__(self) -> None:
         self._files: dict[str, SafetensorsFile] = {}
+        self._verified: set[str] = set()
 
     @classmethod
     def open(cls, directory: Path) -> "QuantizedWeights":
+        """Open a finished quantized checkpoint after checking its manifest and the layout of
+        every file (`check_layout`); QmoeError naming the file and the rule otherwise."""
+        where = directory / "manifest.json"
         manifest = read_manifest(directory)
-        if manifest["kind"] != KIND or manifest.get("format_version") != FORMAT_VERSION:
-            raise QmoeError(f"{directory}: manifest is kind {manifest['kind']!r} version "
-                            f"{manifest.get('format_version')!r}; expected {KIND!r} version {FORMAT_VERSION}")
-        settings = manifest["settings"]
-        arch = architecture_from_config(manifest["config"])
-        return cls(directory, arch, QuantSpec(settings["bits"], settings.get("grid_group")), settings["group_size"])
+        check_manifest(manifest, where)
+        if manifest.get("complete") is not True:
+            raise QmoeError(f"{directory}: the quantized checkpoint is incomplete; finish it with "
+                            "`qmoe compress --resume`")
+        try:
+            settings = manifest["settings"]
+            group_size = settings["group_size"]
+            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+                raise ValueError(f"settings.group_size must be an integer >= 1, got {group_size!r}")
+            weights = cls(directory, architecture_from_config(manifest["config"]),
+                          QuantSpec(settings["bits"], settings.get("grid_group")), group_size,
+                          file_records(manifest, where))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise QmoeError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
+        for name in weights.files:  # tokenizer files: read by other code, so checked now
+            if not name.endswith(".safetensors"):
+                weights.verify_file(name)
+        weights.check_layout(weights.arch.sparse_blocks())
+        return weights
 
-    def _open(self, name: str) -> SafetensorsFile:
-        path = self.directory / name
-        if not path.is_file():
-            raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
+    def verify_file(self, name: str) -> Path:
+        """The path of file `name` after checking its size and sha256 (once per file)."""
+        path = verify_file(self.directory, self.files, name, KIND)
+        self._verified.add(name)
+        return path
+
+    def open_verified(self, name: str) -> SafetensorsFile:
+        """The safetensors file `name`, opened after checking its checksum (the first time)."""
+        path = self.directory / name if name in self._verified else self.verify_file(name)
         return SafetensorsFile(path)
 
+    def check_layout(self, blocks: Sequence[tuple[str, int]]) -> None:
+        """Every dense file and the expert files of sparse `blocks` are listed in the manifest with
+        their size (and no other tensor file is: a config with fewer blocks or experts is no
+        smaller model), and hold exactly the tensors (names, dtypes, shapes) the architecture
+        needs. Reads file headers only."""
+        names = [HEAD_FILE] + [block_file(stack, i) for stack in self.arch.stacks
+                               for i in range(self.arch.num_blocks(stack))]
+        names += [expert_file(stack, i, g) for stack, i in blocks
+                  for g in expert_groups(self.arch.num_experts, self.group_size)]
+        unexpected = sorted(set(n for n in self.files if n.endswith(".safetensors")) - set(names))
+        if unexpected:
+            raise QmoeError(f"{self.directory / unexpected[0]}: listed in the manifest but no part of the model its "
+                            "config describes; the checkpoint is corrupt")
+        for name in names:
+            path = self.directory / name
+            if name not in self.files:
+                raise QmoeError(f"{path}: not listed in the manifest; the checkpoint is corrupt or incomplete")
+            if not path.is_file():
+                raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
+            if path.stat().st_size != self.files[name]["bytes"]:
+                raise QmoeError(f"{path}: checksum mismatch ({path.stat().st_size} bytes, the manifest says "
+                                f"{self.files[name]['bytes']}); the file is corrupt or truncated")
+        head = _header(self.directory / HEAD_FILE)
+        _check_entries(self.directory / HEAD_FILE, head, {
+            resolve_name(self.arch, name, head.__contains__, self.directory / HEAD_FILE): (None, shape)
+            for name, shape in self.arch.head_tensors().items()})
+        for stack in self.arch.stacks:
+            for i in range(self.arch.num_blocks(stack)):
+                path = self.directory / block_file(stack, i)
+                _check_entries(path, _header(path), self._block_entries(stack, i))
+        for stack, i in blocks:
+            for g in expert_groups(self.arch.num_experts, self.group_size):
+                path = self.directory / expert_file(stack, i, g)
+                experts = range(g * self.group_size, min((g + 1) * self.group_size, self.arch.num_experts))
+                _check_entries(path, _header(path), expert_entries(self.arch, self.spec, experts))
+
+    def _block_entries(self, stack: str, index: int) -> Expected:
+        """A block's non-expert tensors (checkpoint naming), from the architecture."""
+        bank = self.experts(stack, index) if self.arch.is_sparse(stack, index) else None
+        with torch.device("meta"):
+            block = self.arch.block(stack, index, bank)
+        prefix = self.arch.block_prefix(stack, index)
+        return {prefix + name: (None, tuple(t.shape)) for name, t in block.state_dict().items()}
+
+    def _open(self, name: str) -> SafetensorsFile:
+        return self.open_verified(name)
+
     def experts(self, stack: str, index: int) -> QuantizedExperts:
-        return QuantizedExperts(self.directory, stack, index, self.spec, self.arch, self.group_size)
+        return QuantizedExperts(self, stack, index)
+
+    def verify(self) -> None:
+        """Check every file's checksum and every expert matrix's codes and grid (reads everything)."""
+        for name in self.files:
+            self.verify_file(name)
+        for stack, i in self.arch.sparse_blocks():
+            bank = self.experts(stack, i)
+            for j in range(self.arch.num_experts):
+                for name in self.arch.expert.matrices:
+                    bank.stored(j, name)
+            bank.close()
+
+
+def _header(path: Path) -> dict[str, TensorEntry]:
+    """The tensor entries of safetensors file `path` (its header only, validated)."""
+    file = SafetensorsFile(path)
+    file.close()
+    return file.entries
+
+
+def _check_entries(path: Path, entries: dict[str, TensorEntry], expected: Expected) -> None:
+    """File `path` holds exactly the `expected` tensors; QmoeError naming the first difference."""
+    missing, extra = sorted(expected.keys() - entries.keys()), sorted(entries.keys() - expected.keys())
+    if missing or extra:
+        what = f"lacks tensor '{missing[0]}'" if missing else f"holds an unexpected tensor '{extra[0]}'"
+        raise QmoeError(f"{path}: {what}; the checkpoint does not match its manifest's config")
+    for name, (dtype, shape) in expected.items():
+        entry = entries[name]
+        if entry.shape != shape or (entry.dtype != dtype if dtype else not entry.dtype.is_floating_point):
+            raise QmoeError(f"{path}: tensor '{name}' is {entry.dtype}{list(entry.shape)} but the manifest's config "
+                            f"needs {dtype or 'a floating dtype'}{list(shape)}")

@@ -35,7 +35,8 @@ class SwitchConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers",
-                     "num_decoder_layers", "num_experts", "relative_attention_num_buckets"):
+                     "num_decoder_layers", "num_experts", "relative_attention_num_buckets",
+                     "relative_attention_max_distance"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SwitchConfig.{name} must be a positive integer, got {value!r}")
@@ -43,6 +44,16 @@ class SwitchConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"SwitchConfig.{name} must be an integer >= 0, got {value!r}")
+        for name in ("pad_token_id", "decoder_start_token_id"):  # ids the decoder's inputs are made of
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"SwitchConfig.{name} must be a token id in [0, {self.vocab_size}), got {value!r}")
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"SwitchConfig.layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
+        for name in ("tie_word_embeddings", "router_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SwitchConfig.{name} must be true or false, got {getattr(self, name)!r}")
 
     def sparse_blocks(self) -> list[tuple[str, int]]:
         """(stack, index) of every block that holds experts, encoder first."""

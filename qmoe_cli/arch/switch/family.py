@@ -16,6 +16,8 @@ from .layers import Block, ExpertFFN, RMSNorm, position_bias
 from .model import lm_logits, shift_right
 
 STACKS = ("encoder", "decoder")
+SHARED = "shared.weight"  # the input embedding of both stacks, unless a stack has its own
+HEAD = "lm_head.weight"
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,22 @@ class SwitchArchitecture:
         ffn = 1 if stack == "encoder" else 2  # the decoder's layer.1 is cross-attention
         return f"{stack}.block.{index}.layer.{ffn}.mlp.experts.expert_{expert}.{matrix}.weight"
 
-    def head_tensors(self) -> list[str]:
-        names = ["shared.weight", "encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"]
-        return names if self.config.tie_word_embeddings else [*names, "lm_head.weight"]
+    def head_tensors(self) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        return {**{self.embedding_tensor(stack): (c.vocab_size, c.d_model) for stack in self.stacks},
+                **{f"{stack}.final_layer_norm.weight": (c.d_model,) for stack in self.stacks},
+                HEAD: (c.vocab_size, c.d_model)}
+
+    def storage_names(self, name: str) -> tuple[str, ...]:
+        """A stack's input embedding is its own `embed_tokens` where the checkpoint holds one
+        (transformers 5 writes untied models so: `shared` is then unused), else `shared`, as
+        transformers 4 wrote them (switch-c-2048). The head is `lm_head` where held; tied, it
+        may be `shared` instead. So each matrix is the one `transformers` 5 computes with."""
+        if name in (self.embedding_tensor(stack) for stack in self.stacks):
+            return name, SHARED
+        if name == HEAD and self.config.tie_word_embeddings:
+            return name, SHARED
+        return (name,)
 
     def stack_tokens(self, input_ids: Sequence[Sequence[int]],
                      labels: Sequence[Sequence[int]]) -> dict[str, list[list[int]]]:
@@ -95,7 +110,7 @@ class SwitchArchitecture:
         return "encoder" if stack == "decoder" else None
 
     def embedding_tensor(self, stack: str) -> str:
-        return "shared.weight"
+        return f"{stack}.embed_tokens.weight"
 
     def final_norm(self, stack: str, read: TensorReader, device: torch.device, dtype: torch.dtype) -> nn.Module:
         norm = RMSNorm(self.config.d_model, self.config.layer_norm_epsilon)
@@ -109,13 +124,8 @@ class SwitchArchitecture:
 
     def head(self, read: TensorReader, device: torch.device,
              dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-        c = self.config
-        if c.tie_word_embeddings:
-            embedding = read("shared.weight", dtype, device)
-            return lambda hidden: lm_logits(hidden, embedding, None, c)
-        head = nn.Linear(c.d_model, c.vocab_size, bias=False, device="meta")
-        head.weight = nn.Parameter(read("lm_head.weight", dtype, device))
-        return lambda hidden: lm_logits(hidden, None, head, c)
+        weight = read(HEAD, dtype, device)  # [vocab, d]
+        return lambda hidden: lm_logits(hidden, weight, self.config)
 
     def make_expert(self, parts: Mapping[str, torch.Tensor | nn.Module]) -> ExpertFFN:
         wi, wo = parts["wi"], parts["wo"]

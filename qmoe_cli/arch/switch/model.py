@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...files import atomic_directory
+from ...files import atomic_directory, save_tensors_atomic
 from .config import SwitchConfig
 from .layers import Block, RMSNorm, padding_bias, position_bias
 
@@ -22,12 +22,16 @@ from .layers import Block, RMSNorm, padding_bias, position_bias
 class Stack(nn.Module):
     def __init__(self, config: SwitchConfig, stack: str):
         super().__init__()
+        if not config.tie_word_embeddings:  # its own input embedding, as transformers 5 builds it
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.block = nn.ModuleList(Block(config, stack, i) for i in range(config.num_blocks(stack)))
         self.final_layer_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
 
 
 class SwitchModel(nn.Module):
-    """Encoder-decoder Switch Transformer with a language-model head."""
+    """Encoder-decoder Switch Transformer with a language-model head, in Hugging Face's layout:
+    tied, one embedding `shared` serves both stacks and the head; untied, `shared` is kept but
+    unused, each stack has its own `embed_tokens` and the head is `lm_head`."""
 
     def __init__(self, config: SwitchConfig):
         super().__init__()
@@ -38,9 +42,12 @@ class SwitchModel(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
+    def _embedding(self, stack: Stack) -> nn.Embedding:
+        return self.shared if self.config.tie_word_embeddings else stack.embed_tokens
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, S] int64, attention_mask [B, S] (1 = token) -> [B, S, d]."""
-        x = self.shared(input_ids)
+        x = self._embedding(self.encoder)(input_ids)
         table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
         bias = position_bias(table, self.config, x.shape[1], x.shape[1], bidirectional=True)
         bias = bias + padding_bias(attention_mask, x.shape[1]).to(bias.device)
@@ -51,30 +58,30 @@ class SwitchModel(nn.Module):
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """decoder_input_ids [B, T], memory [B, S, d] -> logits [B, T, vocab]."""
-        x = self.shared(decoder_input_ids)
+        x = self._embedding(self.decoder)(decoder_input_ids)
         table = self.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
         self_bias = position_bias(table, self.config, x.shape[1], x.shape[1], bidirectional=False)
         cross_bias = padding_bias(attention_mask, x.shape[1]).to(x.device)
         for block in self.decoder.block:
             x = block(x, self_bias, memory, cross_bias)
         x = self.decoder.final_layer_norm(x)
-        return lm_logits(x, self.shared.weight, getattr(self, "lm_head", None), self.config)
+        head = self.shared if self.config.tie_word_embeddings else self.lm_head
+        return lm_logits(x, head.weight, self.config)
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
 
 
-def lm_logits(hidden: torch.Tensor, embedding: torch.Tensor, lm_head: nn.Module | None,
-              config: SwitchConfig) -> torch.Tensor:
-    """Final hidden states [..., d] -> logits [..., vocab].
+def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, config: SwitchConfig) -> torch.Tensor:
+    """Final hidden states [..., d] and the head's matrix [vocab, d] -> logits [..., vocab].
 
-    With a tied embedding the hidden states are scaled by d_model^-0.5 first (Mesh TensorFlow's
-    convention, which the checkpoints were trained with); an untied head is used as is.
+    Tied, the hidden states are scaled by d_model^-0.5 first (Mesh TensorFlow's convention,
+    which the checkpoints were trained with); an untied head is used as is.
     """
-    if lm_head is None:
-        return F.linear(hidden * config.d_model ** -0.5, embedding)
-    return lm_head(hidden)
+    if config.tie_word_embeddings:
+        hidden = hidden * config.d_model ** -0.5
+    return F.linear(hidden, weight)
 
 
 def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
@@ -104,8 +111,6 @@ def save_pretrained(model: SwitchModel, directory: Path) -> None:
     expert capacity is set high because our runtime never drops tokens; a lower value would
     make `transformers` drop some and disagree. Written to a temporary name, then renamed.
     """
-    from safetensors.torch import save_file
-
     config = {
         **model.config.to_dict(),
         "model_type": "switch_transformers",
@@ -119,4 +124,4 @@ def save_pretrained(model: SwitchModel, directory: Path) -> None:
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors_atomic(state, tmp / "model.safetensors")
