@@ -177,3 +177,20 @@ def test_packed_linear_decodes_in_row_blocks_and_matches_the_dense_product() -> 
         x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
         assert torch.allclose(linear(x), x @ dense.T, rtol=1e-4, atol=1e-4)
     assert math.isclose(16 * words.numel() / codes.numel(), 0.70, abs_tol=0.05)
+
+
+def test_the_dictionary_sample_spreads_over_blocks_experts_and_matrices() -> None:
+    from qmoe_cli.compress.pack import sample_matrices
+
+    blocks = [("encoder", 1), ("encoder", 3), ("decoder", 1)]
+    everything = [(s, i, j, m) for s, i in blocks for j in range(2) for m in ("wi", "wo")]
+    assert sample_matrices(blocks, 2, ("wi", "wo"), 0) == everything
+    assert sample_matrices(blocks, 2, ("wi", "wo"), 12) == everything
+    for experts, count in ((2048, 64), (5, 7), (5, 29), (1, 5)):
+        picks = sample_matrices(blocks, experts, ("wi", "wo"), count)
+        assert len(set(picks)) == len(picks) == count
+        assert {p[:2] for p in picks} == set(blocks) and {p[3] for p in picks} == {"wi", "wo"}
+        order = [(blocks.index(p[:2]), p[2], p[3]) for p in picks]
+        assert order == sorted(order)
+    wide = sample_matrices(blocks, 2048, ("wi", "wo"), 64)
+    assert max(p[2] for p in wide) - min(p[2] for p in wide) > 1500  # spread over the experts, not the first few

@@ -137,17 +137,15 @@ def pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -
 
 def sample_matrices(blocks: list[tuple[str, int]], num_experts: int, names: tuple[str, ...],
                     count: int) -> list[tuple[str, int, int, str]]:
-    """`count` expert matrices (stack, block, expert, name) spread evenly over every block,
-    expert and matrix name (all of them when count is 0 or covers them), in file order."""
-    total = len(blocks) * num_experts * len(names)
-    picks = range(total) if count == 0 or count >= total else \
-        sorted({(k * total) // count + (total // count) // 2 for k in range(count)})
-    out = []
-    for k in picks:
-        block, rest = divmod(k, num_experts * len(names))
-        expert, m = divmod(rest, len(names))
-        out.append((*blocks[block], expert, names[m]))
-    return out
+    """`count` expert matrices (stack, block, expert, name) spread evenly over the blocks and
+    experts, taking the matrix names in turn; every matrix when count is 0 or covers them all.
+    In file order (block, expert, name), so reading them walks the checkpoint forwards."""
+    pairs = len(blocks) * num_experts  # (block, expert)
+    if count == 0 or count >= pairs * len(names):
+        picks = {(p, m) for p in range(pairs) for m in range(len(names))}
+    else:  # pair indices rise by at most 1 per pick here, so the turn-taking names keep picks distinct
+        picks = {((k * pairs) // count, k % len(names)) for k in range(count)}
+    return [(*blocks[p // num_experts], p % num_experts, names[m]) for p, m in sorted(picks)]
 
 
 def _fit(reader: "_Reader", blocks: list[tuple[str, int]], cfg: PackConfig,
