@@ -270,22 +270,25 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
               help="Codewords (at most 65536: 16-bit indices).")
 @click.option("--max-pairs", type=int, default=14, show_default=True,
               help="Longest codeword, in pairs of weights (14 = 28 weights, what the kernel expects).")
+@click.option("--sample-matrices", type=int, default=64, show_default=True,
+              help="Expert matrices (spread over all blocks) whose symbols fit the dictionary; 0: every one.")
 @threads_option
 @click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON object (as `qmoe info --json`, plus `threads`) on stdout.")
+              help="Print one JSON object (as `qmoe info --json`, plus `threads` and `throughput`) on stdout.")
 @handle_errors
-def pack_command(source: Path, out_dir: Path | None, dictionary_size: int, max_pairs: int, threads: int | None,
-                 as_json: bool) -> None:
+def pack_command(source: Path, out_dir: Path | None, dictionary_size: int, max_pairs: int, sample_matrices: int,
+                 threads: int | None, as_json: bool) -> None:
     """Entropy-code a quantized checkpoint (ternary: dictionary code; b-bit: bit-packed)."""
     from .compress.pack import PackConfig, pack
     from .formats.info import checkpoint_info
 
-    cfg = PackConfig(dictionary_size=dictionary_size, max_pairs=max_pairs, progress=sys.stderr.isatty())
+    cfg = PackConfig(dictionary_size=dictionary_size, max_pairs=max_pairs, sample_matrices=sample_matrices,
+                     progress=sys.stderr.isatty())
     threads = _use_threads(threads)
     source = source.resolve() if source.name in ("", "..") else source  # `qmoe pack .`: a name for -packed
     out = out_dir or source.with_name(source.name + "-packed")
-    pack(source, out, cfg, note)
-    info = checkpoint_info(out)
+    result = pack(source, out, cfg, note)
+    info = {**checkpoint_info(out), "throughput": result.throughput()}
     if as_json:
         click.echo(json.dumps({**info, "threads": threads}))
     else:

@@ -11,7 +11,7 @@ from test_codec_reference import fixed_probs, ternary
 from qmoe_cli.codec.bitpack import pack_bits, row_bytes, unpack_bits
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, build_dictionary, encode_row, pair_symbols
 from qmoe_cli.codec.native import codec_extension
-from qmoe_cli.codec.rows import decode_dense, decode_matrix, encode_matrix, row_widths, ternary_matmul
+from qmoe_cli.codec.rows import decode_dense, decode_matrix, encode_matrix, row_offsets, row_widths, ternary_matmul
 
 WIDTHS = [1, 2, 27, 28, 29, 768, 3072, 2080]
 
@@ -48,6 +48,41 @@ def test_round_trip_equals_reference(book: Codebook, index: dict, width: int, ro
     assert offsets.diff().tolist() == [len(row) for row in reference]
     assert torch.equal(decode_matrix(words, offsets, book, width), codes)
     assert row_widths(words, offsets, book).tolist() == [width + width % 2] * rows
+    assert torch.equal(row_offsets(words, book, rows, width), offsets)  # what the packed format stores: none
+
+
+def _offsets_reference(words: torch.Tensor, book: Codebook, rows: int, width: int) -> list[int] | None:
+    """Walk the codewords one by one; None where a row does not end on a codeword boundary."""
+    offsets, filled = [0], 0
+    for k, word in enumerate((words.long() & 0xFFFF).tolist()):
+        filled += 2 * int(book.lengths[word])
+        if filled > width + width % 2:
+            return None
+        if filled == width + width % 2:
+            offsets.append(k + 1)
+            filled = 0
+    return offsets if len(offsets) == rows + 1 and filled == 0 else None
+
+
+@pytest.mark.parametrize("width", [1, 29, 768])
+def test_row_offsets_are_rebuilt_or_refused_like_a_walk_over_the_codewords(book: Codebook, width: int) -> None:
+    rows = 6
+    words, offsets = encode_matrix(ternary(rows, width, 0.85, seed=width), book)
+    g = torch.Generator().manual_seed(width)
+    cases = [words, words[:-1], torch.cat([words, words[:1]]), words[1:]]
+    for _ in range(20):  # random codewords swapped in: most break a row boundary, some keep it
+        bad = words.clone()
+        word = int(torch.randint(0, book.size, (1,), generator=g))
+        bad[torch.randint(0, words.numel(), (1,), generator=g)] = word - (1 << 16) * (word >= 1 << 15)
+        cases.append(bad)
+    for case in cases:
+        expected = _offsets_reference(case, book, rows, width)
+        if expected is None:
+            with pytest.raises(ValueError):
+                row_offsets(case, book, rows, width)
+        else:
+            assert row_offsets(case, book, rows, width).tolist() == expected
+    assert row_offsets(words, book, rows, width).dtype == torch.int32
 
 
 @pytest.mark.parametrize("group_cols", [None, 7])

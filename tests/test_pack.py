@@ -119,26 +119,42 @@ def _set(key: str, value):
     return lambda t: t.__setitem__(key, value(t[key]))
 
 
-def _swap_offsets(offsets: torch.Tensor) -> torch.Tensor:
-    out = offsets.clone()
-    out[1], out[2] = offsets[2], offsets[1]
-    return out
-
-
 @pytest.mark.parametrize("mutate,message", [
-    (_set("expert_0.wi.offsets", _swap_offsets), "offsets must rise"),
-    (_set("expert_0.wi.offsets", lambda o: o.long()), "expected torch.int32"),
-    (_set("expert_1.wo.words", lambda w: w[:-1]), "offsets must rise"),
-    (_set("expert_1.wo.words", lambda w: torch.zeros_like(w)), "decodes to"),
+    (_set("expert_0.wi.words", lambda w: w.roll(1)), "crosses into row"),
+    (_set("expert_0.wi.words", lambda w: w.int()), "expected torch.int16"),
+    (_set("expert_1.wo.words", lambda w: w[:-1]), "decode to"),
+    (_set("expert_1.wo.words", lambda w: torch.zeros_like(w)), "decode"),
     (_set("expert_2.wi.lo", lambda lo: torch.full_like(lo, float("nan"))), "non-finite"),
+    (_set("expert_2.wi.lo", lambda lo: lo.half()), "expected torch.bfloat16"),
     (_set("expert_2.wi.hi", lambda hi: hi[:-1]), "'hi' is"),
-    (lambda t: t.pop("expert_3.wo.offsets"), "missing offsets"),
+    (lambda t: t.pop("expert_3.wo.words"), "missing words"),
 ])
 def test_structurally_bad_matrices_are_clean_errors(ternary_dirs, tmp_path: Path, mutate, message: str) -> None:
     bad = _tamper(ternary_dirs[1], tmp_path / "bad", GROUP, mutate)
     output = _cli("info", str(bad), "--verify", code=1).output
     assert message in output and GROUP in output and "Traceback" not in output
     assert message in _cli("eval", "--model", str(bad), *EVAL, code=1).output
+
+
+def test_old_format_versions_are_refused_with_the_fix(ternary_dirs, tmp_path: Path) -> None:
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(ternary_dirs[1], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    output = _cli("eval", "--model", str(old), *EVAL, code=1).output
+    assert "packed format version 1 is no longer read" in output and "qmoe pack" in output
+
+
+def test_packed_grids_are_bf16_and_rows_carry_no_offsets(ternary_dirs) -> None:
+    quantized, packed, _ = ternary_dirs
+    stored, original = load_file(packed / GROUP), load_file(quantized / GROUP)
+    assert not [k for k in stored if k.endswith("offsets")]
+    for key in ("expert_0.wi.lo", "expert_3.wo.hi"):
+        assert stored[key].dtype == torch.bfloat16 and torch.equal(stored[key].float(), original[key])
 
 
 def test_a_bad_dictionary_is_a_clean_error(ternary_dirs, tmp_path: Path) -> None:
@@ -162,3 +178,20 @@ def test_packed_linear_decodes_in_row_blocks_and_matches_the_dense_product() -> 
         x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
         assert torch.allclose(linear(x), x @ dense.T, rtol=1e-4, atol=1e-4)
     assert math.isclose(16 * words.numel() / codes.numel(), 0.70, abs_tol=0.05)
+
+
+def test_the_dictionary_sample_spreads_over_blocks_experts_and_matrices() -> None:
+    from qmoe_cli.compress.pack import sample_matrices
+
+    blocks = [("encoder", 1), ("encoder", 3), ("decoder", 1)]
+    everything = [(s, i, j, m) for s, i in blocks for j in range(2) for m in ("wi", "wo")]
+    assert sample_matrices(blocks, 2, ("wi", "wo"), 0) == everything
+    assert sample_matrices(blocks, 2, ("wi", "wo"), 12) == everything
+    for experts, count in ((2048, 64), (5, 7), (5, 29), (1, 5)):
+        picks = sample_matrices(blocks, experts, ("wi", "wo"), count)
+        assert len(set(picks)) == len(picks) == count
+        assert {p[:2] for p in picks} == set(blocks) and {p[3] for p in picks} == {"wi", "wo"}
+        order = [(blocks.index(p[:2]), p[2], p[3]) for p in picks]
+        assert order == sorted(order)
+    wide = sample_matrices(blocks, 2048, ("wi", "wo"), 64)
+    assert max(p[2] for p in wide) - min(p[2] for p in wide) > 1500  # spread over the experts, not the first few

@@ -118,7 +118,7 @@ def test_every_manifest_edit_is_a_clean_error_or_harmless(quantized: Path) -> No
 
 def test_pack_refuses_corruption_or_packs_the_original(quantized: Path, tmp_path: Path) -> None:
     small = PackConfig(dictionary_size=512, max_pairs=4)  # a quick fit: what is tested is pack's reading
-    packed = pack(quantized, tmp_path / "reference", small, lambda line: None)
+    packed = pack(quantized, tmp_path / "reference", small, lambda line: None).manifest
     reference = _outputs(tmp_path / "reference")
     files = sorted(p for p in quantized.rglob("*.safetensors"))
     rnd = random.Random(7)
@@ -128,7 +128,7 @@ def test_pack_refuses_corruption_or_packs_the_original(quantized: Path, tmp_path
         what = f"case {case} ({_mutate(path, rnd)})"
         out = tmp_path / f"p{case}"
         try:
-            manifest = pack(quantized, out, small, lambda line: None)
+            manifest = pack(quantized, out, small, lambda line: None).manifest
         except QmoeError:
             assert not out.exists(), what
         except Exception as exc:  # noqa: BLE001

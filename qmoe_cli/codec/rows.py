@@ -1,7 +1,8 @@
 """Encode and decode whole matrices of ternary codes, row by row, with a `Codebook`.
 
 One encoded matrix is `words` [total] int16 (each a uint16 codeword index; torch has few uint16
-ops) plus `offsets` [rows + 1] int32: row r is words[offsets[r]:offsets[r + 1]]. The C++ codec
+ops) plus `offsets` [rows + 1] int32: row r is words[offsets[r]:offsets[r + 1]]. Offsets are
+implied by the codewords (`row_offsets`), so the packed format stores only the words. The C++ codec
 does the work, parallel over rows on `torch.get_num_threads()` threads; without it the
 pure-Python reference of `dictionary.py` does, slowly.
 """
@@ -30,12 +31,38 @@ def encode_matrix(codes: torch.Tensor, book: Codebook) -> tuple[torch.Tensor, to
     return torch.tensor(flat, dtype=torch.int32).to(torch.int16), offsets
 
 
+def row_offsets(words: torch.Tensor, book: Codebook, rows: int, width: int) -> torch.Tensor:
+    """The row offsets [rows + 1] int32 of an encoded matrix, rebuilt from its codewords alone.
+
+    Every row decodes to exactly `width` codes (width + 1 for an odd width: the padded last
+    pair), so row r ends where the running sum of codeword lengths reaches (r + 1) x that span:
+    offsets need not be stored (0 bits instead of 32 a row). One vectorized cumsum and search,
+    no decoding; it is also the loader's bounds check: ValueError unless every row ends exactly
+    on a codeword boundary and the codewords hold exactly the rows (no word before the first
+    row or after the last). `words` [total] int16 must already be inside the dictionary.
+    """
+    span, total = width + width % 2, words.numel()
+    if total >= 1 << 31:
+        raise ValueError(f"{total} codewords do not fit int32 offsets")
+    ends = book.weights[words.long() & 0xFFFF].cumsum(0)  # [total] int64: codes through word k
+    decoded = int(ends[-1]) if total else 0
+    if decoded != rows * span:
+        raise ValueError(f"the {total} codewords decode to {decoded} codes, not {rows} rows of {span}")
+    targets = torch.arange(1, rows + 1, dtype=torch.int64) * span
+    last = torch.searchsorted(ends, targets)  # [rows]: the word where each row's span is reached
+    bad = torch.nonzero(ends[last] != targets)
+    if bad.numel():
+        r = int(bad[0])
+        raise ValueError(f"row {r}'s codewords decode past its width {width} (a codeword crosses into row {r + 1})")
+    return torch.cat([torch.zeros(1, dtype=torch.int64), last + 1]).to(torch.int32)
+
+
 def row_widths(words: torch.Tensor, offsets: torch.Tensor, book: Codebook) -> torch.Tensor:
     """Codes each row decodes to, [rows] int64, in a few vectorized passes (no decoding).
 
-    The loader's bounds check: a row may be used only if this equals its width (or width + 1,
-    the padding of an odd width). Assumes offsets are monotone within [0, words.numel()] and
-    every word is a valid codeword; check those first.
+    The bounds check of matrices given with offsets: a row may be used only if this equals its
+    width (or width + 1, the padding of an odd width). Assumes offsets are monotone within
+    [0, words.numel()] and every word is a valid codeword; check those first.
     """
     ends = torch.cat([torch.zeros(1, dtype=torch.int64), book.weights[words.long() & 0xFFFF].cumsum(0)])
     return ends[offsets[1:].long()] - ends[offsets[:-1].long()]

@@ -9,6 +9,8 @@ every expert matrix as `qmoe eval` would.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +73,7 @@ def _quantized_sizes(weights: quantized.QuantizedWeights) -> dict[str, Any]:
 
 def _verify(weights: packed.PackedWeights) -> None:
     """Check every file's checksum and validate every expert matrix (raises QmoeError)."""
-    for name in weights.manifest["files"]:
-        weights.verify_file(name)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # sha256 releases the GIL
+        list(pool.map(weights.verify_file, weights.manifest["files"]))
     for stack, i in weights.arch.sparse_blocks():
         weights.experts(stack, i).load(range(weights.arch.num_experts), torch.device("cpu"), torch.float32)

@@ -10,16 +10,23 @@ Layout of a packed directory (safetensors + JSON, never pickle):
     head.safetensors, blocks/   copied byte for byte from the quantized checkpoint
     dictionary.safetensors      ternary only: `symbols` [size, max_len] uint8, `lengths` [size] uint8
     experts/{stack}-{i:03d}/group-{k:05d}.safetensors   per expert j and matrix m in wi, wo:
-        ternary: `expert_{j}.{m}.words` [total] int16 (uint16 codeword indices),
-                 `.offsets` [rows + 1] int32, `.lo` / `.hi` [rows, groups] fp32
+        ternary: `expert_{j}.{m}.words` [total] int16 (uint16 codeword indices, rows one after
+                 another; no offsets: each row decodes to exactly its width, so the loader
+                 rebuilds them from the codeword lengths), `.lo` / `.hi` [rows, groups] bf16
+                 (the quantizer's ternary grids are bf16-representable; fp32 only for a
+                 checkpoint quantized before they were)
         b-bit:   `expert_{j}.{m}.packed` [rows, ceil(cols * b / 8)] uint8,
                  `.scale` / `.zero` [rows, groups] fp32
 
+Per row of a 768-wide ternary matrix that is 32 bits of grid (0.04 bits/weight) where version 1
+spent 96 (int32 offset, fp32 grids). In memory a `DictionaryMatrix` is as before: int32 offsets,
+fp32 grids (what the CPU codec and the GPU kernels read).
+
 Safety: every file is checked against its size and sha256 before use (a flipped or truncated
 byte is an error, never a wrong model), and every matrix is validated before any decoder sees
-it: dtypes and shapes against the architecture, offsets starting at 0, monotone and ending at
-the codeword count, codewords inside the dictionary, and every row decoding to exactly its
-width (a vectorized sum of codeword lengths per row). So neither the C++ decoder nor a GPU
+it: dtypes and shapes against the architecture, codewords inside the dictionary, and the
+offsets rebuilt from the codeword lengths only if every row ends exactly on a codeword
+boundary (a vectorized cumsum; `codec.rows.row_offsets`). So neither the C++ decoder nor a GPU
 kernel can be handed a matrix that makes it read or write out of bounds.
 """
 
@@ -36,14 +43,15 @@ from torch import nn
 from ..arch import Architecture, architecture_from_config
 from ..codec.bitpack import row_bytes, unpack_bits
 from ..codec.dictionary import Codebook
-from ..codec.rows import decode_dense, row_widths, ternary_matmul
+from ..codec.rows import decode_dense, row_offsets, row_widths, ternary_matmul
 from ..errors import QmoeError
 from ..quant.grids import QuantSpec, dequantize
 from .integrity import manifest_digest, verify_file
 from .quantized import DenseTensorFiles, expert_file, grid_from_tensors, read_manifest
 from .safetensors_io import SafetensorsFile
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no stored offsets, bf16 ternary grids
+GRID_DTYPES = (torch.bfloat16, torch.float32)  # stored ternary grids: bf16, fp32 from old quantizers
 KIND = "packed"
 DICTIONARY_FILE = "dictionary.safetensors"
 _BLOCK_BYTES = 1 << 22  # fp32 bytes of weights one decode-matmul step materialises
@@ -168,15 +176,36 @@ class PackedExperts:
     def _matrix(self, file: SafetensorsFile, j: int, name: str) -> DictionaryMatrix | BitpackedMatrix:
         spec = self.checkpoint.spec
         rows, cols = self.checkpoint.arch.expert.shapes[name]
-        fields = ("words", "offsets", "lo", "hi") if spec.ternary else ("packed", "scale", "zero")
+        fields = ("words", "lo", "hi") if spec.ternary else ("packed", "scale", "zero")
         where = f"{file.path} expert_{j}.{name}"
         missing = [f for f in fields if f"expert_{j}.{name}.{f}" not in file.entries]
         if missing:
             raise QmoeError(f"{where}: missing {', '.join(missing)}; the checkpoint is corrupt")
         tensors = {f: file.read(f"expert_{j}.{name}.{f}") for f in fields}
-        if spec.ternary:
-            return DictionaryMatrix(tensors, self.checkpoint.codebook, rows, cols, spec, where)
-        return BitpackedMatrix(tensors, rows, cols, spec, where)
+        if not spec.ternary:
+            return BitpackedMatrix(tensors, rows, cols, spec, where)
+        return DictionaryMatrix(_stored_ternary(tensors, self.checkpoint.codebook, rows, cols, where),
+                                self.checkpoint.codebook, rows, cols, spec, where)
+
+
+def _stored_ternary(tensors: dict[str, torch.Tensor], book: Codebook, rows: int, cols: int,
+                    where: str) -> dict[str, torch.Tensor]:
+    """A stored ternary matrix (words, bf16/fp32 grids) -> `DictionaryMatrix` tensors: offsets
+    [rows + 1] int32 rebuilt (and thereby bounds-checked) from the codewords, grids fp32."""
+    words = tensors["words"]
+    _expect(where, "words", words, torch.int16, None)
+    if words.numel() and int((words.long() & 0xFFFF).max()) >= book.size:
+        raise QmoeError(f"{where}: a codeword is beyond the dictionary's {book.size}")
+    try:
+        offsets = row_offsets(words, book, rows, cols)
+    except ValueError as exc:
+        raise QmoeError(f"{where}: {exc}") from None
+    grids = {}
+    for name in ("lo", "hi"):
+        if tensors[name].dtype not in GRID_DTYPES:
+            raise QmoeError(f"{where}: '{name}' is {tensors[name].dtype}, expected torch.bfloat16 (or torch.float32)")
+        grids[name] = tensors[name].float()
+    return {"words": words, "offsets": offsets, **grids}
 
 
 @dataclass
@@ -200,9 +229,13 @@ class PackedWeights(DenseTensorFiles):
     def open(cls, directory: Path) -> "PackedWeights":
         manifest = read_manifest(directory)
         where = directory / "manifest.json"
-        if manifest["kind"] != KIND or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version")
+        if manifest["kind"] == KIND and isinstance(version, int) and version < FORMAT_VERSION:
+            raise QmoeError(f"{where}: packed format version {version} is no longer read (this qmoe reads version "
+                            f"{FORMAT_VERSION}); pack the quantized checkpoint again with `qmoe pack`")
+        if manifest["kind"] != KIND or version != FORMAT_VERSION:
             raise QmoeError(f"{where}: manifest is kind {manifest['kind']!r} version "
-                            f"{manifest.get('format_version')!r}; expected {KIND!r} version {FORMAT_VERSION}")
+                            f"{version!r}; expected {KIND!r} version {FORMAT_VERSION}")
         if manifest.get("manifest_sha256") != manifest_digest(manifest):
             raise QmoeError(f"{where}: checksum mismatch; the manifest is corrupt")
         try:

@@ -3,7 +3,8 @@
 A *grid* is the set of values one row of a weight matrix (or one group of `group_size`
 consecutive columns of that row) may take after quantization:
 
-- ternary: `{lo, 0, hi}` with `lo = min(row.min(), 0) <= 0 <= hi = max(row.max(), 0)`. A weight
+- ternary: `{lo, 0, hi}` with `lo = min(row.min(), 0) <= 0 <= hi = max(row.max(), 0)`, both
+  rounded to bfloat16-representable values (the packed format stores them in bf16). A weight
   maps to `lo` if `w < lo/2`, to `hi` if `w > hi/2`, else to 0 ("threshold at half"). Codes:
   0 -> lo, 1 -> 0, 2 -> hi.
 - b-bit integer (b in 2, 3, 4, 8): asymmetric min-max as in the GPTQ reference, with the range
@@ -162,7 +163,9 @@ def fit_grid(w: Tensor, spec: QuantSpec) -> Grid:
     xmin = wg.amin(-1).clamp(max=0)  # [E, rows, G]
     xmax = wg.amax(-1).clamp(min=0)  # [E, rows, G]
     if spec.ternary:
-        return TernaryGrid(lo=xmin, hi=xmax)
+        # Rounded to bfloat16 (at most 2^-9 relative, far inside GPTQ's error): the packed format
+        # stores ternary grids in bf16, and so stays lossless against the quantized checkpoint.
+        return TernaryGrid(lo=xmin.bfloat16().float(), hi=xmax.bfloat16().float())
     # An all-zero row would give scale 0 and 0/0 codes; any positive scale maps it to zero
     # exactly, so use GPTQ's [-1, 1].
     flat = (xmin == 0) & (xmax == 0)
