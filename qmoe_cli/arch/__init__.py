@@ -11,7 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import QmoeError
-from .base import Architecture, ExpertBank, ExpertShape, ModelWeights, MoEBlock, StackContext, TensorReader
+from .base import (
+                   Architecture,
+                   ExpertBank,
+                   ExpertShape,
+                   ModelWeights,
+                   MoEBlock,
+                   RoutedExperts,
+                   StackContext,
+                   TensorReader,
+                   routed_experts,
+)
 from .switch import SwitchArchitecture
 from .switch.config import SwitchConfig
 
@@ -31,5 +41,5 @@ def architecture_from_config(raw: dict[str, Any], overrides: dict[str, Any] | No
     return arch_class(config_class.from_hf_dict(raw, overrides))
 
 
-__all__ = ["Architecture", "ExpertBank", "ExpertShape", "MoEBlock", "ModelWeights", "StackContext", "TensorReader",
-           "architecture_from_config"]
+__all__ = ["Architecture", "ExpertBank", "ExpertShape", "MoEBlock", "ModelWeights", "RoutedExperts", "StackContext",
+           "TensorReader", "architecture_from_config", "routed_experts"]

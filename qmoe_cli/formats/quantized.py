@@ -31,6 +31,7 @@ from torch import nn
 from ..arch import Architecture, architecture_from_config
 from ..errors import QmoeError
 from ..files import read_json_object, replace_durably
+from ..kernels import round_once_linear
 from ..quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize
 from .safetensors_io import SafetensorsFile
 
@@ -132,8 +133,22 @@ class QuantizedExperts:
         return dequantize(codes, grid, self.spec)[0]
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
-        return [self.arch.make_expert({m: self.matrix(j, m).to(device=device, dtype=dtype)
+        return [self.arch.make_expert({m: GridLinear(self.matrix(j, m).to(device=device, dtype=dtype))
                                        for m in self.arch.expert.matrices}) for j in ids]
+
+
+class GridLinear(nn.Module):
+    """y = x Wᵀ for a dequantized expert matrix W [out, in] (in the run dtype), with the numerics
+    of every compressed expert linear (`round_once_linear`), so a quantized checkpoint computes
+    what its packed form computes on the same device and dtype."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] -> [n, out], in x's dtype."""
+        return round_once_linear(x, self.weight)
 
 
 class DenseTensorFiles:
