@@ -65,15 +65,17 @@ def spacing(t: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(t.double().abs().clamp(min=info.tiny)))) * info.eps
 
 
-def assert_contract(got: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, min_exact: float = 0.99) -> None:
-    """got [n, out] is x @ weightsᵀ under the contract: each output within one unit in the last
-    place of the exact result plus what an fp32 sum of K products may lose (K 2^-24 sum |x w|),
-    and most outputs exactly the correctly rounded value."""
-    expected = reference_linear(x, weights)
+def assert_contract(got: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, min_exact: float = 0.99,
+                    relu: bool = False) -> None:
+    """got [n, out] is x @ weightsᵀ (then relu) under the contract: each output within one unit
+    in the last place of the exact result plus what an fp32 sum of K products may lose
+    (K 2^-24 sum |x w|), and most outputs exactly the correctly rounded value."""
+    before = reference_linear(x, weights)
+    expected = torch.relu(before) if relu else before
     w = weights.to(device=x.device, dtype=x.dtype).double()
     fp32_sum = x.shape[1] * 2.0 ** -24 * (x.double().abs() @ w.abs().T)
     err = (got.double() - expected.double()).abs()
-    worst = float((err - spacing(expected) - fp32_sum).max())
+    worst = float((err - spacing(before) - fp32_sum).max())
     assert worst <= 0, f"an output is off by {worst:.3g} beyond one unit in the last place and the fp32 sum's error"
     exact = float((got == expected).double().mean())
     assert exact >= min_exact, f"only {exact:.4f} of the outputs are the correctly rounded value"
