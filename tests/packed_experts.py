@@ -69,7 +69,7 @@ def assert_contract(got: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, m
                     relu: bool = False) -> None:
     """got [n, out] is x @ weightsᵀ (then relu) under the contract: each output within one unit
     in the last place of the exact result plus what an fp32 sum of K products may lose
-    (K 2^-24 sum |x w|), and most outputs exactly the correctly rounded value."""
+    (K 2^-24 sum |x w|), and in 16-bit dtypes most outputs exactly the correctly rounded value."""
     before = reference_linear(x, weights)
     expected = torch.relu(before) if relu else before
     w = weights.to(device=x.device, dtype=x.dtype).double()
@@ -77,5 +77,6 @@ def assert_contract(got: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, m
     err = (got.double() - expected.double()).abs()
     worst = float((err - spacing(before) - fp32_sum).max())
     assert worst <= 0, f"an output is off by {worst:.3g} beyond one unit in the last place and the fp32 sum's error"
-    exact = float((got == expected).double().mean())
-    assert exact >= min_exact, f"only {exact:.4f} of the outputs are the correctly rounded value"
+    if x.dtype != torch.float32:  # in fp32 the sum's own rounding is the output's: exactness is not the rule
+        exact = float((got == expected).double().mean())
+        assert exact >= min_exact, f"only {exact:.4f} of the outputs are the correctly rounded value"
