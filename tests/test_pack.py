@@ -50,6 +50,26 @@ def test_packed_eval_equals_quantized_eval(ternary_dirs) -> None:
     assert abs(p["loss"] - q["loss"]) <= 1e-4 and p["tokens"] == q["tokens"]
 
 
+def test_packed_eval_equals_quantized_eval_in_bf16(ternary_dirs) -> None:
+    """Both checkpoints follow one numerics contract, so in bf16 they agree as closely as in fp32."""
+    quantized, packed, _ = ternary_dirs
+    q = _json("eval", "--model", str(quantized), *EVAL, "--dtype", "bfloat16")
+    p = _json("eval", "--model", str(packed), *EVAL, "--dtype", "bfloat16")
+    assert abs(p["loss"] - q["loss"]) <= 1e-4 * q["loss"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_packed_eval_on_the_gpu_equals_quantized_and_the_cpu(ternary_dirs) -> None:
+    """On CUDA the packed experts run compressed through the grouped kernels (bf16), the quantized
+    ones through `GridLinear`: the same function, so the same loss; and close to fp32 on the CPU."""
+    quantized, packed, _ = ternary_dirs
+    cuda = ["--samples", "32", "--device", "cuda", "--dtype", "bfloat16"]
+    q, p = _json("eval", "--model", str(quantized), *cuda), _json("eval", "--model", str(packed), *cuda)
+    cpu = _json("eval", "--model", str(packed), *EVAL)
+    assert abs(p["loss"] - q["loss"]) <= 1e-4 * q["loss"] and p["tokens"] == q["tokens"] == cpu["tokens"]
+    assert abs(p["loss"] - cpu["loss"]) <= 1e-2 * cpu["loss"]
+
+
 def test_info_reports_bits_entropy_and_layers(ternary_dirs) -> None:
     quantized, packed, summary = ternary_dirs
     info = _json("info", str(packed), "--verify")

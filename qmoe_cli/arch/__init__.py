@@ -17,9 +17,11 @@ from .base import (
     ExpertShape,
     ModelWeights,
     MoEBlock,
+    RoutedExperts,
     StackContext,
     TensorReader,
     resolve_name,
+    routed_experts,
 )
 from .switch import SwitchArchitecture
 from .switch.config import SwitchConfig
@@ -40,5 +42,5 @@ def architecture_from_config(raw: dict[str, Any], overrides: dict[str, Any] | No
     return arch_class(config_class.from_hf_dict(raw, overrides))
 
 
-__all__ = ["Architecture", "ExpertBank", "ExpertShape", "MoEBlock", "ModelWeights", "StackContext", "TensorReader",
-           "architecture_from_config", "resolve_name"]
+__all__ = ["Architecture", "ExpertBank", "ExpertShape", "MoEBlock", "ModelWeights", "RoutedExperts", "StackContext",
+           "TensorReader", "architecture_from_config", "resolve_name", "routed_experts"]

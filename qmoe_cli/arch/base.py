@@ -21,13 +21,33 @@ TensorReader = Callable[[str, "torch.dtype | None", torch.device], torch.Tensor]
 
 
 class ExpertBank(Protocol):
-    """Where a sparse block gets its experts: resident, read from a checkpoint, or compressed."""
+    """Where a sparse block gets its experts: resident, read from a checkpoint, or compressed.
+
+    A bank may also offer `routed(device, dtype) -> RoutedExperts | None` (see `routed_experts`):
+    all of a block's experts on the device at once, run over every routed token together (the
+    packed checkpoint's GPU path). Callers prefer it when it returns a value, else `load`.
+    """
 
     num_experts: int
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
         """Modules computing experts `ids` on `[n, d_model]` inputs; dropped after use."""
         ...
+
+
+class RoutedExperts(Protocol):
+    """All experts of a sparse block at once: each token through the expert it was routed to."""
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Normalised x [N, d] (on the device, in the run dtype), index [N] int64 in [0, E) ->
+        expert outputs [N, d] in x's dtype (not yet scaled by the router probability)."""
+        ...
+
+
+def routed_experts(bank: ExpertBank, device: torch.device, dtype: torch.dtype) -> RoutedExperts | None:
+    """The bank's grouped path on `device` in `dtype`, or None where it has none (then `load`)."""
+    routed = getattr(bank, "routed", None)
+    return None if routed is None else routed(device, dtype)
 
 
 class MoEBlock(Protocol):
@@ -68,6 +88,9 @@ class ExpertShape:
     matrices: tuple[str, ...]  # e.g. ("wi", "wo")
     shapes: Mapping[str, tuple[int, int]]  # name -> (rows, cols)
     hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [n, d], W_first [r, d]) -> [n, r]
+    # The expert is matrices[1](act(matrices[0](x))) with this act ("relu"), which grouped GPU
+    # kernels can fuse; None for any other structure (e.g. gated), run per expert instead.
+    chain_activation: str | None = None
 
 
 class Architecture(Protocol):

@@ -32,21 +32,23 @@ kernel can be handed a matrix that makes it read or write out of bounds.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..arch import Architecture, architecture_from_config
+from ..arch import Architecture, RoutedExperts, architecture_from_config
 from ..codec.bitpack import row_bytes, unpack_bits
 from ..codec.dictionary import Codebook
 from ..codec.rows import decode_dense, row_offsets, row_widths, ternary_matmul
 from ..errors import QmoeError
+from ..kernels import codebook_masks, kernel_library, round_once_linear
 from ..quant.grids import QuantSpec, dequantize
 from .integrity import manifest_digest, verify_file
+from .packed_cuda import DeviceExperts
 from .quantized import DenseTensorFiles, expert_file, grid_from_tensors, read_manifest
 from .safetensors_io import SafetensorsFile
 
@@ -93,11 +95,14 @@ class DictionaryMatrix:
                             (begin, end))
 
     def sparse_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [n, cols] fp32 @ Wᵀ -> [n, rows] fp32 from the codewords (no dense W at all);
-        None where unsupported (grids per column group, or no C++ codec)."""
+        """x [n, cols] @ Wᵀ -> [n, rows] in x's dtype from the codewords (no dense W at all), the
+        grid rounded to x's dtype and the sums in fp32 (`round_once_linear`'s numerics); None
+        where unsupported (grids per column group, or no C++ codec)."""
         if self.lo.shape[1] != 1:
             return None
-        return ternary_matmul(self.words, self.offsets, self.book, self.lo, self.hi, x)
+        lo, hi = (g.to(x.dtype).float() for g in (self.lo, self.hi))
+        y = ternary_matmul(self.words, self.offsets, self.book, lo, hi, x.float())
+        return None if y is None else y.to(x.dtype)
 
 
 class BitpackedMatrix:
@@ -130,7 +135,9 @@ class PackedLinear(nn.Module):
 
     A few tokens on a ternary matrix: summed straight from the codewords (only non-zero weights
     cost work). Otherwise: decoded a block of rows at a time (at most 4 MB of fp32), multiplied
-    with BLAS, dropped.
+    with BLAS, dropped. Either way with `round_once_linear`'s numerics: the grid rounded to x's
+    dtype, fp32 sums, one rounding, so the row blocks (each its own BLAS problem shape) give
+    what one product over the whole matrix gives, and what the quantized checkpoint gives.
     """
 
     def __init__(self, matrix: DictionaryMatrix | BitpackedMatrix):
@@ -141,13 +148,13 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] -> [n, out], in x's dtype and device."""
         if x.device.type == "cpu" and x.shape[0] <= SPARSE_MAX_TOKENS and isinstance(self.matrix, DictionaryMatrix):
-            y = self.matrix.sparse_matmul(x.float())
+            y = self.matrix.sparse_matmul(x)
             if y is not None:
-                return y.to(x.dtype)
+                return y
         parts = []
         for begin in range(0, self.matrix.rows, self.block_rows):
             end = min(self.matrix.rows, begin + self.block_rows)
-            parts.append(F.linear(x, self.matrix.dense(begin, end).to(device=x.device, dtype=x.dtype)))
+            parts.append(round_once_linear(x, self.matrix.dense(begin, end).to(device=x.device, dtype=x.dtype)))
         return torch.cat(parts, dim=-1)
 
 
@@ -158,20 +165,56 @@ class PackedExperts:
     def __init__(self, checkpoint: "PackedWeights", stack: str, index: int):
         self.checkpoint, self.stack, self.index = checkpoint, stack, index
         self.num_experts = checkpoint.arch.num_experts
+        self._device: DeviceExperts | None = None
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
         """Experts `ids` as modules decoding on the fly (compressed tensors stay on the CPU)."""
-        experts: dict[int, nn.Module] = {}
+        make = self.checkpoint.arch.make_expert
+        experts = {j: make({m: PackedLinear(matrix) for m, matrix in parts.items()}) for j, parts in self.matrices(ids)}
+        return [experts[j] for j in ids]
+
+    def matrices(self, ids: Sequence[int]) -> Iterator[tuple[int, dict[str, DictionaryMatrix | BitpackedMatrix]]]:
+        """(j, {matrix name: validated matrix}) for experts `ids`, one group file open at a time."""
         for group in sorted({j // self.checkpoint.group_size for j in ids}):
             file = self.checkpoint.open_verified(expert_file(self.stack, self.index, group))
             try:
                 for j in ids:
                     if j // self.checkpoint.group_size == group:
-                        experts[j] = self.checkpoint.arch.make_expert(
-                            {m: PackedLinear(self._matrix(file, j, m)) for m in self.checkpoint.arch.expert.matrices})
+                        yield j, {m: self._matrix(file, j, m) for m in self.checkpoint.arch.expert.matrices}
             finally:
                 file.close()
-        return [experts[j] for j in ids]
+
+    def routed(self, device: torch.device, dtype: torch.dtype) -> RoutedExperts | None:
+        """All experts of the block resident and compressed on a CUDA device, run by the grouped
+        kernels (`DeviceExperts`); uploaded on first use, kept while this bank lives. None (after
+        one warning saying why) where the kernels cannot run them: then `load`, on the CPU."""
+        if device.type != "cuda":
+            return None
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self._device is None or self._device.device != device:
+            self._device = None  # one block's copy at a time
+            reason = self._device_unsupported()
+            if reason is not None:
+                warnings.warn(f"qmoe: {reason}; packed experts decode on the CPU", RuntimeWarning, stacklevel=2)
+                return None
+            if kernel_library() is None:  # warns once with the build's reason
+                return None
+            self._device = DeviceExperts.upload(self.checkpoint.arch, self.checkpoint.spec,
+                                                self.matrices(range(self.num_experts)),
+                                                self.checkpoint.device_masks(device), device)
+        return self._device
+
+    def _device_unsupported(self) -> str | None:
+        arch, spec, book = self.checkpoint.arch, self.checkpoint.spec, self.checkpoint.codebook
+        if arch.expert.chain_activation != "relu" or len(arch.expert.matrices) != 2:
+            return f"the GPU kernels run experts of the form wo(relu(wi(x))), not {arch.family}'s"
+        if spec.ternary and spec.group_size is not None:
+            return "the GPU kernels take one ternary grid per row, this checkpoint has one per " \
+                   f"{spec.group_size} columns"
+        if book is not None and book.masks is None:
+            return f"the GPU kernels decode codewords of up to 14 pairs, this dictionary has {int(book.lengths.max())}"
+        return None
 
     def _matrix(self, file: SafetensorsFile, j: int, name: str) -> DictionaryMatrix | BitpackedMatrix:
         spec = self.checkpoint.spec
@@ -224,6 +267,15 @@ class PackedWeights(DenseTensorFiles):
             if not name.endswith(".safetensors"):
                 self.verify_file(name)
         self.codebook = self._read_codebook() if self.spec.ternary else None
+        self._masks: dict[torch.device, torch.Tensor] = {}
+
+    def device_masks(self, device: torch.device) -> torch.Tensor:
+        """The dictionary as the kernels read it (`codebook_masks`, [size, 2] int32), one copy per
+        device shared by every block; an empty [0, 2] for b-bit checkpoints."""
+        if device not in self._masks:
+            masks = torch.zeros(0, 2, dtype=torch.int32) if self.codebook is None else codebook_masks(self.codebook)
+            self._masks[device] = masks.to(device)
+        return self._masks[device]
 
     @classmethod
     def open(cls, directory: Path) -> "PackedWeights":

@@ -41,6 +41,7 @@ from torch import nn
 from ..arch import Architecture, architecture_from_config, resolve_name
 from ..errors import QmoeError
 from ..files import read_json_object, write_json_atomic
+from ..kernels import round_once_linear
 from ..quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize
 from .integrity import check_manifest_digest, file_records, manifest_digest, verify_file
 from .safetensors_io import SafetensorsFile, TensorEntry
@@ -181,13 +182,27 @@ class QuantizedExperts:
         return dequantize(codes, grid, self.spec)[0]
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
-        return [self.arch.make_expert({m: self.matrix(j, m).to(device=device, dtype=dtype)
+        return [self.arch.make_expert({m: GridLinear(self.matrix(j, m).to(device=device, dtype=dtype))
                                        for m in self.arch.expert.matrices}) for j in ids]
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class GridLinear(nn.Module):
+    """y = x Wᵀ for a dequantized expert matrix W [out, in] (in the run dtype), with the numerics
+    of every compressed expert linear (`round_once_linear`), so a quantized checkpoint computes
+    what its packed form computes on the same device and dtype."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] -> [n, out], in x's dtype."""
+        return round_once_linear(x, self.weight)
 
 
 class DenseTensorFiles:

@@ -1,18 +1,32 @@
-"""GPU kernels: the fused dictionary-decode + matmul of packed ternary experts, as `torch.library`
-ops (`ops`); the CUDA sources are in the top-level `kernels/`. Imports `codec`, `errors`, `resources`.
+"""GPU kernels: the grouped decode-matmul of compressed experts (dictionary-coded ternary and
+bit-packed b-bit) as `torch.library` ops (`ops`), and `round_once_linear`, the numerics every
+compressed expert linear follows; the CUDA sources are in the top-level `kernels/`. Imports
+`codec`, `errors`, `resources`.
 """
 
 from .ops import (
                   DENSE_TOKENS_THRESHOLD,
-                  MAX_TOKENS,
+                  MAX_PLAN_TOKENS,
+                  TILE_TOKENS,
                   KernelBuild,
+                  bitpacked_dense,
+                  bitpacked_tiles,
                   build_kernels,
                   codebook_masks,
                   decode_dense,
                   decode_dense_reference,
                   decode_matmul,
+                  device_bitpacked,
+                  gather_transpose,
+                  host_plan,
                   kernel_library,
+                  round_once_linear,
+                  route_plan,
+                  ternary_dense,
+                  ternary_tiles,
 )
 
-__all__ = ["DENSE_TOKENS_THRESHOLD", "MAX_TOKENS", "KernelBuild", "build_kernels", "codebook_masks", "decode_dense",
-           "decode_dense_reference", "decode_matmul", "kernel_library"]
+__all__ = ["DENSE_TOKENS_THRESHOLD", "MAX_PLAN_TOKENS", "TILE_TOKENS", "KernelBuild", "bitpacked_dense",
+           "bitpacked_tiles", "build_kernels", "codebook_masks", "decode_dense", "decode_dense_reference",
+           "decode_matmul", "device_bitpacked", "gather_transpose", "host_plan", "kernel_library",
+           "round_once_linear", "route_plan", "ternary_dense", "ternary_tiles"]

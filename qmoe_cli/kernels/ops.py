@@ -1,17 +1,31 @@
-"""The CUDA decode-matmul kernel (top-level `kernels/`) as `torch.library` ops, with typed wrappers.
+"""The CUDA kernels (top-level `kernels/`) as `torch.library` ops, with typed wrappers.
 
-Ops, defined here so their fake (meta) implementations work without the compiled library:
+Ops, defined here so their fake (meta) implementations work without the compiled library (shapes
+and layouts in `kernels/decode_matmul.h`; x and the outputs are fp32, bf16 or fp16):
 
-    qmoe::decode_matmul(words, offsets, masks, lo, hi, x) -> y [tokens, rows] bf16, tokens <= 32
-    qmoe::decode_dense(words, offsets, masks, lo, hi, cols) -> weights [rows, cols] bf16
+    qmoe::ternary_tiles(words, bases?, offsets, masks, lo, hi, x, x_transposed, tiles?, order?,
+                        relu, out_transposed) -> y      dictionary-coded ternary experts
+    qmoe::bitpacked_tiles(packed, scale, zero, bits, group_cols, x, x_transposed, tiles?, order?,
+                          relu, out_transposed) -> y    bit-packed b-bit experts
+    qmoe::ternary_dense(words, bases?, offsets, masks, lo, hi, expert, cols, dtype) -> [rows, cols]
+    qmoe::bitpacked_dense(packed, scale, zero, bits, group_cols, cols, expert, dtype) -> [rows, cols]
+    qmoe::route_plan(index, num_experts) -> (order [n] int32, tiles [n, 3] int32)
+    qmoe::gather_transpose(x [n, cols], order [n]) -> xt [cols, n]
+
+A *tile* is up to 32 tokens of one expert; the tile ops compute every row of the expert's matrix
+for those tokens in one launch over all tiles, so a sparse block costs one launch per expert
+matrix however many experts are active, and an expert without tokens costs nothing.
 
 The CUDA implementations come from `kernels/binding.cpp`, JIT-built by `torch.utils.cpp_extension`
 for sm_80 and sm_90 (plus sm_90 PTX, so newer GPUs can JIT it) on first use and cached by the
-sources' hash (`qmoe_cli.native_build`). Without nvcc or a CUDA build of torch, `kernel_library()` warns once and
-returns None and callers keep the CPU reference (`qmoe_cli.codec.rows.decode_dense`).
+sources' hash (`qmoe_cli.native_build`). Without nvcc or a CUDA build of torch, `kernel_library()`
+warns once and returns None and callers keep the CPU path (`qmoe_cli.formats.packed.PackedLinear`).
 
 The GPU reads the dictionary as `masks` [size, 2] int32 (`codebook_masks`): 8 bytes a codeword
 instead of the 28-byte code table plus a length, so one aligned 8-byte load decodes a codeword.
+
+Numerics, on every path (kernels, `round_once_linear`, the CPU decoders): weights are the grid
+values rounded to the activation dtype, products are summed in fp32, the output is rounded once.
 """
 
 from __future__ import annotations
@@ -26,38 +40,75 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..codec.dictionary import Codebook
 from ..errors import QmoeError
 from ..native_build import NativeBuild, load_native
 from ..resources import shipped_dir
 
-MAX_TOKENS = 32  # the fused kernel's limit: one lane writes each token's sum
-# Batches above this decode to a bf16 scratch matrix and use torch.matmul (tensor cores). 32 is
-# a placeholder at the fused kernel's limit, to be measured on a GPU with scripts/bench_kernel.py.
+TILE_TOKENS = 32  # tokens per tile: one warp lane per token at most
+MAX_PLAN_TOKENS = 1024  # route_plan sorts in one block of one thread per token
+# An expert with more tokens than this is decoded to a scratch matrix and multiplied with tensor
+# cores; up to it, the fused tiles. 32 (one tile) is where the per-shape benchmark's estimate
+# puts the crossover; set it from scripts/bench_kernel.py's crossover column on each GPU generation.
 DENSE_TOKENS_THRESHOLD = 32
 MAX_POSITIONS = 28  # bits of a codeword's masks: 14 pairs
 ARCHS = ("80", "90")  # A100, H100/H200
 PTX_ARCH = "90"  # also embedded as PTX, for GPUs newer than the listed archs
 EXTENSION_NAME = "qmoe_kernels"
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
-torch.library.define("qmoe::decode_matmul",
-                     "(Tensor words, Tensor offsets, Tensor masks, Tensor lo, Tensor hi, Tensor x) -> Tensor")
-torch.library.define("qmoe::decode_dense",
-                     "(Tensor words, Tensor offsets, Tensor masks, Tensor lo, Tensor hi, int cols) -> Tensor")
+torch.library.define("qmoe::ternary_tiles",
+                     "(Tensor words, Tensor? bases, Tensor offsets, Tensor masks, Tensor lo, Tensor hi, Tensor x, "
+                     "bool x_transposed, Tensor? tiles, Tensor? order, bool relu, bool out_transposed) -> Tensor")
+torch.library.define("qmoe::bitpacked_tiles",
+                     "(Tensor packed, Tensor scale, Tensor zero, int bits, int group_cols, Tensor x, "
+                     "bool x_transposed, Tensor? tiles, Tensor? order, bool relu, bool out_transposed) -> Tensor")
+torch.library.define("qmoe::ternary_dense",
+                     "(Tensor words, Tensor? bases, Tensor offsets, Tensor masks, Tensor lo, Tensor hi, int expert, "
+                     "int cols, ScalarType dtype) -> Tensor")
+torch.library.define("qmoe::bitpacked_dense",
+                     "(Tensor packed, Tensor scale, Tensor zero, int bits, int group_cols, int cols, int expert, "
+                     "ScalarType dtype) -> Tensor")
+torch.library.define("qmoe::route_plan", "(Tensor index, int num_experts) -> (Tensor, Tensor)")
+torch.library.define("qmoe::gather_transpose", "(Tensor x, Tensor order) -> Tensor")
 
 
-@torch.library.register_fake("qmoe::decode_matmul")
-def _decode_matmul_fake(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor, lo: torch.Tensor,
-                        hi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    torch._check(x.dim() == 2 and 1 <= x.shape[0] <= MAX_TOKENS, lambda: f"x must be [1..{MAX_TOKENS}, cols]")
-    return x.new_empty(x.shape[0], offsets.shape[0] - 1)
+def _tiles_out(x: torch.Tensor, x_transposed: bool, rows: int, out_transposed: bool) -> torch.Tensor:
+    n = x.shape[1] if x_transposed else x.shape[0]
+    return x.new_empty(rows, n) if out_transposed else x.new_empty(n, rows)
 
 
-@torch.library.register_fake("qmoe::decode_dense")
-def _decode_dense_fake(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor, lo: torch.Tensor,
-                       hi: torch.Tensor, cols: int) -> torch.Tensor:
-    return words.new_empty(offsets.shape[0] - 1, cols, dtype=torch.bfloat16)
+@torch.library.register_fake("qmoe::ternary_tiles")
+def _ternary_tiles_fake(words, bases, offsets, masks, lo, hi, x, x_transposed, tiles, order, relu, out_transposed):
+    return _tiles_out(x, x_transposed, offsets.shape[1] - 1, out_transposed)
+
+
+@torch.library.register_fake("qmoe::bitpacked_tiles")
+def _bitpacked_tiles_fake(packed, scale, zero, bits, group_cols, x, x_transposed, tiles, order, relu, out_transposed):
+    return _tiles_out(x, x_transposed, packed.shape[1], out_transposed)
+
+
+@torch.library.register_fake("qmoe::ternary_dense")
+def _ternary_dense_fake(words, bases, offsets, masks, lo, hi, expert, cols, dtype):
+    return words.new_empty(offsets.shape[1] - 1, cols, dtype=dtype)
+
+
+@torch.library.register_fake("qmoe::bitpacked_dense")
+def _bitpacked_dense_fake(packed, scale, zero, bits, group_cols, cols, expert, dtype):
+    return packed.new_empty(packed.shape[1], cols, dtype=dtype)
+
+
+@torch.library.register_fake("qmoe::route_plan")
+def _route_plan_fake(index, num_experts):
+    n = index.shape[0]
+    return index.new_empty(n, dtype=torch.int32), index.new_empty(n, 3, dtype=torch.int32)
+
+
+@torch.library.register_fake("qmoe::gather_transpose")
+def _gather_transpose_fake(x, order):
+    return x.new_empty(x.shape[1], order.shape[0])
 
 
 def codebook_masks(book: Codebook) -> torch.Tensor:
@@ -71,7 +122,7 @@ def codebook_masks(book: Codebook) -> torch.Tensor:
 
 def decode_dense_reference(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor, lo: torch.Tensor,
                            hi: torch.Tensor, cols: int) -> torch.Tensor:
-    """What the kernels compute, in plain torch on any device: weights [rows, cols] fp32.
+    """What the kernels decode, in plain torch on any device: weights [rows, cols] fp32.
 
     words [total] int16, offsets [rows + 1] int32, masks [size, 2] int32, lo/hi [rows, 1] fp32.
     Each codeword starts where the previous one of its row ended; positions past `cols` (the
@@ -166,6 +217,77 @@ def kernel_library() -> KernelBuild | None:
         return None
 
 
+def round_once_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [n, in] @ w.T for w [out, in] in x's dtype (the grid values rounded to it): products
+    summed in fp32, the result [n, out] rounded once to x's dtype.
+
+    The one dense matmul of compressed experts, so the quantized checkpoint, the packed one on the
+    CPU and the packed one on a GPU (its kernels, and its tensor-core path for many tokens) all
+    compute the same function. A plain bf16 `F.linear` on CUDA does not: cuBLAS may split the
+    sum and reduce the parts in bf16 (`allow_bf16_reduced_precision_reduction`), differently for
+    every problem shape, so two shapes of the same product round differently.
+    """
+    if x.dtype == torch.float32:
+        return F.linear(x, w)
+    if x.is_cuda:
+        return torch.mm(x, w.T, out_dtype=torch.float32).to(x.dtype)
+    return F.linear(x.float(), w.float()).to(x.dtype)
+
+
+def _check_x(x: torch.Tensor) -> None:
+    if x.dim() != 2 or x.dtype not in FLOATS:
+        raise ValueError(f"x must be [tokens, cols] fp32, bf16 or fp16, got {x.dtype}{list(x.shape)}")
+
+
+def ternary_tiles(words: torch.Tensor, bases: torch.Tensor | None, offsets: torch.Tensor, masks: torch.Tensor,
+                  lo: torch.Tensor, hi: torch.Tensor, x: torch.Tensor, tiles: torch.Tensor | None,
+                  order: torch.Tensor | None, relu: bool, out_transposed: bool) -> torch.Tensor:
+    """Dictionary-coded ternary experts on the tiles of x, in one launch.
+
+    words [total] int16 (all experts' codewords; expert e's start at bases[e], [E] int64, or 0
+    when bases is None and E = 1), offsets [E, rows + 1] int32, masks [size, 2] int32, lo/hi
+    [E, rows] fp32; x [cols, n] (one column per token position); tiles [T, 3] int32 (expert,
+    first position, count <= 32; count 0 = unused) or None (expert 0, positions 32 at a time);
+    order [n] int32 or None. Returns [rows, n] (out_transposed) or [n, rows] with position p
+    written to row order[p] (or p), in x's dtype; positions in no tile are left unwritten.
+    """
+    return torch.ops.qmoe.ternary_tiles(words, bases, offsets, masks, lo, hi, x, True, tiles, order, relu,
+                                        out_transposed)
+
+
+def bitpacked_tiles(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_cols: int,
+                    x: torch.Tensor, tiles: torch.Tensor | None, order: torch.Tensor | None, relu: bool,
+                    out_transposed: bool) -> torch.Tensor:
+    """`ternary_tiles` for b-bit experts: packed [E, rows, ceil(cols / 32) * bits] int32
+    (`device_bitpacked`), scale/zero [E, rows, ceil(cols / group_cols)] fp32."""
+    return torch.ops.qmoe.bitpacked_tiles(packed, scale, zero, bits, group_cols, x, True, tiles, order, relu,
+                                          out_transposed)
+
+
+def route_plan(index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens sorted by expert on the GPU, no host sync: index [n] int64 (n <= MAX_PLAN_TOKENS)
+    -> order [n] int32 (position -> token, stable) and tiles [n, 3] int32."""
+    return torch.ops.qmoe.route_plan(index, num_experts)
+
+
+def host_plan(counts: list[int], threshold: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """Tiles [T, 3] int32 (CPU) of the experts with at most `threshold` tokens, and the (expert,
+    first position, count) of the heavier ones, from tokens per expert (positions sorted by expert)."""
+    tiles, heavy, begin = [], [], 0
+    for e, count in enumerate(counts):
+        if count > threshold:
+            heavy.append((e, begin, count))
+        else:
+            tiles += [(e, p, min(TILE_TOKENS, begin + count - p)) for p in range(begin, begin + count, TILE_TOKENS)]
+        begin += count
+    return torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3), heavy
+
+
+def gather_transpose(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x [n, cols] -> [cols, n] with column p = x[order[p]] (order [n] int32), on the GPU."""
+    return torch.ops.qmoe.gather_transpose(x, order)
+
+
 def _check_one_grid(lo: torch.Tensor) -> None:
     if lo.dim() != 2 or lo.shape[1] != 1:
         raise ValueError(f"the GPU kernels take one grid per row, lo/hi [rows, 1]; got {list(lo.shape)} "
@@ -174,23 +296,47 @@ def _check_one_grid(lo: torch.Tensor) -> None:
 
 def decode_matmul(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor, lo: torch.Tensor,
                   hi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """y = x @ W.T for the dictionary-coded ternary W, on the GPU: y [tokens, rows] bf16.
+    """y = x @ W.T for one dictionary-coded ternary W, on the GPU: y [tokens, rows] in x's dtype.
 
     words [total] int16, offsets [rows + 1] int32 (a packed matrix), masks [size, 2] int32
-    (`codebook_masks`), lo/hi [rows, 1] fp32, x [tokens, cols] bf16; all on one CUDA device
-    (call `kernel_library()` first). Up to DENSE_TOKENS_THRESHOLD tokens one fused launch that
-    never materializes W; beyond, W is decoded to a bf16 scratch matrix and torch.matmul runs.
+    (`codebook_masks`), lo/hi [rows, 1] fp32, x [tokens, cols] fp32/bf16/fp16; all on one CUDA
+    device (call `kernel_library()` first). Up to DENSE_TOKENS_THRESHOLD tokens the fused tiles,
+    which never materialize W; beyond, W decoded to a scratch matrix and `round_once_linear`.
     """
     _check_one_grid(lo)
-    if x.dim() != 2 or x.shape[0] < 1:
-        raise ValueError(f"x must be [tokens >= 1, cols], got {list(x.shape)}")
-    if x.shape[0] <= min(DENSE_TOKENS_THRESHOLD, MAX_TOKENS):
-        return torch.ops.qmoe.decode_matmul(words, offsets, masks, lo, hi, x)
-    return x @ decode_dense(words, offsets, masks, lo, hi, x.shape[1]).T
+    _check_x(x)
+    if x.shape[0] < 1:
+        raise ValueError(f"x must hold at least one token, got {list(x.shape)}")
+    if x.shape[0] > DENSE_TOKENS_THRESHOLD:
+        return round_once_linear(x, decode_dense(words, offsets, masks, lo, hi, x.shape[1], x.dtype))
+    xt = x.reshape(-1, 1) if x.shape[0] == 1 else x.T.contiguous()  # [cols, tokens]
+    return ternary_tiles(words, None, offsets[None], masks, lo.reshape(1, -1), hi.reshape(1, -1), xt, None, None,
+                         relu=False, out_transposed=False)
 
 
 def decode_dense(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor, lo: torch.Tensor,
-                 hi: torch.Tensor, cols: int) -> torch.Tensor:
-    """The decoded weights [rows, cols] bf16, on the GPU (arguments as `decode_matmul`)."""
+                 hi: torch.Tensor, cols: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The decoded weights [rows, cols] in `dtype`, on the GPU (arguments as `decode_matmul`)."""
     _check_one_grid(lo)
-    return torch.ops.qmoe.decode_dense(words, offsets, masks, lo, hi, cols)
+    return torch.ops.qmoe.ternary_dense(words, None, offsets[None], masks, lo.reshape(1, -1), hi.reshape(1, -1), 0,
+                                        cols, dtype)
+
+
+def device_bitpacked(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """The kernels' layout of bit-packed rows: packed [..., rows, ceil(cols * bits / 8)] uint8
+    (MSB-first, `codec.bitpack`) -> [..., rows, ceil(cols / 32) * bits] int32, each row zero-padded
+    to whole 32-column chunks (a chunk is exactly `bits` words, so a warp loads it in one go)."""
+    words = -(-cols // TILE_TOKENS) * bits
+    return F.pad(packed, (0, 4 * words - packed.shape[-1])).contiguous().view(torch.int32)
+
+
+def bitpacked_dense(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_cols: int,
+                    cols: int, expert: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert `expert`'s b-bit weights [rows, cols] in `dtype` (arguments as `bitpacked_tiles`)."""
+    return torch.ops.qmoe.bitpacked_dense(packed, scale, zero, bits, group_cols, cols, expert, dtype)
+
+
+def ternary_dense(words: torch.Tensor, bases: torch.Tensor | None, offsets: torch.Tensor, masks: torch.Tensor,
+                  lo: torch.Tensor, hi: torch.Tensor, expert: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert `expert`'s ternary weights [rows, cols] in `dtype` (arguments as `ternary_tiles`)."""
+    return torch.ops.qmoe.ternary_dense(words, bases, offsets, masks, lo, hi, expert, cols, dtype)

@@ -3,8 +3,9 @@
 Memory bound (what makes a 3.2 TB model runnable): at any time the process holds the hidden
 states of all samples (`ListBuffer`, tokens x d_model, CPU), the encoder outputs while the
 decoder runs, the embedding, ONE block's non-expert weights, and ONE group of experts
-(`group_size` experts, only those that received tokens). Peak memory therefore does not grow
-with the number of experts or blocks. Attention runs per sample (no padding, exact); the
+(`group_size` experts, only those that received tokens), or, where the bank runs its experts
+grouped on the GPU (packed checkpoints), ONE block's compressed experts in GPU memory. Peak
+memory therefore does not grow with the number of blocks. Attention runs per sample (no padding, exact); the
 feed-forward sublayers run over the flat token buffer in chunks, and a sparse block routes all
 tokens first, then visits its experts group by group, gathering each expert's tokens with one
 index.
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..arch import ExpertBank, ModelWeights, MoEBlock
+from ..arch import ExpertBank, ModelWeights, MoEBlock, routed_experts
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,16 @@ def apply_expert(block: MoEBlock, expert: nn.Module, buffer: ListBuffer, tokens:
 
 
 def apply_experts(block: MoEBlock, bank: ExpertBank, buffer: ListBuffer, routing: Routing, run: RunConfig) -> None:
-    """Run every routed token through its expert from `bank`, loading `run.group_size` at a time."""
+    """Run every routed token through its expert from `bank`: all experts at once, chunk by chunk
+    of tokens, where the bank has a grouped path on the device; else `run.group_size` at a time."""
+    routed = routed_experts(bank, run.device, run.dtype)
+    if routed is not None:
+        for part in buffer.chunks(run.token_chunk):
+            x = buffer.data[part].to(run.device, non_blocking=True)
+            prob = routing.prob[part].to(run.device, x.dtype)
+            y = x + routed(block.ffn_norm(x), routing.index[part].to(run.device)) * prob[:, None]
+            buffer.data[part] = y.to(buffer.data.dtype).cpu()
+        return
     active = [j for j in range(bank.num_experts) if routing.count(j)]
     for first in range(0, len(active), run.group_size):
         ids = active[first:first + run.group_size]

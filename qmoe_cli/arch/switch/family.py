@@ -52,7 +52,7 @@ class SwitchArchitecture:
     def __post_init__(self) -> None:
         c = self.config
         shapes = {"wi": (c.d_ff, c.d_model), "wo": (c.d_model, c.d_ff)}
-        object.__setattr__(self, "expert", ExpertShape(("wi", "wo"), shapes, _relu_hidden))
+        object.__setattr__(self, "expert", ExpertShape(("wi", "wo"), shapes, _relu_hidden, "relu"))
 
     @property
     def num_experts(self) -> int:

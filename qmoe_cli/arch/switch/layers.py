@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import ExpertBank
+from ..base import ExpertBank, routed_experts
 from .config import SwitchConfig
 
 
@@ -179,6 +179,9 @@ class SparseMLP(nn.Module):
         return self.apply_experts(x, index, prob)
 
     def apply_experts(self, x: torch.Tensor, index: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+        routed = routed_experts(self.experts, x.device, x.dtype)
+        if routed is not None:  # all experts in one grouped pass (packed experts on a GPU)
+            return routed(x, index) * prob[:, None].to(x.dtype)
         order = torch.argsort(index, stable=True)  # tokens grouped by expert, in token order
         counts = torch.bincount(index, minlength=self.experts.num_experts).tolist()
         starts = [0]
