@@ -220,16 +220,16 @@ def _disk_full_on(monkeypatch: pytest.MonkeyPatch, fails: Callable[[str], bool])
     """safetensors' writer raises what it raises on a full disk for the files `fails` picks."""
     from safetensors import SafetensorError
 
-    from qmoe_cli.formats import quantized
+    from qmoe_cli import files
 
-    real = quantized.save_file
+    real = files.save_file
 
     def save_file(tensors, path, metadata=None):
         if fails(str(path)):
             raise SafetensorError(NO_SPACE)
         return real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(quantized, "save_file", save_file)
+    monkeypatch.setattr(files, "save_file", save_file)
 
 
 def test_disk_full_during_compress_leaves_a_resumable_run(compress_setup, tmp_path: Path,
