@@ -32,7 +32,6 @@ from qmoe_cli.compress.distributed import (
     split_evenly,
 )
 from qmoe_cli.errors import QmoeError
-from qmoe_cli.formats.safetensors_io import SafetensorsFile
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 COMPRESS = ["-m", "qmoe_cli", "compress", "--device", "cpu", "--calib-samples", "64", "--json"]
@@ -64,31 +63,17 @@ def _ranks(world: int, out: Path, *flags: str) -> list[subprocess.Popen]:
             for r in range(world)]
 
 
-def _agreement(a: Path, b: Path) -> float:
-    """Share of expert code positions equal in two quantized checkpoints."""
-    same = total = 0
-    for path in sorted((a / "experts").rglob("*.safetensors")):
-        left, right = SafetensorsFile(path), SafetensorsFile(b / path.relative_to(a))
-        assert set(left.entries) == set(right.entries), path
-        for key in (k for k in left.entries if k.endswith(".codes")):
-            x, y = left.read(key), right.read(key)
-            same, total = same + int((x == y).sum()), total + x.numel()
-    assert total > 0
-    return same / total
-
-
-def _eval_loss(directory: Path) -> float:
-    result = CliRunner().invoke(main, ["eval", "--model", str(directory), "--samples", "32", "--device", "cpu",
-                                       "--json"])
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)["loss"]
-
-
-def _assert_same_checkpoint(reference: tuple[Path, float], other: Path) -> None:
-    """The issue's bar: >= 99.9% of codes equal and the eval loss within 1e-4 of one process's."""
-    agreement = _agreement(reference[0], other)
-    assert agreement >= 0.999, f"only {agreement:.4%} of codes agree with one process"
-    assert abs(_eval_loss(other) - reference[1]) <= 1e-4
+def _assert_same_checkpoint(reference: Path, other: Path) -> None:
+    """The bar: expert files byte-identical to one process's, and the same statistics and
+    calibration loss in the manifest (every expert's arithmetic runs on the tokens, rows and
+    chunks one process gives it, whichever rank does it)."""
+    files = sorted(p.relative_to(reference) for p in (reference / "experts").rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(other) for p in (other / "experts").rglob("*.safetensors"))
+    for name in files:
+        assert (reference / "experts" / name).read_bytes() == (other / "experts" / name).read_bytes(), name
+    ours, theirs = (json.loads((d / "manifest.json").read_text()) for d in (reference, other))
+    assert ours["blocks"] == theirs["blocks"]
+    assert ours["calibration_loss"] == theirs["calibration_loss"]
 
 
 def _wait_for_finished_block(partial: Path, procs: list, limit: float = 120) -> None:
@@ -104,12 +89,12 @@ def _wait_for_finished_block(partial: Path, procs: list, limit: float = 120) -> 
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, tuple[Path, float]]:
-    """One-process checkpoints of tiny-switch and their eval losses: default settings, small groups."""
+def reference(tmp_path_factory) -> dict[str, Path]:
+    """One-process checkpoints of tiny-switch: default settings, small groups."""
     root = tmp_path_factory.mktemp("reference")
     _one_process(root / "default")
     _one_process(root / "small", *SMALL_GROUPS)
-    return {name: (root / name, _eval_loss(root / name)) for name in ("default", "small")}
+    return {name: root / name for name in ("default", "small")}
 
 
 # --- helpers, in one process -------------------------------------------------------------
@@ -209,8 +194,13 @@ def test_two_ranks_under_torchrun_write_what_one_process_writes(reference, tmp_p
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)  # rank 0 alone prints: exactly one JSON object
     assert summary["world_size"] == 2
-    # Every sparse block reduces one fp64 Hessian per expert and matrix: 8 x (128^2 + 112^2) x 8 bytes.
-    assert all(summary["communicated_bytes"][b] > 8 * (128 ** 2 + 112 ** 2) * 8 for b in summary["blocks"])
+    # Tokens travel to their experts' owners and back, codes to rank 0, so bytes follow tokens:
+    # the encoder's blocks (~4x the decoder's tokens) send more, and the decoder's blocks less
+    # than the fp64 Hessians alone of the reduction design, 8 x (128^2 + 112^2) x 8 bytes.
+    sent = summary["communicated_bytes"]
+    hessians = 8 * (128 ** 2 + 112 ** 2) * 8
+    assert all(sent[f"encoder.{i}"] > 2 * sent[f"decoder.{i}"] for i in (1, 3))
+    assert all(0 < sent[f"decoder.{i}"] < hessians / 2 for i in (1, 3))
     assert done.stderr.count("encoder.1: tokens/expert") == 1, "block lines come from rank 0 only"
     _assert_same_checkpoint(reference["default"], tmp_path / "q")
 
