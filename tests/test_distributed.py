@@ -31,7 +31,9 @@ from qmoe_cli.compress.distributed import (
     shard_bounds,
     split_evenly,
 )
+from qmoe_cli.compress.wire import pack_codes, packed_bytes, unpack_codes
 from qmoe_cli.errors import QmoeError
+from qmoe_cli.quant.grids import QuantSpec
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 COMPRESS = ["-m", "qmoe_cli", "compress", "--device", "cpu", "--calib-samples", "64", "--json"]
@@ -70,7 +72,7 @@ def _assert_same_checkpoint(reference: Path, other: Path) -> None:
     files = sorted(p.relative_to(reference) for p in (reference / "experts").rglob("*.safetensors"))
     assert files and files == sorted(p.relative_to(other) for p in (other / "experts").rglob("*.safetensors"))
     for name in files:
-        assert (reference / "experts" / name).read_bytes() == (other / "experts" / name).read_bytes(), name
+        assert (reference / name).read_bytes() == (other / name).read_bytes(), name
     ours, theirs = (json.loads((d / "manifest.json").read_text()) for d in (reference, other))
     assert ours["blocks"] == theirs["blocks"]
     assert ours["calibration_loss"] == theirs["calibration_loss"]
@@ -112,6 +114,20 @@ def test_shards_are_contiguous_non_empty_and_balanced():
     assert [list(s) for s in split_evenly(range(2), 3)] == [[0], [1], []]
 
 
+@pytest.mark.parametrize("bits, per_code", [("ternary", 1.6), ("2", 2), ("3", 3), ("4", 4), ("8", 8)])
+def test_codes_on_the_wire_round_trip_at_about_log2_levels_bits(bits: str, per_code: float):
+    spec = QuantSpec(bits)
+    g = torch.Generator().manual_seed(len(bits))
+    for shape in [(1, 1, 1), (3, 97, 13), (2, 5, 1025)]:
+        codes = torch.randint(0, spec.levels, shape, generator=g).to(torch.uint8)
+        packed = pack_codes(codes, spec)
+        assert packed.dtype == torch.uint8 and packed.numel() == packed_bytes(codes.numel(), spec)
+        assert torch.equal(unpack_codes(packed, spec, shape), codes)
+    assert packed.numel() * 8 / codes.numel() <= per_code * 1.01
+    with pytest.raises(ValueError, match="packed bytes"):
+        unpack_codes(packed[:-1], spec, shape)
+
+
 def test_a_group_of_one_communicates_nothing():
     comm = Comm()
     x = torch.arange(6.0).view(2, 3)
@@ -119,6 +135,7 @@ def test_a_group_of_one_communicates_nothing():
     assert torch.equal(comm.all_gather(x, "gather"), x[None])
     assert torch.equal(comm.gather_rows(x, [2], "rows"), x)
     assert comm.on_root(lambda: {"a": 1}, "root") == {"a": 1}
+    assert comm.exchange([[x]], [[]], "exchange")[0][0] is x
     assert comm.traffic == {}
 
 
@@ -166,6 +183,18 @@ def _collectives(rank: int, world: int, port: int, failures) -> None:
             if rank == 1:
                 assert total.tolist() == [3.0, 3.0, 3.0]
             assert comm.broadcast_json({"r": [1, "x"]} if rank == 0 else None, 0, "json") == {"r": [1, "x"]}
+            # uneven all-to-all: rank r sends rank s (r + 2s) rows of 3 bf16 values plus one int64
+            send = [[torch.full((rank + 2 * s, 3), float(10 * rank + s), dtype=torch.bfloat16),
+                     torch.tensor([rank * 7 + s])] for s in range(world)]
+            specs = [[((r + 2 * rank, 3), torch.bfloat16), ((1,), torch.int64)] for r in range(world)]
+            with comm.phase("exchange"):
+                got = comm.exchange(send, specs, "exchange")
+            assert got[rank][0] is send[rank][0]  # own bundle handed back, no copy
+            for r, (rows, tag) in enumerate(got):
+                assert rows.shape == (r + 2 * rank, 3) and bool((rows == 10 * r + rank).all())
+                assert tag.tolist() == [r * 7 + rank]
+            other = 1 - rank
+            assert comm.traffic["exchange"] == (other + 2 * rank + rank + 2 * other) * 3 * 2 + 2 * 8
             with pytest.raises(QmoeError, match="--out x: already exists"):  # rank 0's error, on every rank
                 comm.on_root(_refuse, "root")
             assert comm.traffic["setup"] > 0

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from ..arch import Architecture, MoEBlock
 from ..formats.quantized import QuantizedExperts, QuantizedWeights, expert_file, save_tensors_atomic, write_json_atomic
-from ..quant.gptq import GPTQResult, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
+from ..quant.gptq import GPTQResult, experts_per_batch, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
 from ..quant.grids import Grid, IntGrid, QuantSpec, TernaryGrid, dequantize
 from ..run.stream import ListBuffer, Routing, RunConfig, expert_residual, route
 from .config import CompressConfig
@@ -193,10 +193,28 @@ class ExpertCompressor:
                      f"zeros {stats.zero_fraction:.1%}, {time.perf_counter() - started:.1f}s{traffic}")
 
     def _rounds(self, num: int, desc: str, run: RunConfig) -> Iterator[list[Sequence[int]]]:
-        """Experts in rounds of group_size x world_size, each split into one slice per rank."""
-        step = self.cfg.group_size * self.comm.world_size
+        """Experts in rounds of `_slice_size` x world_size, each split into one slice per rank."""
+        step = self._slice_size(num, run) * self.comm.world_size
         for first in tqdm(range(0, num, step), desc=desc, unit="round", disable=not run.progress, leave=False):
             yield split_evenly(range(first, min(num, first + step)), self.comm.world_size)
+
+    def _slice_size(self, num: int, run: RunConfig) -> int:
+        """Experts one rank quantizes in one batched GPTQ call.
+
+        On CPU, `--group-size`: batching gains nothing there (memory-bound), and host memory is
+        the user's to bound. On a GPU, as many as half the free device memory holds by
+        `gptq_memory_bytes` (the other half: tokens, the block, cuBLAS/cuSOLVER workspaces,
+        rank 0's packed codes), since bigger batches fill the GPU and amortize launches. Ranks
+        take the smallest choice among them, so they agree on the rounds. (`--group-size` still
+        sets the experts per output file; the result does not depend on the batch.)
+        """
+        if run.device.type != "cuda":
+            return self.cfg.group_size
+        free, _ = torch.cuda.mem_get_info(run.device)
+        most = math.ceil(num / self.comm.world_size)
+        size = experts_per_batch(list(self.arch.expert.shapes.values()), free // 2, most)
+        everyone = self.comm.all_gather(torch.tensor([size], device=self.comm.device), "expert batch size")
+        return int(everyone.min())
 
     def _quantize(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, routing: Routing,
                   run: RunConfig) -> BlockStats:
@@ -276,8 +294,10 @@ class ExpertCompressor:
         """w [n, rows, cols] fp32; features: each expert's Hessian inputs [n_j, cols]; used [n] int64."""
         if self.cfg.method != "gptq":
             return rtn_quantize(w, self.cfg.spec)
-        hessians = hessian_from_sum(torch.stack([hessian_sum(x) for x in features]), used)  # [n, cols, cols]
-        return gptq_quantize(w, hessians, self.cfg.gptq)
+        sums = w.new_empty((len(features), w.shape[-1], w.shape[-1]), dtype=torch.float64)  # [n, cols, cols]
+        for e, x in enumerate(features):
+            sums[e] = hessian_sum(x)
+        return gptq_quantize(w, hessian_from_sum(sums, used), self.cfg.gptq)
 
     # --- step 4: tokens through the quantized experts, and back -----------------------------
 
