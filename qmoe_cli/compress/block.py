@@ -265,8 +265,8 @@ class ExpertCompressor:
         received = self.comm.exchange(send, specs, "calibration tokens to expert owners")
         # Per expert, its rows from every rank in rank order: global sample order.
         per_rank = [[part.split(counts[r].tolist()) for part in bundle] for r, bundle in enumerate(received)]
-        joined = [[torch.cat([per_rank[r][f][e] for r in range(len(per_rank))]).to(self.comm.device)
-                   for e in range(len(mine))] for f in range(3)]
+        joined = [[torch.cat([per_rank[r][f][e].to(self.comm.device) for r in range(len(per_rank))])
+                   for e in range(len(mine))] for f in range(3)]  # (own rows are still on the CPU)
         return Arrivals(*joined, counts)
 
     # --- step 3: GPTQ on the owner ----------------------------------------------------------
@@ -281,8 +281,9 @@ class ExpertCompressor:
             return [_empty_encoded(*shape.shapes[m], self.cfg.spec, run.device) for m in shape.matrices], n_stats
         weights = block.experts.load(list(mine), run.device, torch.float32)
         used = plan.used[list(mine)]
+        gptq = self.cfg.method == "gptq"  # rtn needs no Hessians
         inputs = [block.ffn_norm(x[h].to(run.device)).float()  # [n_j, d] fp32, the Hessian's tokens
-                  for x, h in zip(arrivals.x, arrivals.hessian)]
+                  for x, h in zip(arrivals.x, arrivals.hessian)] if gptq else []
         wi = self._solve(torch.stack([getattr(e, first).weight for e in weights]), inputs, used)
         hidden = [shape.hidden(x, wi.q[e]) for e, x in enumerate(inputs)]  # wo's inputs, from quantized wi
         wo = self._solve(torch.stack([getattr(e, second).weight for e in weights]), hidden, used)
@@ -291,7 +292,8 @@ class ExpertCompressor:
         return [Encoded(wi.codes, wi.grid), Encoded(wo.codes, wo.grid)], stats
 
     def _solve(self, w: torch.Tensor, features: list[torch.Tensor], used: torch.Tensor) -> GPTQResult:
-        """w [n, rows, cols] fp32; features: each expert's Hessian inputs [n_j, cols]; used [n] int64."""
+        """w [n, rows, cols] fp32; features: each expert's Hessian inputs [n_j, cols] (unused by
+        rtn); used [n] int64: tokens in each Hessian."""
         if self.cfg.method != "gptq":
             return rtn_quantize(w, self.cfg.spec)
         sums = w.new_empty((len(features), w.shape[-1], w.shape[-1]), dtype=torch.float64)  # [n, cols, cols]
@@ -314,7 +316,7 @@ class ExpertCompressor:
                 continue
             expert = self.arch.make_expert({m: v[e].to(device=run.device, dtype=run.dtype)
                                             for m, v in zip(matrices, values)})
-            # The chunks one process takes over this expert's tokens: same rows, same results.
+            # Chunks of the expert's tokens in global order, whatever the rank count: same rows, same bits.
             outputs.append(torch.cat([
                 expert_residual(block, expert, x[c:c + run.token_chunk].to(run.device), prob[c:c + run.token_chunk])
                 .to(device=self.comm.device, dtype=x.dtype) for c in range(0, x.shape[0], run.token_chunk)]))
