@@ -6,6 +6,8 @@ H = 2 X^T X / n. QMoE (Frantar & Alistarh 2023) runs it on the stacked weights o
 once: every matrix op here takes a leading E dim, so the Python column loop, whose small ops are
 bound by kernel launches on a GPU at expert-sized matrices, runs once per group of experts rather
 than once per expert. (On CPU the ops are bound by memory instead, and batching gains little.)
+On CUDA tensors the in-block part of that loop runs as one Triton kernel per block when Triton
+is installed (`GPTQConfig.loop`, `gptq_triton.py`); `_columns` is its reference.
 
 Per expert, as in the reference `fasterquant`:
 1. dead columns (H_ii == 0: the input there is always 0) get H_ii = 1 and W[:, i] = 0;
