@@ -9,11 +9,14 @@ calibration samples, then times whole `qmoe compress` commands, wall clock, star
   (gloo) with T = cores / N threads per rank, so every row uses the same cores.
 
 Prints a markdown table: median wall time of --repeats runs and speedup over the first row
-(one process on every core); the payload bytes each rank hands to or receives from collectives
-per MoE block, as rank 0 reports them, beside E x (d_model^2 + d_ff^2) x 8 bytes, the fp64
-Hessian reduction alone; and the share of expert codes equal to the one-process run with as
-many threads per process (same arithmetic: expect 100%) and to the first row (the thread count
-itself changes LAPACK's rounding, which GPTQ can amplify on ill-conditioned Hessians).
+(one process on every core); the payload bytes rank 0 hands to or receives from collectives per
+MoE block (mean and max over blocks: they follow the block's tokens) beside what the previous
+design (fp64 Hessian sums reduced onto each expert's owner, codes broadcast one byte a weight)
+sent per block and rank, E x (d_model^2 + d_ff^2) x 8 + 3 x E x d_model x d_ff bytes plus grids
+(measured at 155.5 MB on the default model when that design was current), and the drop; and the
+share of expert codes equal to the one-process run with as many threads per process (same
+arithmetic: expect 100%) and to the first row (the thread count itself changes LAPACK's
+rounding, which GPTQ can amplify on ill-conditioned Hessians).
 
     python scripts/bench_distributed.py --ranks 2 --repeats 3
 """
@@ -85,6 +88,16 @@ def run_compress(setup: Setup, model: Path, calib: Path, samples: int, out: Path
     return seconds, json.loads(done.stdout)
 
 
+def reduction_design_bytes(config: SwitchConfig) -> int:
+    """Bytes per MoE block and rank of the previous design: every expert's fp64 X^T X sums of
+    wi's (d_model^2) and wo's (d_ff^2) inputs reduced, wi's codes broadcast for wo's Hessians and
+    both matrices' codes again when done (one byte a weight), with per-row fp32 (lo, hi) grids."""
+    e, d, f = config.num_experts, config.d_model, config.d_ff
+    hessians = e * (d * d + f * f) * 8
+    codes = e * (f * d + f * 8) + e * (f * d + f * 8 + d * f + d * 8)
+    return hessians + codes
+
+
 def agreement(a: Path, b: Path) -> float:
     """Share of expert code positions equal in two quantized checkpoints."""
     same = total = 0
@@ -100,23 +113,26 @@ def table_lines(config: SwitchConfig, args: argparse.Namespace, setups: list[Set
                 results: dict[Setup, tuple[float, dict, Path]]) -> list[str]:
     """The markdown table: one row per setup."""
     base_time, _, base_out = results[setups[0]]
-    hessian_mb = config.num_experts * (config.d_model ** 2 + config.d_ff ** 2) * 8 / 1e6
+    reduction_mb = reduction_design_bytes(config) / 1e6
     lines = [
         f"qmoe compress, ternary GPTQ, {config.num_experts} experts, d_model {config.d_model}, d_ff {config.d_ff}, "
         f"{2 * args.layers} sparse blocks, {args.samples} samples x {args.length} tokens; {args.cores} CPU cores, "
         f"torch {torch.__version__}; median of {args.repeats}",
         "",
-        "| run | wall s | speedup | MB per MoE block per rank | Hessian estimate MB | "
-        "codes = 1 process, same threads | codes = first row |",
-        "|---|---|---|---|---|---|---|",
+        "| run | wall s | speedup | MB per MoE block, rank 0 (mean / max) | reduction design MB | drop (mean / max) "
+        "| codes = 1 process, same threads | codes = first row |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for setup in setups:
         seconds, summary, out = results[setup]
-        per_block = statistics.mean(summary["communicated_bytes"][b] for b in summary["blocks"]) / 1e6
+        per_block = [summary["communicated_bytes"][b] / 1e6 for b in summary["blocks"]]
+        mean, peak = statistics.mean(per_block), max(per_block)
         twin = results[Setup(None, setup.threads)][2]
-        estimate = hessian_mb if setup.ranks and setup.ranks > 1 else 0.0
-        lines.append(f"| {setup.label} | {seconds:.1f} | {base_time / seconds:.2f}x | {per_block:.1f} | {estimate:.1f} "
-                     f"| {agreement(twin, out):.4%} | {agreement(base_out, out):.4%} |")
+        distributed = setup.ranks is not None and setup.ranks > 1
+        estimate = reduction_mb if distributed else 0.0
+        drop = f"{estimate / mean:.1f}x / {estimate / peak:.1f}x" if distributed else "-"
+        lines.append(f"| {setup.label} | {seconds:.1f} | {base_time / seconds:.2f}x | {mean:.2f} / {peak:.2f} "
+                     f"| {estimate:.1f} | {drop} | {agreement(twin, out):.4%} | {agreement(base_out, out):.4%} |")
     return lines
 
 

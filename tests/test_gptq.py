@@ -9,7 +9,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmoe_cli.quant.gptq import GPTQConfig, gptq_quantize, gptq_reference, hessian_from_sum, hessian_sum, rtn_quantize
+from qmoe_cli.quant import gptq_triton
+from qmoe_cli.quant.gptq import (
+    GPTQConfig,
+    experts_per_batch,
+    gptq_memory_bytes,
+    gptq_quantize,
+    gptq_reference,
+    hessian_from_sum,
+    hessian_sum,
+    rtn_quantize,
+)
 from qmoe_cli.quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize, fit_grid, quantize
 
 ALL_BITS = ["ternary", "2", "3", "4", "8"]
@@ -57,7 +67,7 @@ def test_quant_spec_levels():
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(damp=-0.1), "damp"), (dict(damp=float("nan")), "damp"), (dict(block_size=0), "block_size"),
-    (dict(act_order=1), "act_order"), (dict(spec="ternary"), "spec"),
+    (dict(act_order=1), "act_order"), (dict(spec="ternary"), "spec"), (dict(loop="cuda"), "loop"),
 ])
 def test_gptq_config_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=f"GPTQConfig.{field}"):
@@ -235,3 +245,71 @@ def test_hessian_does_not_depend_on_how_tokens_are_split():
     torch.testing.assert_close(whole[0], 2 * x.double().T @ x.double() / 500, rtol=1e-7, atol=0, check_dtype=False)
     empty = hessian_from_sum(hessian_sum(x[:0])[None], torch.tensor([0]))
     assert torch.equal(empty, torch.zeros(1, 24, 24))
+
+
+# --- the fused column loop (Triton) against the torch loop ------------------------------------
+
+# On a GPU the kernel runs compiled; without one, under Triton's interpreter (TRITON_INTERPRET=1,
+# CPU tensors), which checks the same kernel's logic but not the GPU's rounding (FMA contraction).
+FUSED_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(bool(gptq_triton.unavailable(FUSED_DEVICE)),
+                                  reason=gptq_triton.unavailable(FUSED_DEVICE) or "available")
+
+
+@needs_triton
+@pytest.mark.parametrize("bits, act_order, group_size, block_size", [
+    ("ternary", False, None, 32), ("ternary", False, 24, 32), ("4", False, None, 128), ("3", False, 16, 40),
+    ("2", True, 16, 32), ("8", True, None, 32),
+])
+def test_fused_column_loop_matches_the_torch_loop(bits, act_order, group_size, block_size):
+    seed = len(bits) * 100 + block_size + (group_size or 0)
+    w, h = _layer(3, 37, 97, seed)  # awkward shapes: blocks and groups end mid-way, rows < a tile
+    h[2] = 0  # an expert without tokens: the identity H^-1, i.e. round-to-nearest
+    w, h = w.to(FUSED_DEVICE), h.to(FUSED_DEVICE)
+    spec = QuantSpec(bits, group_size)
+    unfused = gptq_quantize(w, h, GPTQConfig(spec, block_size=block_size, act_order=act_order, loop="torch"))
+    fused = gptq_quantize(w, h, GPTQConfig(spec, block_size=block_size, act_order=act_order, loop="triton"))
+    same = fused.codes == unfused.codes
+    # A last-bit difference (an FMA on the GPU) may flip a weight sitting on a rounding threshold.
+    assert same.float().mean() >= 0.999
+    torch.testing.assert_close(fused.q[same], unfused.q[same], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.error, unfused.error, rtol=1e-4, atol=1e-6)
+    assert torch.equal(fused.fallback, unfused.fallback) and fused.fallback.tolist() == [False, False, True]
+    for name, value in unfused.grid.tensors().items():
+        torch.testing.assert_close(fused.grid.tensors()[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_loop_says_why_it_cannot_run():
+    reason = gptq_triton.unavailable(torch.device("cpu"))
+    if reason:
+        with pytest.raises(ValueError, match="GPTQConfig.loop 'triton': "):
+            gptq_quantize(*_layer(1, 4, 8, 0), GPTQConfig(QuantSpec("ternary"), loop="triton"))
+    # "auto" never picks the interpreter: CPU tensors always take the torch loop.
+    w, h = _layer(2, 5, 19, 1)
+    auto = gptq_quantize(w, h, GPTQConfig(QuantSpec("ternary"), block_size=8))
+    plain = gptq_quantize(w, h, GPTQConfig(QuantSpec("ternary"), block_size=8, loop="torch"))
+    assert torch.equal(auto.codes, plain.codes) and torch.equal(auto.error, plain.error)
+
+
+# --- expert groups sized by memory -------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (measures its allocator)")
+@pytest.mark.parametrize("loop", ["torch", "auto"])
+def test_gptq_memory_estimate_bounds_what_gptq_allocates_on_the_gpu(loop):
+    device = torch.device("cuda")
+    for E, rows, cols in [(4, 96, 160), (2, 300, 64), (3, 768, 1024)]:
+        w, h = (t.to(device) for t in _layer(E, rows, cols, 3))
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) - w.nbytes - h.nbytes  # the inputs count in the estimate
+        gptq_quantize(w, h, GPTQConfig(QuantSpec("ternary"), loop=loop))
+        assert torch.cuda.max_memory_allocated(device) - base <= E * gptq_memory_bytes(rows, cols)
+
+
+def test_experts_per_batch_fits_the_memory_given():
+    shapes = [(6144, 2080), (2080, 6144)]
+    per_expert = max(gptq_memory_bytes(r, c) for r, c in shapes)
+    assert experts_per_batch(shapes, 10 * per_expert + 1, most=64) == 10
+    assert experts_per_batch(shapes, per_expert // 2, most=64) == 1  # at least one, whatever is free
+    assert experts_per_batch(shapes, 1000 * per_expert, most=64) == 64

@@ -5,29 +5,40 @@ rank order is global sample order). For a sparse block:
 
 1. every rank routes its own tokens; per expert, the counts of routed and of usable (non-sentinel)
    tokens are all-gathered, so every rank knows the global counts, the token cap (`token_cap` x
-   the mean per expert) and which of its tokens enter each Hessian: an expert's first `cap`
-   usable tokens in global sample order, exactly the tokens one process would take;
+   the mean per expert), which of its tokens enter each Hessian (an expert's first `cap` usable
+   tokens in global sample order, exactly the tokens one process would take) and how many
+   tokens every rank will send every expert's owner;
 2. experts are visited in rounds of `group_size x world_size`, each round split into one
-   contiguous slice per rank of at most `group_size` experts (one batched GPTQ call). For every
-   slice, every rank sums X^T X over its own tokens in fp64 and the sums are reduced onto the
-   slice's owner, which runs GPTQ on the slice's `wi`. Each owner then broadcasts wi's codes and
-   grids, all ranks sum the Hessians of wo's inputs relu(x Wi_q^T) the same way, and the owner
-   quantizes `wo`;
-3. each owner broadcasts its slice's finished codes and grids (codes, not weights: one byte per
-   weight); every rank runs its own tokens through the dequantized experts, and rank 0 writes
-   them to the group files and the block's statistics to the manifest.
+   contiguous slice per rank of at most `group_size` experts. One all-to-all sends every routed
+   token of a round's experts (hidden state in its working dtype, router probability, whether it
+   enters the Hessian) to the rank owning its expert, which concatenates them in rank order:
+   each expert's tokens in global sample order, as one process has them;
+3. the owner builds its slice's Hessians from the tokens it received, runs batched GPTQ on `wi`,
+   computes `wo`'s inputs relu(x Wi_q^T) from the same tokens and quantizes `wo`: no Hessian and
+   no weight leaves the rank;
+4. the owner runs every token it received through the quantized experts (chunk by chunk, as one
+   process would) and a second all-to-all returns the new hidden states to the tokens' ranks;
+5. owners send their slices' codes (packed to ~log2(levels) bits, `wire.py`), grids and GPTQ
+   statistics to rank 0, which writes the group files and the block's statistics.
 
-A block finished before a `--resume` is replayed: rank 0 reads its codes and broadcasts them,
-and every rank runs step 3's propagation. With one process every collective is the identity.
+A block finished before a `--resume` is replayed through the same steps 2 and 4: rank 0 reads its
+codes and sends each owner its slice (packed), instead of steps 3 and 5. With one process every
+collective is the identity and nothing is packed.
 
-Why the result does not depend on the number of ranks: token selection follows global order,
-the Hessian sums are fp64 (exact products, rounding ~2^-29 of fp32's resolution) cast to fp32
-once, and each expert's GPTQ is independent of which experts share its batch. What remains are
-last-bit differences where a matmul's kernel depends on how many rows it is given (row counts
-below ~12 on MKL), which move a handful of codes at most.
+Why the result does not depend on the number of ranks: every expert's arithmetic happens on one
+rank, on the tokens one process would give it, in the same order and the same chunks; token
+selection follows global order; and each expert's GPTQ is independent of which experts share
+its batch. Only the rank doing the arithmetic changes.
 
-Memory per rank: as one process (the runtime's block + one slice's weights and Hessians), plus
-one slice's fp64 partial sums while they are reduced: group_size x d_ff^2 x 8 bytes at most.
+Communication per block and rank (README, "Distributed compression"): the rank's tokens routed
+to other ranks' experts, there and back (tokens x d_model x dtype size, shrinking as 1/ranks),
+plus codes (rank 0 receives all of them at ~1.6 bits a ternary weight, others send theirs);
+nothing grows with d_ff^2.
+
+Memory per rank: as one process (the runtime's block + one slice's weights and Hessians, one
+matrix's fp64 sums while they are built), plus the tokens of one round's slice: its experts'
+routed tokens with their outputs, and this rank's own tokens of the round while they are sent;
+rank 0 also holds one round's packed codes (group_size x world_size experts) while it writes them.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -45,11 +56,14 @@ from ..arch import Architecture, MoEBlock
 from ..files import save_tensors_atomic
 from ..formats.integrity import file_record
 from ..formats.quantized import QuantizedExperts, QuantizedWeights, expert_file, write_manifest
-from ..quant.gptq import GPTQResult, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
+from ..quant.gptq import GPTQResult, experts_per_batch, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
 from ..quant.grids import Grid, IntGrid, QuantSpec, TernaryGrid, dequantize
-from ..run.stream import ListBuffer, Routing, RunConfig, apply_expert, route
+from ..run.stream import ListBuffer, Routing, RunConfig, expert_residual, route
 from .config import CompressConfig
 from .distributed import Comm, TensorSpec, split_evenly
+from .wire import pack_codes, packed_bytes, unpack_codes
+
+STATS = 3  # per expert and matrix, sent to rank 0: GPTQ error, fallback (0/1), zero weights
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,7 @@ class TokenPlan:
     routed: torch.Tensor  # [E] int64, tokens routed to each expert, all ranks
     used: torch.Tensor  # [E] int64, tokens in each expert's Hessian, all ranks (usable, capped)
     take: torch.Tensor  # [E] int64, this rank's share of `used`: its first take[j] usable tokens
+    by_rank: torch.Tensor  # [W, E] int64, tokens routed to each expert on each rank
 
 
 def plan_tokens(index: torch.Tensor, usable: torch.Tensor, num_experts: int, token_cap: float,
@@ -88,7 +103,7 @@ def plan_tokens(index: torch.Tensor, usable: torch.Tensor, num_experts: int, tok
     cap = max(1, math.ceil(token_cap * int(routed.sum()) / num_experts))
     earlier = usable_counts[:comm.rank].sum(0)  # [E]
     take = (cap - earlier).clamp(min=0).minimum(usable_counts[comm.rank])
-    return TokenPlan(routed, usable_counts.sum(0).clamp(max=cap), take)
+    return TokenPlan(routed, usable_counts.sum(0).clamp(max=cap), take, counts[:, 0])
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,31 +114,49 @@ class Encoded:
     grid: Grid
 
     @staticmethod
-    def specs(n: int, rows: int, cols: int, spec: QuantSpec) -> list[TensorSpec]:
-        """Shapes and dtypes of `tensors()` for n experts of a rows x cols matrix."""
+    def wire_specs(n: int, rows: int, cols: int, spec: QuantSpec) -> list[TensorSpec]:
+        """Shapes and dtypes of `wire()` for n experts of a rows x cols matrix."""
         grid = ((n, rows, spec.n_groups(cols)), torch.float32)
-        return [((n, rows, cols), torch.uint8), grid, grid]
+        return [((packed_bytes(n * rows * cols, spec),), torch.uint8), grid, grid]
 
     @classmethod
-    def from_tensors(cls, tensors: Sequence[torch.Tensor], spec: QuantSpec) -> "Encoded":
-        codes, first, second = tensors
-        grid = (TernaryGrid(lo=first, hi=second) if spec.ternary
-                else IntGrid(scale=first, zero=second, maxq=spec.maxq))
-        return cls(codes, grid)
+    def from_wire(cls, tensors: Sequence[torch.Tensor], n: int, rows: int, cols: int,
+                  spec: QuantSpec) -> "Encoded":
+        packed, first, second = tensors
+        return cls(unpack_codes(packed, spec, (n, rows, cols)), _grid(spec, first, second))
 
     @classmethod
     def stored(cls, bank: QuantizedExperts, ids: Sequence[int], name: str) -> "Encoded":
         """Experts `ids` of a saved block, read from its group files."""
         parts = [bank.encoded(j, name) for j in ids]
-        fields = zip(*([codes, *grid.tensors().values()] for codes, grid in parts))
-        return cls.from_tensors([torch.cat(list(f)) for f in fields], bank.spec)
+        codes = torch.cat([c for c, _ in parts])
+        fields = zip(*(grid.tensors().values() for _, grid in parts))
+        return cls(codes, _grid(bank.spec, *(torch.cat(list(f)) for f in fields)))
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.codes, *self.grid.tensors().values()]
+    def wire(self, spec: QuantSpec) -> list[torch.Tensor]:
+        """Codes packed (`wire.pack_codes`) and the grid's tensors, for another rank."""
+        return [pack_codes(self.codes, spec), *self.grid.tensors().values()]
+
+    def select(self, first: int, stop: int) -> "Encoded":
+        """Experts [first, stop) of this bundle."""
+        return Encoded(self.codes[first:stop], self.grid.map(lambda t: t[first:stop]))
 
     def values(self, spec: QuantSpec) -> torch.Tensor:
         """The dequantized weights [n, rows, cols] fp32 (bit for bit GPTQResult.q)."""
         return dequantize(self.codes, self.grid, spec)
+
+
+@dataclass(frozen=True, eq=False)
+class Arrivals:
+    """An owner's slice of a round: every token routed to its experts, from every rank.
+
+    Per expert of the slice, in global sample order (rank order, then each rank's own order).
+    """
+
+    x: list[torch.Tensor]  # [n_j, d_model] hidden states, working dtype, on comm.device
+    prob: list[torch.Tensor]  # [n_j] fp32 router probabilities
+    hessian: list[torch.Tensor]  # [n_j] bool, the token enters the expert's Hessians
+    counts: torch.Tensor  # [W, len(slice)] int64, tokens that came from each rank
 
 
 class ExpertCompressor:
@@ -164,6 +197,30 @@ class ExpertCompressor:
                      f"(min/median/max), error {stats.error:.4g}, fallbacks {stats.fallbacks}, "
                      f"zeros {stats.zero_fraction:.1%}, {time.perf_counter() - started:.1f}s{traffic}")
 
+    def _rounds(self, num: int, desc: str, run: RunConfig) -> Iterator[list[Sequence[int]]]:
+        """Experts in rounds of `_slice_size` x world_size, each split into one slice per rank."""
+        step = self._slice_size(num, run) * self.comm.world_size
+        for first in tqdm(range(0, num, step), desc=desc, unit="round", disable=not run.progress, leave=False):
+            yield split_evenly(range(first, min(num, first + step)), self.comm.world_size)
+
+    def _slice_size(self, num: int, run: RunConfig) -> int:
+        """Experts one rank quantizes in one batched GPTQ call.
+
+        On CPU, `--group-size`: batching gains nothing there (memory-bound), and host memory is
+        the user's to bound. On a GPU, as many as half the free device memory holds by
+        `gptq_memory_bytes` (the other half: tokens, the block, cuBLAS/cuSOLVER workspaces,
+        rank 0's packed codes), since bigger batches fill the GPU and amortize launches. Ranks
+        take the smallest choice among them, so they agree on the rounds. (`--group-size` still
+        sets the experts per output file; the result does not depend on the batch.)
+        """
+        if run.device.type != "cuda":
+            return self.cfg.group_size
+        free, _ = torch.cuda.mem_get_info(run.device)
+        most = math.ceil(num / self.comm.world_size)
+        size = experts_per_batch(list(self.arch.expert.shapes.values()), free // 2, most)
+        everyone = self.comm.all_gather(torch.tensor([size], device=self.comm.device), "expert batch size")
+        return int(everyone.min())
+
     def _quantize(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, routing: Routing,
                   run: RunConfig) -> BlockStats:
         """Quantize every expert of the block, round by round; returns the block's statistics."""
@@ -171,124 +228,170 @@ class ExpertCompressor:
         plan = plan_tokens(routing.index, ~self.skip[stack], num, self.cfg.token_cap, self.comm)
         tally = _Tally(_GroupFiles(self.partial, stack, index, self.cfg.group_size, num, self.manifest["files"])
                        if self.root else None)
-        step = self.cfg.group_size * self.comm.world_size
-        for first in tqdm(range(0, num, step), desc=f"{stack}.{index} expert rounds", unit="round",
-                          disable=not run.progress, leave=False):
-            ids = range(first, min(num, first + step))
-            inputs = {j: self._calibration_inputs(block, buffer, routing.tokens(j), stack, int(plan.take[j]), run)
-                      for j in ids}
-            self._round(block, buffer, routing, split_evenly(ids, self.comm.world_size), inputs, plan, run, tally)
+        for slices in self._rounds(num, f"{stack}.{index} expert rounds", run):
+            arrivals = self._send_tokens(buffer, routing, slices, plan, self.skip[stack])
+            encoded, stats = self._solve_slice(block, slices[self.comm.rank], arrivals, plan, run)
+            self._return_outputs(block, buffer, routing, slices, arrivals, encoded, run)
+            self._collect(slices, encoded, stats, tally)
         counts = sorted(plan.routed.tolist())
         return BlockStats(f"{stack}.{index}", counts[0], counts[len(counts) // 2], counts[-1],
                           math.fsum(tally.errors), tally.fallbacks, tally.zeros / max(1, tally.total))
 
-    def _round(self, block: MoEBlock, buffer: ListBuffer, routing: Routing, slices: list[Sequence[int]],
-               inputs: dict[int, torch.Tensor], plan: TokenPlan, run: RunConfig, tally: "_Tally") -> None:
-        """Quantize one round of experts, `slices[r]` by rank r, and propagate through them."""
-        mine = list(slices[self.comm.rank])
-        shape = self.arch.expert
-        first, second = shape.matrices
-        weights = block.experts.load(mine, run.device, torch.float32) if mine else []
-        wi = self._solve([getattr(e, first).weight for e in weights], lambda r, ids: [inputs[j] for j in ids],
-                         slices, plan, first)
-
-        def hidden(r: int, ids: Sequence[int]) -> list[torch.Tensor]:  # second's inputs, from slice r's quantized first
-            own = [Encoded(wi.codes, wi.grid)] if r == self.comm.rank else None
-            values = self._broadcast(r, ids, own, [first], f"{first} codes")[0].values(self.cfg.spec)
-            return [shape.hidden(inputs[j], values[e]) for e, j in enumerate(ids)]
-
-        wo = self._solve([getattr(e, second).weight for e in weights], hidden, slices, plan, second)
-        self._gather_stats(mine, wi, wo, max(len(s) for s in slices), tally)
-        for r, ids in enumerate(slices):
-            if ids:
-                own = [Encoded(wi.codes, wi.grid), Encoded(wo.codes, wo.grid)] if r == self.comm.rank else None
-                self._propagate(block, buffer, routing, ids, self._broadcast(r, ids, own, shape.matrices, "codes"),
-                                run, tally)
-
-    def _solve(self, weights: list[torch.Tensor], features: Callable[[int, Sequence[int]], list[torch.Tensor]],
-               slices: list[Sequence[int]], plan: TokenPlan, name: str) -> GPTQResult | None:
-        """Quantize this rank's slice of one matrix (None if the slice is empty).
-
-        weights: this rank's experts' [rows, cols] fp32; features(r, ids): this rank's inputs
-        [n_j, cols] to each expert of slice r, for the Hessians (not called by rtn).
-        """
-        hessians = self._reduce_hessians(features, slices, plan, name) if self.cfg.method == "gptq" else None
-        if not weights:
-            return None
-        w = torch.stack(weights)  # [n, rows, cols] fp32
-        return gptq_quantize(w, hessians, self.cfg.gptq) if hessians is not None else rtn_quantize(w, self.cfg.spec)
-
-    def _reduce_hessians(self, features: Callable[[int, Sequence[int]], list[torch.Tensor]],
-                         slices: list[Sequence[int]], plan: TokenPlan, name: str) -> torch.Tensor | None:
-        """Per slice, every rank's fp64 sums of X^T X, reduced onto the slice's owner.
-
-        Returns this rank's Hessians [n, cols, cols] fp32 (None if its slice is empty).
-        """
-        mine = None
-        for r, ids in enumerate(slices):
-            if not ids:
-                continue
-            sums = torch.stack([hessian_sum(x) for x in features(r, ids)])  # [n, cols, cols] fp64
-            self.comm.reduce_sum(sums, r, f"{name} Hessian reduction")
-            if r == self.comm.rank:
-                mine = hessian_from_sum(sums, plan.used[list(ids)])
-        return mine
-
-    def _broadcast(self, src: int, ids: Sequence[int], encoded: list[Encoded] | None, names: Sequence[str],
-                   what: str) -> list[Encoded]:
-        """Matrices `names` of experts `ids`, from rank `src` to all; `encoded` is read on `src` only."""
-        shapes = self.arch.expert.shapes
-        specs = [s for name in names for s in Encoded.specs(len(ids), *shapes[name], self.cfg.spec)]
-        tensors = None if encoded is None else [t for enc in encoded for t in enc.tensors()]
-        received = self.comm.broadcast_bundle(tensors, specs, src, what)
-        return [Encoded.from_tensors(received[3 * i:3 * i + 3], self.cfg.spec) for i in range(len(names))]
-
-    def _gather_stats(self, mine: list[int], wi: GPTQResult | None, wo: GPTQResult | None, width: int,
-                      tally: "_Tally") -> None:
-        """GPTQ errors and fallbacks of every rank's slice, onto rank 0's tally, in expert order."""
-        local = torch.zeros(width, 2, 2, dtype=torch.float64)  # [expert, (error, fallback), matrix]
-        if mine:
-            for m, result in enumerate((wi, wo)):
-                local[:len(mine), 0, m] = result.error.double().cpu()
-                local[:len(mine), 1, m] = result.fallback.double().cpu()
-        everyone = self.comm.all_gather(local.to(self.comm.device), "GPTQ statistics").cpu()  # [W, width, 2, 2]
-        if self.root:
-            tally.errors.extend(everyone[:, :, 0].flatten().tolist())  # padding rows add 0.0
-            tally.fallbacks += int(everyone[:, :, 1].sum())
-
-    def _propagate(self, block: MoEBlock, buffer: ListBuffer, routing: Routing, ids: Sequence[int],
-                   encoded: list[Encoded], run: RunConfig, tally: "_Tally | None" = None) -> None:
-        """Run this rank's tokens of experts `ids` through their quantized weights; rank 0
-        also writes them (and counts zeros) when quantizing."""
-        matrices = self.arch.expert.matrices
-        values = [enc.values(self.cfg.spec) for enc in encoded]  # each [n, rows, cols] fp32
-        if tally is not None and tally.files is not None:
-            tally.files.add(ids, dict(zip(matrices, encoded)))
-            tally.zeros += sum(int((v == 0).sum()) for v in values)
-            tally.total += sum(v.numel() for v in values)
-        for e, j in enumerate(ids):
-            if routing.count(j):
-                expert = self.arch.make_expert({m: v[e].to(device=run.device, dtype=run.dtype)
-                                                for m, v in zip(matrices, values)})
-                apply_expert(block, expert, buffer, routing.tokens(j), routing.prob, run)
-
     def _replay(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, routing: Routing,
                 run: RunConfig) -> None:
-        """A block finished before --resume: rank 0's saved codes, group by group, to every rank."""
-        num, size = block.experts.num_experts, self.cfg.group_size
+        """A block finished before --resume: rank 0's saved codes to their owners, then the tokens."""
+        num = block.experts.num_experts
+        plan = plan_tokens(routing.index, ~self.skip[stack], num, self.cfg.token_cap, self.comm)
         bank = self.saved.experts(stack, index) if self.root else None
-        for first in range(0, num, size):
-            ids = range(first, min(num, first + size))
-            matrices = self.arch.expert.matrices
-            stored = [Encoded.stored(bank, ids, name) for name in matrices] if self.root else None
-            self._propagate(block, buffer, routing, ids, self._broadcast(0, ids, stored, matrices, "saved codes"), run)
+        for slices in self._rounds(num, f"{stack}.{index} replay", run):
+            stored = ([Encoded.stored(bank, [j for ids in slices for j in ids], name)
+                       for name in self.arch.expert.matrices] if self.root else None)
+            encoded = self._codes_from_root(slices, stored)
+            arrivals = self._send_tokens(buffer, routing, slices, plan, self.skip[stack])
+            self._return_outputs(block, buffer, routing, slices, arrivals, encoded, run)
 
-    def _calibration_inputs(self, block: MoEBlock, buffer: ListBuffer, tokens: torch.Tensor, stack: str,
-                            take: int, run: RunConfig) -> torch.Tensor:
-        """Normalised inputs [n, d] fp32 of this rank's share of an expert's Hessian tokens."""
-        tokens = tokens[~self.skip[stack][tokens]][:take]
-        x = buffer.data.index_select(0, tokens).to(run.device)
-        return block.ffn_norm(x).float()
+    # --- step 2: tokens to the owners -------------------------------------------------------
+
+    def _send_tokens(self, buffer: ListBuffer, routing: Routing, slices: list[Sequence[int]], plan: TokenPlan,
+                     skip: torch.Tensor) -> Arrivals:
+        """Every token this rank routed to a round's experts, to the expert's owner; returns what
+        this rank received for its own slice. skip [N] bool: sentinel positions."""
+        d, dtype = buffer.data.shape[1], buffer.data.dtype
+        send = []
+        for ids in slices:
+            tokens = [routing.tokens(j) for j in ids]
+            usable = [~skip[t] for t in tokens]  # the first take[j] usable tokens enter the Hessian
+            hessian = [u & (u.cumsum(0) <= plan.take[j]) for u, j in zip(usable, ids)]
+            flat = torch.cat(tokens) if tokens else torch.empty(0, dtype=torch.long)
+            send.append([buffer.data.index_select(0, flat), routing.prob[flat],
+                         torch.cat(hessian) if hessian else torch.empty(0, dtype=torch.bool)])
+        mine = list(slices[self.comm.rank])
+        counts = plan.by_rank[:, mine]  # [W, n]
+        specs = [[((n, d), dtype), ((n,), torch.float32), ((n,), torch.bool)] for n in counts.sum(1).tolist()]
+        received = self.comm.exchange(send, specs, "calibration tokens to expert owners")
+        # Per expert, its rows from every rank in rank order: global sample order.
+        per_rank = [[part.split(counts[r].tolist()) for part in bundle] for r, bundle in enumerate(received)]
+        joined = [[torch.cat([per_rank[r][f][e].to(self.comm.device) for r in range(len(per_rank))])
+                   for e in range(len(mine))] for f in range(3)]  # (own rows are still on the CPU)
+        return Arrivals(*joined, counts)
+
+    # --- step 3: GPTQ on the owner ----------------------------------------------------------
+
+    def _solve_slice(self, block: MoEBlock, mine: Sequence[int], arrivals: Arrivals, plan: TokenPlan,
+                     run: RunConfig) -> tuple[list[Encoded], torch.Tensor]:
+        """Quantize this rank's slice -> (one Encoded per matrix, stats [n, STATS, matrices] fp64)."""
+        shape = self.arch.expert
+        first, second = shape.matrices
+        if not mine:
+            n_stats = torch.zeros(0, STATS, len(shape.matrices), dtype=torch.float64)
+            return [_empty_encoded(*shape.shapes[m], self.cfg.spec, run.device) for m in shape.matrices], n_stats
+        weights = block.experts.load(list(mine), run.device, torch.float32)
+        used = plan.used[list(mine)]
+        gptq = self.cfg.method == "gptq"  # rtn needs no Hessians
+        inputs = [block.ffn_norm(x[h].to(run.device)).float()  # [n_j, d] fp32, the Hessian's tokens
+                  for x, h in zip(arrivals.x, arrivals.hessian)] if gptq else []
+        wi = self._solve(torch.stack([getattr(e, first).weight for e in weights]), inputs, used)
+        hidden = [shape.hidden(x, wi.q[e]) for e, x in enumerate(inputs)]  # wo's inputs, from quantized wi
+        wo = self._solve(torch.stack([getattr(e, second).weight for e in weights]), hidden, used)
+        stats = torch.stack([torch.stack([r.error.double(), r.fallback.double(), (r.q == 0).sum((1, 2)).double()], 1)
+                             for r in (wi, wo)], 2).cpu()  # [n, STATS, 2]
+        return [Encoded(wi.codes, wi.grid), Encoded(wo.codes, wo.grid)], stats
+
+    def _solve(self, w: torch.Tensor, features: list[torch.Tensor], used: torch.Tensor) -> GPTQResult:
+        """w [n, rows, cols] fp32; features: each expert's Hessian inputs [n_j, cols] (unused by
+        rtn); used [n] int64: tokens in each Hessian."""
+        if self.cfg.method != "gptq":
+            return rtn_quantize(w, self.cfg.spec)
+        sums = w.new_empty((len(features), w.shape[-1], w.shape[-1]), dtype=torch.float64)  # [n, cols, cols]
+        for e, x in enumerate(features):
+            sums[e] = hessian_sum(x)
+        return gptq_quantize(w, hessian_from_sum(sums, used), self.cfg.gptq)
+
+    # --- step 4: tokens through the quantized experts, and back -----------------------------
+
+    def _return_outputs(self, block: MoEBlock, buffer: ListBuffer, routing: Routing, slices: list[Sequence[int]],
+                        arrivals: Arrivals, encoded: list[Encoded], run: RunConfig) -> None:
+        """Run the slice's tokens through its quantized experts (owner) and write every rank's
+        tokens' new hidden states into its buffer."""
+        matrices = self.arch.expert.matrices
+        values = [enc.values(self.cfg.spec) for enc in encoded]  # each [n, rows, cols] fp32
+        outputs = []
+        for e, (x, prob) in enumerate(zip(arrivals.x, arrivals.prob)):
+            if not x.shape[0]:
+                outputs.append(x)
+                continue
+            expert = self.arch.make_expert({m: v[e].to(device=run.device, dtype=run.dtype)
+                                            for m, v in zip(matrices, values)})
+            # Chunks of the expert's tokens in global order, whatever the rank count: same rows, same bits.
+            outputs.append(torch.cat([
+                expert_residual(block, expert, x[c:c + run.token_chunk].to(run.device), prob[c:c + run.token_chunk])
+                .to(device=self.comm.device, dtype=x.dtype) for c in range(0, x.shape[0], run.token_chunk)]))
+        back = [[torch.cat([y.split(arrivals.counts[:, e].tolist())[r] for e, y in enumerate(outputs)])
+                 if outputs else buffer.data.new_empty(0, buffer.data.shape[1])] for r in range(self.comm.world_size)]
+        specs = [[((sum(routing.count(j) for j in ids), buffer.data.shape[1]), buffer.data.dtype)] for ids in slices]
+        received = self.comm.exchange(back, specs, "expert outputs to token ranks")
+        for ids, [rows] in zip(slices, received):
+            if ids:
+                tokens = torch.cat([routing.tokens(j) for j in ids])
+                buffer.data.index_copy_(0, tokens, rows.to(device="cpu", dtype=buffer.data.dtype))
+
+    # --- step 5 (and replay): codes between rank 0 and the owners ---------------------------
+
+    def _collect(self, slices: list[Sequence[int]], encoded: list[Encoded], stats: torch.Tensor,
+                 tally: "_Tally") -> None:
+        """Every owner's codes, grids and statistics onto rank 0, which writes them."""
+        shapes, spec, matrices = self.arch.expert.shapes, self.cfg.spec, self.arch.expert.matrices
+        own = [t for enc in encoded for t in enc.wire(spec)] + [stats] if not self.root else [*encoded, stats]
+        send = [own if r == 0 else [] for r in range(self.comm.world_size)]
+        specs = [[] if not self.root else
+                 [s for m in matrices for s in Encoded.wire_specs(len(ids), *shapes[m], spec)]
+                 + [((len(ids), STATS, len(matrices)), torch.float64)] for ids in slices]
+        received = self.comm.exchange(send, specs, "codes to rank 0")
+        if not self.root:
+            return
+        for r, (ids, bundle) in enumerate(zip(slices, received)):
+            if not ids:
+                continue
+            parts = (bundle[:-1] if r == 0 else
+                     [Encoded.from_wire(bundle[3 * i:3 * i + 3], len(ids), *shapes[m], spec)
+                      for i, m in enumerate(matrices)])
+            numbers = bundle[-1]  # [n, STATS, matrices] fp64
+            tally.files.add(ids, dict(zip(matrices, parts)))
+            tally.errors.extend(numbers[:, 0].flatten().tolist())
+            tally.fallbacks += int(numbers[:, 1].sum())
+            tally.zeros += int(numbers[:, 2].sum())
+            tally.total += len(ids) * sum(rows * cols for rows, cols in shapes.values())
+
+    def _codes_from_root(self, slices: list[Sequence[int]], stored: list[Encoded] | None) -> list[Encoded]:
+        """Rank 0's saved codes of a round (`stored`, all slices' experts in order), each slice to
+        its owner; returns this rank's slice, one Encoded per matrix."""
+        shapes, spec, matrices = self.arch.expert.shapes, self.cfg.spec, self.arch.expert.matrices
+        send = [[] for _ in slices]
+        if self.root:
+            offset = 0
+            for r, ids in enumerate(slices):
+                part = [enc.select(offset, offset + len(ids)) for enc in stored]
+                send[r] = part if r == 0 else [t for enc in part for t in enc.wire(spec)]
+                offset += len(ids)
+        ids = slices[self.comm.rank]
+        specs = [[s for m in matrices for s in Encoded.wire_specs(len(ids), *shapes[m], spec)] if r == 0 else []
+                 for r in range(self.comm.world_size)]
+        bundle = self.comm.exchange(send, specs, "saved codes to expert owners")[0]
+        if self.root:
+            return bundle
+        return [Encoded.from_wire(bundle[3 * i:3 * i + 3], len(ids), *shapes[m], spec) for i, m in enumerate(matrices)]
+
+
+def _empty_encoded(rows: int, cols: int, spec: QuantSpec, device: torch.device) -> Encoded:
+    """No experts of a rows x cols matrix (a rank whose slice of a round is empty)."""
+    codes = torch.empty(0, rows, cols, dtype=torch.uint8, device=device)
+    grid = torch.empty(0, rows, spec.n_groups(cols), device=device)
+    return Encoded(codes, _grid(spec, grid, grid))
+
+
+def _grid(spec: QuantSpec, first: torch.Tensor, second: torch.Tensor) -> Grid:
+    """The grid of `spec` from its two [n, rows, G] fp32 tensors, in `Grid.tensors()` order."""
+    return TernaryGrid(lo=first, hi=second) if spec.ternary else IntGrid(scale=first, zero=second, maxq=spec.maxq)
 
 
 class _Tally:
@@ -314,9 +417,9 @@ class _GroupFiles:
         for e, j in enumerate(ids):
             for name, enc in encoded.items():
                 prefix = f"expert_{j}.{name}."
-                self.pending[prefix + "codes"] = enc.codes[e]
+                self.pending[prefix + "codes"] = enc.codes[e].cpu()
                 for field, value in enc.grid.tensors().items():
-                    self.pending[prefix + field] = value[e]
+                    self.pending[prefix + field] = value[e].cpu()
             if (j + 1) % self.group_size == 0 or j + 1 == self.num_experts:
                 name = expert_file(self.stack, self.index, j // self.group_size)
                 save_tensors_atomic(self.pending, self.partial / name)

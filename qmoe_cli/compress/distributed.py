@@ -62,7 +62,8 @@ class Comm:
 
     Collectives take and return tensors on `device` (NCCL needs GPU tensors, gloo CPU ones).
     `traffic` counts, per phase, the payload bytes this rank hands to or receives from
-    collectives: a reduce or broadcast counts its tensor once, an all-gather its whole output.
+    collectives: a reduce or broadcast counts its tensor once, an all-gather its whole output, an
+    exchange (all-to-all) what it sends to and receives from the other ranks.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"),
@@ -122,6 +123,38 @@ class Comm:
         self._call(what, flat.nbytes, lambda: dist.broadcast(flat, src=src))
         # clone: a part's byte offset need not be a multiple of its dtype's size, which view(dtype) requires
         return [part.clone().view(dtype).view(shape) for part, (shape, dtype) in zip(flat.split(sizes), specs)]
+
+    def exchange(self, send: Sequence[Sequence[torch.Tensor]], specs: Sequence[Sequence[TensorSpec]],
+                 what: str) -> list[list[torch.Tensor]]:
+        """All-to-all of tensor bundles: `send[r]` goes to rank r, `specs[r]` says what rank r sends
+        here (shapes, dtypes). Returns the bundles received, in rank order.
+
+        This rank's own bundle (`send[rank]`) is handed back as given, without a copy, and its
+        `specs` entry is not read. The rest travels as one `all_to_all_single` of bytes (NCCL and
+        gloo both have it), so an exchange costs one collective whatever the bundles hold;
+        `traffic` counts the bytes sent to and received from other ranks.
+        """
+        if self.world_size == 1:
+            return [list(send[0])]
+        sizes_in = [0 if r == self.rank else sum(t.nbytes for t in bundle) for r, bundle in enumerate(send)]
+        sizes_out = [0 if r == self.rank else sum(math.prod(shape) * dtype.itemsize for shape, dtype in spec)
+                     for r, spec in enumerate(specs)]
+        parts = [t.to(self.device).contiguous().view(-1).view(torch.uint8)
+                 for r, bundle in enumerate(send) if r != self.rank for t in bundle]
+        flat_in = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=self.device)
+        flat_out = torch.empty(sum(sizes_out), dtype=torch.uint8, device=self.device)
+        self._call(what, sum(sizes_in) + sum(sizes_out),
+                   lambda: dist.all_to_all_single(flat_out, flat_in, sizes_out, sizes_in))
+        received = []
+        for r, (chunk, spec) in enumerate(zip(flat_out.split(sizes_out), specs)):
+            if r == self.rank:
+                received.append(list(send[r]))
+                continue
+            sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in spec]
+            # clone: as in broadcast_bundle, a part's byte offset need not suit its dtype
+            received.append([part.clone().view(dtype).view(shape)
+                             for part, (shape, dtype) in zip(chunk.split(sizes), spec)])
+        return received
 
     def broadcast_json(self, obj: Any, src: int, what: str) -> Any:
         """Rank `src`'s JSON-serializable `obj` on every rank (None elsewhere)."""

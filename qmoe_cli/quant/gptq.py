@@ -6,6 +6,8 @@ H = 2 X^T X / n. QMoE (Frantar & Alistarh 2023) runs it on the stacked weights o
 once: every matrix op here takes a leading E dim, so the Python column loop, whose small ops are
 bound by kernel launches on a GPU at expert-sized matrices, runs once per group of experts rather
 than once per expert. (On CPU the ops are bound by memory instead, and batching gains little.)
+On CUDA tensors the in-block part of that loop runs as one Triton kernel per block when Triton
+is installed (`GPTQConfig.loop`, `gptq_triton.py`); `_columns` is its reference.
 
 Per expert, as in the reference `fasterquant`:
 1. dead columns (H_ii == 0: the input there is always 0) get H_ii = 1 and W[:, i] = 0;
@@ -38,11 +40,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from .grids import Grid, QuantSpec, align, concat_groups, fit_grid, quantize_dequantize
+
+LOOPS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,11 @@ class GPTQConfig:
     # where the in-block updates (work ~ block_size) are memory-bound, 32 ran ~2x faster.
     block_size: int = 128
     act_order: bool = False  # visit columns by descending H_ii (largest input energy first)
+    # The in-block column loop: "torch" (a few kernels per column: launch-bound on a GPU),
+    # "triton" (one fused kernel per run of columns, `gptq_triton.py`), or "auto": Triton for
+    # CUDA tensors when it is installed, torch otherwise. Not part of the result's settings:
+    # both compute the same GPTQ, to float rounding (tests/test_gptq.py compares them).
+    loop: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, QuantSpec):
@@ -70,6 +80,8 @@ class GPTQConfig:
             raise ValueError(f"GPTQConfig.block_size must be an integer >= 1, got {b!r}")
         if not isinstance(self.act_order, bool):
             raise ValueError(f"GPTQConfig.act_order must be a bool, got {self.act_order!r}")
+        if self.loop not in LOOPS:
+            raise ValueError(f"GPTQConfig.loop must be one of {', '.join(LOOPS)}, got {self.loop!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,6 +107,26 @@ def hessian_sum(x: Tensor) -> Tensor:
     """
     x = x.reshape(-1, x.shape[-1]).double()
     return x.T @ x
+
+
+def gptq_memory_bytes(rows: int, cols: int) -> int:
+    """Upper estimate of the peak bytes one expert's rows x cols matrix needs in
+    `hessian_from_sum` + `gptq_quantize`, its weights and Hessian included.
+
+    Counted from the code: the weights in ~5 fp32 copies (input, dead-zeroed, working copy, q,
+    the lazy update's product) plus codes, 21 x rows x cols; the Hessian in ~7 fp32 copies
+    (input, dead-fixed, damped, Cholesky factor, inverse, its factor, a contiguous copy for the
+    fused loop), 28 x cols^2, which also covers the fp64 sum and its fp32 cast that precede it.
+    Tokens and the caller's other tensors are not included.
+    """
+    return 21 * rows * cols + 28 * cols * cols
+
+
+def experts_per_batch(shapes: Sequence[tuple[int, int]], free_bytes: int, most: int) -> int:
+    """How many experts of matrices `shapes` ([(rows, cols)], quantized one matrix at a time)
+    one batched call can take in `free_bytes`: at least 1, at most `most`."""
+    need = max(gptq_memory_bytes(rows, cols) for rows, cols in shapes)
+    return max(1, min(most, free_bytes // need))
 
 
 def hessian_from_sum(s: Tensor, count: Tensor) -> Tensor:
@@ -129,7 +161,7 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig) -> GPTQResult:
     fallback = empty | ~ok
     # Identity H^-1: each column's error stays in that column, i.e. round-to-nearest.
     hinv[fallback] = torch.eye(cols, dtype=torch.float32, device=w.device)
-    codes, q, loss, fitted = _column_loop(w, hinv, spec, cfg.block_size, grid, perm)
+    codes, q, loss, fitted = _column_loop(w, hinv, spec, cfg.block_size, grid, perm, _fused(cfg.loop, w.device))
     error = loss.clone()
     # Boolean indexing syncs once on GPU; the quadratic runs only on fallback experts.
     error[fallback] = _quadratic_error(w[fallback], q[fallback], h[fallback])
@@ -137,6 +169,20 @@ def gptq_quantize(w: Tensor, h: Tensor, cfg: GPTQConfig) -> GPTQResult:
         inverse = torch.argsort(perm, dim=-1)
         codes, q = _take_columns(codes, inverse), _take_columns(q, inverse)
     return GPTQResult(codes=codes, grid=fitted, q=q, error=error, fallback=fallback)
+
+
+def _fused(loop: str, device: torch.device) -> bool:
+    """Whether `loop` runs the Triton kernel on `device` (raises if it asks for it and cannot)."""
+    if loop == "torch":
+        return False
+    from .gptq_triton import unavailable  # imports Triton, which is optional, only when asked
+
+    reason = unavailable(device)
+    if loop == "auto":  # the interpreter (CPU tensors) is for tests: never chosen by itself
+        return device.type == "cuda" and not reason
+    if reason:
+        raise ValueError(f"GPTQConfig.loop 'triton': {reason}; use loop 'auto' or 'torch'")
+    return True
 
 
 def rtn_quantize(w: Tensor, spec: QuantSpec, h: Tensor | None = None, damp: float = 0.1) -> GPTQResult:
@@ -234,7 +280,8 @@ def _quadratic_error(w: Tensor, q: Tensor, h: Tensor) -> Tensor:
 
 
 def _column_loop(
-    w: Tensor, hinv: Tensor, spec: QuantSpec, block_size: int, grid: Grid | None, perm: Tensor | None
+    w: Tensor, hinv: Tensor, spec: QuantSpec, block_size: int, grid: Grid | None, perm: Tensor | None,
+    fused: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Grid]:
     """The blocked GPTQ loop on prepared weights (dead-zeroed, permuted when `perm` is given).
 
@@ -242,6 +289,9 @@ def _column_loop(
     fitted up front (per row, or act-order's static groups) or None to fit each group when the
     loop reaches it; perm [E, cols] int64 or None. Returns codes [E, rows, cols] uint8, q
     [E, rows, cols] fp32 (both in w's column order), loss [E] fp32, grid [E, rows, G].
+
+    Each block is cut into runs of columns that share one grid (a lazily fitted group starts a
+    new run); a run goes to `gptq_triton.columns` when `fused`, else to `_columns`.
     """
     w = w.clone()
     E, cols = w.shape[0], w.shape[-1]
@@ -251,28 +301,64 @@ def _column_loop(
     loss = torch.zeros(E, dtype=torch.float32, device=w.device)
     aligned = None if (grid is None or g is None) else align(grid, spec, perm, cols)  # [E, rows, cols]
     col_grid, fitted = grid, []
+    run_columns = _fused_columns if fused else _columns
+    if fused:  # cholesky_ex returns H^-1 column-major; the kernel reads its rows, so make them contiguous
+        hinv = hinv.contiguous()
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, :, i1:i2].clone()  # [E, rows, b]
         err1 = torch.zeros_like(w1)  # [E, rows, b]
         hinv1 = hinv[:, i1:i2, i1:i2]  # [E, b, b]
-        for i in range(i2 - i1):
-            j = i1 + i
+        for j, stop in _runs(i1, i2, g if grid is None else None):
             if aligned is not None:
-                col_grid = aligned.map(lambda t: t[..., j:j + 1])  # [E, rows, 1]
+                col_grid = aligned.map(lambda t: t[..., j:stop])  # [E, rows, stop - j]
             elif grid is None and j % g == 0:
-                col_grid = fit_grid(_current_columns(w, w1, err1, hinv, i1, i2, j, g), spec)
+                col_grid = fit_grid(_current_columns(w, w1, err1, hinv, i1, i2, j, g), spec)  # [E, rows, 1]
                 fitted.append(col_grid)
-            wc = w1[:, :, i:i + 1]  # [E, rows, 1]
-            c, qc = quantize_dequantize(wc, col_grid)  # [E, rows, 1]
-            codes[:, :, j:j + 1], q[:, :, j:j + 1] = c, qc
-            err = (wc - qc) / hinv1[:, i:i + 1, i:i + 1]  # [E, rows, 1]
-            # rank-1 [E, rows, 1] x [E, 1, b - i], fused: no temporary, one launch per column
-            w1[:, :, i:].addcmul_(err, hinv1[:, i:i + 1, i:], value=-1)
-            err1[:, :, i:i + 1] = err
+            run_columns(w1, err1, hinv1, codes[:, :, i1:i2], q[:, :, i1:i2], col_grid, j - i1, stop - i1)
         loss += (err1 * err1).sum((1, 2)) / 2
         w[:, :, i2:] -= err1 @ hinv[:, i1:i2, i2:]  # lazy update: [E, rows, b] @ [E, b, cols - i2]
     return codes, q, loss, (grid if grid is not None else concat_groups(fitted))
+
+
+def _runs(i1: int, i2: int, group: int | None) -> list[tuple[int, int]]:
+    """Columns [i1, i2) cut where a lazily fitted group starts (every `group` columns; None:
+    no cuts) -> [(start, stop)], absolute column indices."""
+    if group is None:
+        return [(i1, i2)]
+    cuts = sorted({i1, *range(-(-i1 // group) * group, i2, group), i2})
+    return list(zip(cuts, cuts[1:]))
+
+
+def _columns(w1: Tensor, err1: Tensor, hinv1: Tensor, codes1: Tensor, q1: Tensor, grid: Grid, a: int, b: int) -> None:
+    """GPTQ's in-block loop over columns [a, b) of a block, one column at a time, in place.
+
+    w1, err1 [E, rows, B] fp32: the block's weights as error feedback has left them, and the
+    scaled errors; hinv1 [E, B, B] fp32 upper; codes1 [E, rows, B] uint8, q1 [E, rows, B] fp32:
+    outputs (views into the whole matrix's); grid aligned to columns [a, b) ([E, rows, b - a])
+    or one per row ([E, rows, 1]). Every column costs a handful of small kernels: on a GPU the
+    loop is bound by launches, which `gptq_triton.columns` fuses into one.
+    """
+    per_column = next(iter(grid.tensors().values())).shape[-1] > 1
+    col_grid = grid
+    for i in range(a, b):
+        if per_column:
+            col_grid = grid.map(lambda t: t[..., i - a:i - a + 1])  # [E, rows, 1]
+        wc = w1[:, :, i:i + 1]  # [E, rows, 1]
+        c, qc = quantize_dequantize(wc, col_grid)  # [E, rows, 1]
+        codes1[:, :, i:i + 1], q1[:, :, i:i + 1] = c, qc
+        err = (wc - qc) / hinv1[:, i:i + 1, i:i + 1]  # [E, rows, 1]
+        # rank-1 [E, rows, 1] x [E, 1, B - i], fused: no temporary, one launch per column
+        w1[:, :, i:].addcmul_(err, hinv1[:, i:i + 1, i:], value=-1)
+        err1[:, :, i:i + 1] = err
+
+
+def _fused_columns(w1: Tensor, err1: Tensor, hinv1: Tensor, codes1: Tensor, q1: Tensor, grid: Grid,
+                   a: int, b: int) -> None:
+    """`_columns` as one Triton kernel (imported here: Triton is optional)."""
+    from .gptq_triton import columns
+
+    columns(w1, err1, hinv1, codes1, q1, grid, a, b)
 
 
 def _current_columns(w: Tensor, w1: Tensor, err1: Tensor, hinv: Tensor,

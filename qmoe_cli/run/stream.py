@@ -102,8 +102,12 @@ def apply_expert(block: MoEBlock, expert: nn.Module, buffer: ListBuffer, tokens:
     for first in range(0, tokens.numel(), run.token_chunk):
         ids = tokens[first:first + run.token_chunk]
         x = buffer.data.index_select(0, ids).to(run.device, non_blocking=True)
-        y = x + expert(block.ffn_norm(x)) * prob[ids].to(run.device, x.dtype)[:, None]
-        buffer.data.index_copy_(0, ids, y.to(buffer.data.dtype).cpu())
+        buffer.data.index_copy_(0, ids, expert_residual(block, expert, x, prob[ids]).to(buffer.data.dtype).cpu())
+
+
+def expert_residual(block: MoEBlock, expert: nn.Module, x: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """x + prob * expert(norm(x)): x [n, d] on the expert's device, prob [n] fp32 -> [n, d] x.dtype."""
+    return x + expert(block.ffn_norm(x)) * prob.to(x.device, x.dtype)[:, None]
 
 
 def apply_experts(block: MoEBlock, bank: ExpertBank, buffer: ListBuffer, routing: Routing, run: RunConfig) -> None:
