@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import QmoeError
-from .base import Architecture, ExpertBank, ExpertShape, ModelWeights, MoEBlock, StackContext, TensorReader
+from .base import (Architecture, ExpertBank, ExpertShape, GenerationSpec, IncrementalStack, ModelWeights, MoEBlock,
+                   StackCache, StackContext, TensorReader)
 from .switch import SwitchArchitecture
 from .switch.config import SwitchConfig
 
@@ -31,5 +32,5 @@ def architecture_from_config(raw: dict[str, Any], overrides: dict[str, Any] | No
     return arch_class(config_class.from_hf_dict(raw, overrides))
 
 
-__all__ = ["Architecture", "ExpertBank", "ExpertShape", "MoEBlock", "ModelWeights", "StackContext", "TensorReader",
-           "architecture_from_config"]
+__all__ = ["Architecture", "ExpertBank", "ExpertShape", "GenerationSpec", "IncrementalStack", "MoEBlock",
+           "ModelWeights", "StackCache", "StackContext", "TensorReader", "architecture_from_config"]
