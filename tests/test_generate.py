@@ -241,3 +241,23 @@ def test_cuda_without_a_gpu_is_a_usage_error() -> None:
         pytest.skip("a GPU is present")
     result = CliRunner().invoke(main, ["generate", "--device", "cuda", "--prompt", "a <extra_id_0>"])
     assert result.exit_code == 2 and "no CUDA GPU" in result.stderr
+
+
+def test_inference_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
+    """scripts/bench_inference.py at small sizes: one table row per batch and the sparse block."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "table.md"
+    done = subprocess.run([sys.executable, str(root / "scripts" / "bench_inference.py"), "--device", "cpu",
+                           "--d-model", "32", "--d-ff", "64", "--experts", "4", "--blocks", "2", "--vocab", "128",
+                           "--batches", "1,3", "--steps", "2", "--warmup", "1", "--out", str(out)],
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0:2] for r in rows[1:]] == [["| decoder step (per token)", "1"],
+                                                      ["| decoder step (per token)", "3"], ["| one sparse block", "1"]]
+    assert all(float(r.split(" | ")[2]) > 0 and float(r.split(" | ")[3]) > 0 for r in rows[1:])
+    assert out.read_text() == done.stdout
