@@ -88,7 +88,7 @@ def make_models(args: argparse.Namespace) -> tuple[MemoryWeights, MemoryWeights,
     for name in arch.head_tensors():
         dense[name] = torch.ones(c.d_model) if "norm" in name else torch.randn(c.vocab_size, c.d_model, generator=gen)
     print(f"fitting a dictionary for P(zero) = {args.p_zero}", file=sys.stderr)
-    book = Codebook.from_sequences(fit_dictionary(symbol_probs(args.p_zero), DictionarySpec()), 14)
+    book = Codebook.from_sequences(fit_dictionary(symbol_probs(args.p_zero), DictionarySpec(args.dictionary_size)), 14)
     spec = QuantSpec("ternary", None)
     packed_banks, dense_banks, packed_bytes, dense_bytes = {}, {}, 0, 0
     for stack, i in arch.sparse_blocks():
@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4, help="Blocks per stack (sparse every other; c2048: all)")
     parser.add_argument("--vocab", type=int, default=32128)
     parser.add_argument("--p-zero", type=float, default=0.9)
+    parser.add_argument("--dictionary-size", type=int, default=1 << 16, help="Codewords (65536: what qmoe pack writes)")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20, help="Timed decoder steps per batch size")

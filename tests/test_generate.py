@@ -253,7 +253,7 @@ def test_inference_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "table.md"
     done = subprocess.run([sys.executable, str(root / "scripts" / "bench_inference.py"), "--device", "cpu",
                            "--d-model", "32", "--d-ff", "64", "--experts", "4", "--blocks", "2", "--vocab", "128",
-                           "--batches", "1,3", "--steps", "2", "--warmup", "1", "--out", str(out)],
+                           "--batches", "1,3", "--steps", "2", "--dictionary-size", "1024", "--warmup", "1", "--out", str(out)],
                           env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
@@ -261,3 +261,31 @@ def test_inference_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
                                                       ["| decoder step (per token)", "3"], ["| one sparse block", "1"]]
     assert all(float(r.split(" | ")[2]) > 0 and float(r.split(" | ")[3]) > 0 for r in rows[1:])
     assert out.read_text() == done.stdout
+
+
+class _Bank:
+    """A bank of identity experts that may offer a grouped path."""
+
+    def __init__(self, grouped: bool):
+        self.num_experts, self.loaded = 5, []
+        if grouped:
+            self.routed = lambda device, dtype: (lambda x, index: x)
+
+    def load(self, ids, device, dtype):
+        self.loaded.extend(ids)
+        return [torch.nn.Identity() for _ in ids]
+
+
+def test_resident_bank_takes_the_grouped_path_where_the_bank_has_one() -> None:
+    from qmoe_cli.run.resident import ResidentBank
+
+    grouped = _Bank(grouped=True)
+    bank = ResidentBank(grouped, CPU, torch.float32, group_size=2)
+    assert bank.grouped and bank.modules == [] and grouped.loaded == []
+    assert bank.routed(CPU, torch.float32) is not None
+    streamed = ResidentBank(_Bank(grouped=True), CPU, torch.float32, group_size=2, grouped=False)
+    assert not streamed.grouped and streamed.routed(CPU, torch.float32) is None and len(streamed.modules) == 5
+    plain = _Bank(grouped=False)
+    loaded = ResidentBank(plain, CPU, torch.float32, group_size=2)
+    assert plain.loaded == [0, 1, 2, 3, 4] and loaded.load([3, 1], CPU, torch.float32) == [loaded.modules[3],
+                                                                                          loaded.modules[1]]

@@ -10,7 +10,8 @@ as `Placement` says, plus two staging slots on the streaming GPU and the decodin
 
 A block's feed-forward goes through the runner's per-block expert dispatch (`stream.route` and
 `stream.apply_experts` on a `ListBuffer` around the step's hidden states, on their device), so
-whatever decode-matmul path a checkpoint kind's experts have is the one generation uses.
+whatever decode-matmul path a checkpoint kind's experts have is the one generation uses: the
+CPU `PackedLinear`, or a bank's grouped GPU path (`ResidentBank.routed`).
 """
 
 from __future__ import annotations
@@ -29,14 +30,31 @@ from .stream import ListBuffer, RunConfig, load_block, sparse_feed_forward
 
 
 class ResidentBank:
-    """All experts of one sparse block, loaded once (`group_size` at a time) and kept."""
+    """All experts of one sparse block, loaded once and kept.
 
-    def __init__(self, bank: ExpertBank, device: torch.device, dtype: torch.dtype, group_size: int):
-        self.num_experts = bank.num_experts
+    Where the wrapped bank runs all its experts grouped on the device (`routed(device, dtype)`,
+    the packed checkpoint's GPU kernels: the bank keeps its compressed experts there), that path
+    is used and no per-expert modules are made; otherwise every expert is loaded (`group_size`
+    at a time) as a module and kept. A block streamed from host memory never takes the grouped
+    path (`grouped=False`): its experts must stay swappable (`Streamer`).
+    """
+
+    def __init__(self, bank: ExpertBank, device: torch.device, dtype: torch.dtype, group_size: int,
+                 grouped: bool = True):
+        self.bank, self.num_experts, self.grouped = bank, bank.num_experts, grouped
+        self.grouped = self.routed(device, dtype) is not None
         self.modules: list[nn.Module] = []
+        if self.grouped:
+            return
         for first in range(0, bank.num_experts, group_size):
             ids = list(range(first, min(first + group_size, bank.num_experts)))
             self.modules.extend(bank.load(ids, device, dtype))
+
+    def routed(self, device: torch.device, dtype: torch.dtype):
+        """The wrapped bank's grouped path on `device` (kept by that bank), or None (none, or
+        this block streams)."""
+        grouped = getattr(self.bank, "routed", None) if self.grouped else None
+        return None if grouped is None else grouped(device, dtype)
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
         """The kept modules (where they were loaded, or swapped in by a `Streamer`)."""
@@ -187,7 +205,7 @@ def load_resident(weights: ModelWeights, placement: Placement | None, devices: S
             where = torch.device("cpu") if home == HOST else torch.device(home)
             run = RunConfig(device=torch.device(placement.stream_device) if home == HOST else where,
                             dtype=dtype, group_size=group_size, progress=False)
-            bank = (ResidentBank(weights.experts(stack, i), where, dtype, group_size)
+            bank = (ResidentBank(weights.experts(stack, i), where, dtype, group_size, grouped=home != HOST)
                     if arch.is_sparse(stack, i) else None)
             block = load_block(weights, stack, i, RunConfig(device=where, dtype=dtype, progress=False), bank)
             placed = PlacedBlock(name, block, bank, run, streamed=home == HOST)
