@@ -289,3 +289,26 @@ def test_resident_bank_takes_the_grouped_path_where_the_bank_has_one() -> None:
     loaded = ResidentBank(plain, CPU, torch.float32, group_size=2)
     assert plain.loaded == [0, 1, 2, 3, 4] and loaded.load([3, 1], CPU, torch.float32) == [loaded.modules[3],
                                                                                           loaded.modules[1]]
+
+
+def test_swapping_a_block_to_other_tensors_and_back() -> None:
+    """What the streamer does around a host-held block (on the CPU here: the copies are clones):
+    the block computes with the copies, then with its own tensors again, parameters unchanged."""
+    from qmoe_cli.run.resident import PlacedBlock, swap_in, swap_out
+    from qmoe_cli.run.stream import RunConfig
+
+    block = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval()
+    expert = torch.nn.Linear(3, 2)
+    bank = type("Bank", (), {"modules": [expert]})()
+    placed = PlacedBlock("decoder.0", block, bank, RunConfig(device=CPU, dtype=torch.float32), streamed=True)
+    params = [p for _, _, _, p in placed.tensors()]
+    originals = [t.detach().clone() for t in params]
+    x = torch.randn(5, 4)
+    before = expert(block(x))
+    saved = swap_in(placed, [t.detach() * 2 for t in params])
+    assert not torch.allclose(expert(block(x)), before)
+    assert all(torch.equal(p, 2 * o) for p, o in zip((t for *_, t in placed.tensors()), originals))
+    swap_out(saved)
+    torch.testing.assert_close(expert(block(x)), before)
+    assert all(a is b for (*_, a), b in zip(placed.tensors(), params) if isinstance(b, torch.nn.Parameter))
+    assert all(torch.equal(t, o) for (*_, t), o in zip(placed.tensors(), originals))

@@ -132,6 +132,8 @@ def encode_prompts(model: ResidentModel, prompts: Sequence[Sequence[int]]) -> tu
     """The prompt stack over the padded batch (the family's suffix appended) -> memory [B, S, d]
     and its mask [B, S] bool (True = a real token), on the model's first device."""
     spec = model.weights.arch.generation()
+    if spec.prompt_stack is None:
+        raise QmoeError(f"{model.weights.arch.family}: generation without a prompt stack is not supported yet")
     rows = [list(p) + list(spec.prompt_suffix) for p in prompts]
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), spec.pad_token, dtype=torch.long)
@@ -140,8 +142,6 @@ def encode_prompts(model: ResidentModel, prompts: Sequence[Sequence[int]]) -> tu
         ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
         mask[b, :len(row)] = True
     mask = mask.to(model.first_device)
-    if spec.prompt_stack is None:
-        raise QmoeError(f"{model.weights.arch.family}: generation without a prompt stack is not supported yet")
     stack = model.stacks[spec.prompt_stack]
     cache = stack.new_cache(len(rows), length, key_mask=mask)
     return model.run_stack(spec.prompt_stack, model.embed(spec.prompt_stack, ids), cache), mask

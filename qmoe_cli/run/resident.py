@@ -61,7 +61,7 @@ class ResidentBank:
         return [self.modules[j] for j in ids]
 
 
-@dataclass
+@dataclass(eq=False)
 class PlacedBlock:
     """One block and its experts, where it runs (`run.device`) and whether it lives in host memory."""
 
@@ -123,16 +123,31 @@ class Streamer:
         following = self.next_after(placed)
         if following is not None and following is not placed:
             self.prefetch(following)  # overlaps this block's compute
-        host = []
-        for (module, kind, name, tensor), copy in zip(placed.tensors(), copies):
+        for copy in copies:
             copy.record_stream(compute)  # allocated on the side stream, used on this one
-            host.append((module, kind, name, tensor))
-            _swap(module, kind, name, copy)
+        saved = swap_in(placed, copies)
         try:
             yield
         finally:
-            for module, kind, name, tensor in host:
-                _swap(module, kind, name, tensor)
+            swap_out(saved)
+
+
+Saved = list[tuple[nn.Module, str, str, torch.Tensor]]
+
+
+def swap_in(placed: PlacedBlock, copies: Sequence[torch.Tensor]) -> Saved:
+    """Make the block compute with `copies` (in `tensors()` order); returns what `swap_out`
+    needs to put the host tensors back (a parameter keeps its identity, only its data moves)."""
+    saved = []
+    for (module, kind, name, tensor), copy in zip(placed.tensors(), copies):
+        saved.append((module, kind, name, tensor.data if kind == "_parameters" else tensor))
+        _swap(module, kind, name, copy)
+    return saved
+
+
+def swap_out(saved: Saved) -> None:
+    for module, kind, name, tensor in saved:
+        _swap(module, kind, name, tensor)
 
 
 def _swap(module: nn.Module, kind: str, name: str, tensor: torch.Tensor) -> None:
