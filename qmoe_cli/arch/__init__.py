@@ -11,8 +11,18 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import QmoeError
-from .base import (Architecture, ExpertBank, ExpertShape, GenerationSpec, IncrementalStack, ModelWeights, MoEBlock,
-                   StackCache, StackContext, TensorReader)
+from .base import (
+    Architecture,
+    ExpertBank,
+    ExpertShape,
+    GenerationSpec,
+    IncrementalStack,
+    ModelWeights,
+    MoEBlock,
+    StackCache,
+    StackContext,
+    TensorReader,
+)
 from .switch import SwitchArchitecture
 from .switch.config import SwitchConfig
 
