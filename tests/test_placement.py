@@ -10,9 +10,20 @@ import torch
 from click.testing import CliRunner
 
 from qmoe_cli.cli import main
+from qmoe_cli.data.tokenizer import load_tokenizer
 from qmoe_cli.errors import QmoeError
 from qmoe_cli.formats.open import open_model
-from qmoe_cli.run.placement import HOST, BlockNeed, block_bytes, format_bytes, parse_bytes, plan_placement
+from qmoe_cli.run.generate import parse_prompt
+from qmoe_cli.run.placement import (
+    HOST,
+    BlockNeed,
+    Placement,
+    block_bytes,
+    format_bytes,
+    parse_bytes,
+    plan_model,
+    plan_placement,
+)
 
 MB = 1 << 20
 
@@ -116,12 +127,48 @@ def test_block_bytes_of_original_and_packed_checkpoints(packed_dir) -> None:
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+GEN_PROMPTS = ("the hedgehog lives in <extra_id_0> garden.", "a whale <extra_id_0> at night and <extra_id_1> food.")
+
+
 def _gen(*args: str) -> tuple[list, str]:
+    prompts = [a for p in GEN_PROMPTS for a in ("--prompt", p)]
     result = CliRunner().invoke(main, ["generate", "--json", "--max-new-tokens", "16", "--dtype", "float32",
-                                       "--prompt", "the hedgehog lives in <extra_id_0> garden.",
-                                       "--prompt", "a whale <extra_id_0> at night and <extra_id_1> food.", *args])
+                                       *prompts, *args])
     assert result.exit_code == 0, result.output
     return [o["tokens"] for o in json.loads(result.stdout)["outputs"]], result.stderr
+
+
+def _cap(packed_dir, devices: int, wanted) -> tuple[int, Placement]:
+    """The largest per-GPU cap (64 KiB steps) at which `qmoe generate` with GEN_PROMPTS plans a
+    placement satisfying `wanted`: what makes the GPU tests stream or split for sure."""
+    opened = open_model(str(packed_dir))
+    tokenizer = load_tokenizer(packed_dir)
+    longest = max(len(parse_prompt(p, tokenizer, "t", 256, 955, 1).ids) for p in GEN_PROMPTS) + 1
+    total = sum(block_bytes(opened.weights, s, i, torch.float32) for s in ("encoder", "decoder") for i in range(4))
+    for cap in range(total + (4 << 20), 0, -(64 << 10)):
+        try:
+            plan = plan_model(opened.weights, {f"cuda:{d}": cap for d in range(devices)}, torch.float32, 2, 16, longest)
+        except QmoeError:
+            continue
+        if wanted(plan):
+            return cap, plan
+    raise AssertionError("no cap gives the wanted placement")
+
+
+def _streams_encoder(plan: Placement) -> bool:
+    return bool(plan.streamed) and all(plan.home[f"decoder.{i}"] == "cuda:0" for i in range(4))
+
+
+def _splits(plan: Placement) -> bool:
+    return not plan.streamed and {"cuda:0", "cuda:1"} <= set(plan.home.values())
+
+
+def test_whole_model_plans_stream_the_encoder_first_and_split_over_two_gpus(packed_dir) -> None:
+    _, plan = _cap(packed_dir, 1, _streams_encoder)
+    assert plan.streamed and all(name.startswith("encoder") for name in plan.streamed)
+    assert plan.used["cuda:0"] <= plan.budgets["cuda:0"]
+    _, split = _cap(packed_dir, 2, _splits)
+    assert all(split.home[f"decoder.{i}"] == "cuda:0" for i in range(4))
 
 
 @GPU
@@ -129,9 +176,7 @@ def test_gpu_generation_equals_cpu_resident_and_streamed(packed_dir) -> None:
     cpu, _ = _gen("--model", str(packed_dir), "--device", "cpu")
     gpu, placed = _gen("--model", str(packed_dir), "--device", "cuda:0")
     assert gpu == cpu and "placement: cuda:0 holds 8 blocks" in placed
-    weights = open_model(str(packed_dir)).weights
-    sizes = [block_bytes(weights, s, i, torch.float32) for s in ("encoder", "decoder") for i in range(4)]
-    cap = sum(sizes[4:]) + 2 * max(sizes[:4]) + (8 << 20)  # decoder resident, encoder streamed
+    cap, _ = _cap(packed_dir, 1, _streams_encoder)
     streamed, placed = _gen("--model", str(packed_dir), "--device", "cuda:0", "--max-memory", str(cap))
     assert streamed == cpu and "host memory streams" in placed
 
@@ -139,7 +184,7 @@ def test_gpu_generation_equals_cpu_resident_and_streamed(packed_dir) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_gpus_split_the_model(packed_dir) -> None:
     cpu, _ = _gen("--model", str(packed_dir), "--device", "cpu")
-    weights = open_model(str(packed_dir)).weights
-    half = sum(block_bytes(weights, "decoder", i, torch.float32) for i in range(4)) + (8 << 20)
-    split, placed = _gen("--model", str(packed_dir), "--device", "cuda", "--max-memory", str(half))
+    cap, _ = _cap(packed_dir, 2, _splits)
+    split, placed = _gen("--model", str(packed_dir), "--device", "cuda:0", "--device", "cuda:1",
+                         "--max-memory", str(cap))
     assert split == cpu and "placement: cuda:1 holds" in placed and "host memory" not in placed

@@ -171,6 +171,7 @@ def generate_ids(model: ResidentModel, prompts: Sequence[Sequence[int]], stops: 
         if all(done):
             break
         last = torch.tensor([[spec.pad_token if done[b] else chosen[b]] for b in range(batch)], dtype=torch.long)
+    model.finish()
     return generated
 
 

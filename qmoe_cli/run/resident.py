@@ -114,6 +114,10 @@ class Streamer:
         stack = placed.name.rpartition(".")[0]
         return next((p for p in self.order if p.name.rpartition(".")[0] == stack), None)
 
+    def drop(self) -> None:
+        """Forget what was staged ahead for a step that will not come (the batch is done)."""
+        self.staged.clear()
+
     @contextlib.contextmanager
     def use(self, placed: PlacedBlock) -> Iterator[None]:
         self.prefetch(placed)
@@ -186,6 +190,11 @@ class ResidentModel:
                 x = attention.attend(placed.block, index, x, cache)
                 x = self._feed_forward(placed, x)
         return self.norms[stack](x.to(self.first_device))
+
+    def finish(self) -> None:
+        """A batch is done: release the staging slot prefetched for the next step."""
+        if self.streamer is not None:
+            self.streamer.drop()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, d] -> logits [n, vocab] fp32."""
