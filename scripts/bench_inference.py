@@ -190,8 +190,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                         help="Compute dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="Also write the markdown table here.")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     batches = [int(b) for b in args.batches.split(",")]
     packed, dense, packed_bytes, dense_bytes = make_models(args)
@@ -200,7 +203,8 @@ def main() -> None:
     p_tok, p_block, p_peak = measure(packed, args, batches)
     print("timing the dense model", file=sys.stderr)
     d_tok, d_block, d_peak = measure(dense, args, batches)
-    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"CPU, {torch.get_num_threads()} threads")
     name = str(args.dtype).removeprefix("torch.")
     lines = [f"# generation, packed vs {name} experts on {where}: d_model {c.d_model}, d_ff {c.d_ff}, "
              f"{c.num_experts} experts, {args.blocks}+{args.blocks} blocks, P(zero) {args.p_zero}, "
