@@ -98,6 +98,14 @@ class GenerationSpec:
     pad_token: int
     prompt_suffix: tuple[int, ...]  # appended to every prompt (T5: EOS, as its tokenizer does)
 
+    def __post_init__(self) -> None:
+        if self.prompt_stack == self.output_stack:
+            raise ValueError(f"GenerationSpec: the prompt and output stacks must differ, got {self.output_stack!r} twice")
+        for name in ("start_token", "eos_token", "pad_token"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"GenerationSpec.{name} must be a token id >= 0, got {value!r}")
+
 
 @dataclass(frozen=True)
 class ExpertShape:
