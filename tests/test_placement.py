@@ -188,3 +188,36 @@ def test_two_gpus_split_the_model(packed_dir) -> None:
     split, placed = _gen("--model", str(packed_dir), "--device", "cuda:0", "--device", "cuda:1",
                          "--max-memory", str(cap))
     assert split == cpu and "placement: cuda:1 holds" in placed and "host memory" not in placed
+
+
+def test_device_budgets_subtract_the_workspace_and_apply_caps(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qmoe_cli.run import placement
+
+    free = {0: 80 << 30, 1: 40 << 30}
+    monkeypatch.setattr(placement.torch.cuda, "mem_get_info", lambda device: (free[device.index], 80 << 30))
+    devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    work = placement.WORKSPACE_BYTES
+    assert placement.device_budgets(devices, []) == {"cuda:0": (80 << 30) - work, "cuda:1": (40 << 30) - work}
+    assert placement.device_budgets(devices, [70 << 30]) == {"cuda:0": 70 << 30, "cuda:1": (40 << 30) - work}
+    assert placement.device_budgets(devices, [10 << 30, 20 << 30]) == {"cuda:0": 10 << 30, "cuda:1": 20 << 30}
+    with pytest.raises(ValueError, match="one size for all GPUs or one per GPU"):
+        placement.device_budgets(devices, [1, 2, 3])
+
+
+def test_a_planned_model_generates_what_an_unplanned_one_does() -> None:
+    """load_resident through a placement (every block on the CPU 'device') equals no placement."""
+    from qmoe_cli.run.generate import GenerateConfig, generate_ids
+    from qmoe_cli.run.resident import load_resident
+
+    opened = open_model("tiny-switch")
+    tokenizer = load_tokenizer(opened.tokenizer_dir)
+    prompts = [parse_prompt(p, tokenizer, "t", 256, 955, 1).ids for p in GEN_PROMPTS]
+    cpu = torch.device("cpu")
+    plan = plan_model(opened.weights, {"cpu": 1 << 40}, torch.float32, 2, 8, 16)
+    assert set(plan.home.values()) == {"cpu"}
+    stops = [{1}, {1}]
+    planned = generate_ids(load_resident(opened.weights, plan, [cpu], torch.float32), prompts, stops,
+                           GenerateConfig(max_new_tokens=8))
+    plain = generate_ids(load_resident(opened.weights, None, [cpu], torch.float32), prompts, stops,
+                         GenerateConfig(max_new_tokens=8))
+    assert planned == plain and all(len(t) >= 1 for t in planned)
