@@ -177,6 +177,116 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
         click.echo(f"{name:<24} {r.samples:>8} {r.tokens:>9} {r.loss:>8.4f} {r.perplexity:>10.3f}")
 
 
+@main.command("generate")
+@click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
+              help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory (original, quantized, packed).")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="A prompt with spans to fill marked <extra_id_0>, <extra_id_1>, ...; repeat for several.")
+@click.option("--input", "input_file", type=click.Path(path_type=Path), default=None, metavar="FILE.jsonl",
+              help='Prompts, one JSON object a line: {"prompt": TEXT} (or "text").')
+@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Most tokens generated per prompt.")
+@click.option("--greedy", is_flag=True, help="Most likely token each step (the default without --temperature).")
+@click.option("--temperature", type=float, default=None, help="Sample at this temperature instead of greedy.")
+@click.option("--top-p", type=float, default=None, help="Sample from the smallest set of tokens with this mass (1.0).")
+@click.option("--seed", type=int, default=None, help="Seed of the sampler (0).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts decoded together.")
+@click.option("--device", "devices", multiple=True, metavar="DEVICE",
+              help=DEVICE_HELP + "; cuda takes every visible GPU; repeat cuda:N for a chosen set. Default: auto.")
+@click.option("--max-memory", "max_memory", multiple=True, metavar="SIZE",
+              help="Cap on what each GPU holds (70GiB, 80GB): one for all, or one per GPU. The rest streams from host memory.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="Compute dtype; auto: float32 on CPU, the stored dtype (bfloat16 for float32 checkpoints) on GPU.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@handle_errors
+def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path | None, max_new_tokens: int,
+                     greedy: bool, temperature: float | None, top_p: float | None, seed: int | None, batch_size: int,
+                     devices: tuple[str, ...], max_memory: tuple[str, ...], dtype: str, as_json: bool) -> None:
+    """Fill the marked spans of prompts (T5 span filling) with a model of any kind, on CPU or GPUs."""
+    from .data.tokenizer import load_tokenizer
+    from .formats.open import open_model
+    from .run.evaluate import resolve_dtype
+    from .run.generate import GenerateConfig, generate, parse_prompt
+    from .run.placement import device_budgets, parse_bytes, plan_model
+    from .run.resident import load_resident
+
+    if bool(prompts) == (input_file is not None):
+        raise ValueError("give prompts with --prompt TEXT (repeatable) or --input FILE.jsonl, not both or neither")
+    if greedy and temperature is not None:
+        raise ValueError("--greedy and --temperature exclude each other")
+    if temperature is None and (top_p is not None or seed is not None):
+        raise ValueError("--top-p and --seed apply to sampling; give --temperature too")
+    cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=1.0 if top_p is None else top_p, seed=seed or 0, batch_size=batch_size)
+    caps = [parse_bytes(m) for m in max_memory]
+    run_devices = resolve_devices(devices)
+    if caps and run_devices[0].type != "cuda":
+        raise ValueError("--max-memory caps GPUs; it does not apply to --device cpu")
+    texts = [(f"--prompt {i + 1}", t) for i, t in enumerate(prompts)] or _read_prompts(input_file)
+    model = open_model(model_name)
+    tokenizer = load_tokenizer(model.tokenizer_dir)
+    arch = model.weights.arch
+    suffix = len(arch.generation().prompt_suffix)
+    parsed = [parse_prompt(text, tokenizer, where, model.window, arch.config.vocab_size, suffix)
+              for where, text in texts]
+    run_dtype = resolve_dtype(dtype, model.stored_dtype, run_devices[0])
+    placement = None
+    if run_devices[0].type == "cuda":
+        longest = max(len(p.ids) for p in parsed) + suffix
+        placement = plan_model(model.weights, device_budgets(run_devices, caps), run_dtype,
+                               min(batch_size, len(parsed)), max_new_tokens, longest)
+        for line in placement.describe():
+            note(line)
+    resident = load_resident(model.weights, placement, run_devices, run_dtype)
+    outputs = generate(resident, parsed, tokenizer, cfg)
+    if as_json:
+        click.echo(json.dumps({"model": model_name, "kind": model.kind, "outputs": [
+            {"prompt": o.prompt, "text": o.text, "spans": o.spans, "tokens": o.tokens} for o in outputs]}))
+        return
+    for i, o in enumerate(outputs):
+        click.echo(f"[{i + 1}] {o.prompt}\n    -> {o.text}\n    filled: {o.filled()}")
+
+
+def resolve_devices(names: tuple[str, ...]) -> list[Any]:
+    """--device values -> torch devices: auto and cuda take every visible GPU (auto: the CPU
+    without one); cuda:N names one; cpu stands alone."""
+    import torch
+
+    from .run.evaluate import resolve_device
+
+    names = names or ("auto",)
+    if len(names) == 1 and names[0] in ("auto", "cuda"):
+        device = resolve_device(names[0])
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if device.type == "cuda" else [device]
+    resolved = [resolve_device(n) for n in names]
+    if len(resolved) > 1 and any(d.type != "cuda" or d.index is None for d in resolved):
+        raise ValueError(f"--device: several devices must each be cuda:N, got {', '.join(names)}")
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"--device: each device may be given once, got {', '.join(names)}")
+    return resolved
+
+
+def _read_prompts(path: Path) -> list[tuple[str, str]]:
+    """(where, text) of every line of a prompts JSONL file."""
+    if not path.is_file():
+        raise QmoeError(f"--input {path}: no such file")
+    found = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise QmoeError(f"{where}: not valid JSON ({exc.msg})") from None
+        text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise QmoeError(f'{where}: expected an object with a "prompt" (or "text") string')
+        found.append((where, text))
+    if not found:
+        raise QmoeError(f"--input {path}: holds no prompts")
+    return found
+
+
 @main.command("compress")
 @click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
               help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")

@@ -15,9 +15,12 @@ from .base import (
     Architecture,
     ExpertBank,
     ExpertShape,
+    GenerationSpec,
+    IncrementalStack,
     ModelWeights,
     MoEBlock,
     RoutedExperts,
+    StackCache,
     StackContext,
     TensorReader,
     resolve_name,
@@ -42,5 +45,6 @@ def architecture_from_config(raw: dict[str, Any], overrides: dict[str, Any] | No
     return arch_class(config_class.from_hf_dict(raw, overrides))
 
 
-__all__ = ["Architecture", "ExpertBank", "ExpertShape", "MoEBlock", "ModelWeights", "RoutedExperts", "StackContext",
-           "TensorReader", "architecture_from_config", "resolve_name", "routed_experts"]
+__all__ = ["Architecture", "ExpertBank", "ExpertShape", "GenerationSpec", "IncrementalStack", "MoEBlock",
+           "ModelWeights", "RoutedExperts", "StackCache", "StackContext", "TensorReader", "architecture_from_config",
+           "resolve_name", "routed_experts"]

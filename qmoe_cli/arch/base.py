@@ -80,6 +80,55 @@ class StackContext(Protocol):
         ...
 
 
+class StackCache(Protocol):
+    """What a stack's attention keeps between calls while decoding a batch of sequences
+    incrementally: per block, the self-attention keys and values so far and, in a stack that
+    reads a memory, the memory's cross-attention keys and values (projected once)."""
+
+    def length(self, index: int) -> int:
+        """Positions block `index` has cached so far."""
+        ...
+
+
+class IncrementalStack(Protocol):
+    """A stack's attention over a padded batch, with a cache (generation). `attend` of block
+    `index` appends the new positions' keys and values to that block's cache, so calling it for
+    every block with positions [L, L + t) continues a sequence from L; a fresh cache fed the whole
+    sequence at once gives the same result (tested)."""
+
+    def new_cache(self, batch: int, max_length: int, key_mask: torch.Tensor | None = None,
+                  memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> StackCache:
+        """An empty cache for `batch` sequences of up to `max_length` positions. key_mask [B, T0]
+        bool (True = real token) masks the first call's keys (a padded prompt); memory [B, S, d]
+        with memory_mask [B, S] bool is what cross-attention reads (None: no cross-attention)."""
+        ...
+
+    def attend(self, block: MoEBlock, index: int, x: torch.Tensor, cache: StackCache) -> torch.Tensor:
+        """The attention sublayers of block `index` on new positions x [B, t, d] -> [B, t, d],
+        on x's device (the cache's tensors for this block live there too)."""
+        ...
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """How a family generates: which stack reads the prompt once, which runs token by token."""
+
+    prompt_stack: str | None  # run once over the prompt ("encoder"); None for decoder-only families
+    output_stack: str  # run one position at a time with a cache ("decoder")
+    start_token: int  # the output stack's first input
+    eos_token: int
+    pad_token: int
+    prompt_suffix: tuple[int, ...]  # appended to every prompt (T5: EOS, as its tokenizer does)
+
+    def __post_init__(self) -> None:
+        if self.prompt_stack == self.output_stack:
+            raise ValueError(f"GenerationSpec: the prompt and output stacks must differ, got {self.output_stack!r} twice")
+        for name in ("start_token", "eos_token", "pad_token"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"GenerationSpec.{name} must be a token id >= 0, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ExpertShape:
     """An expert feed-forward as the compressor sees it: its matrices in quantization order, each
@@ -161,6 +210,18 @@ class Architecture(Protocol):
     def make_expert(self, parts: Mapping[str, torch.Tensor | nn.Module]) -> nn.Module:
         """An inference-only expert from its matrices (weights [rows, cols], used without a
         copy) or from modules computing them (e.g. decode-matmuls of packed codes)."""
+        ...
+
+    def generation(self) -> GenerationSpec: ...
+
+    def incremental_stack(self, stack: str, read: TensorReader, device: torch.device,
+                          dtype: torch.dtype) -> IncrementalStack:
+        """Batched attention with a cache for `stack` (its shared tables read now, on `device`)."""
+        ...
+
+    def cache_bytes(self, stack: str, batch: int, length: int, memory_length: int, dtype: torch.dtype) -> int:
+        """Bytes one block of `stack` caches for `batch` sequences of `length` positions (reading
+        a memory of `memory_length`): what placement reserves beside the block's weights."""
         ...
 
 

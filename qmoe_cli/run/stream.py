@@ -55,6 +55,14 @@ class ListBuffer:
             self.offsets.append(self.offsets[-1] + length)
         self.data = torch.empty(self.offsets[-1], width, dtype=dtype, pin_memory=pin)
 
+    @classmethod
+    def of(cls, data: torch.Tensor) -> "ListBuffer":
+        """A buffer around existing tokens data [N, d] (one sample; any device, used in place):
+        how generation runs a step's hidden states through the runner's expert dispatch."""
+        buffer = cls.__new__(cls)
+        buffer.offsets, buffer.data = [0, data.shape[0]], data
+        return buffer
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
@@ -83,13 +91,14 @@ class Routing:
 
 
 def route(block: MoEBlock, buffer: ListBuffer, run: RunConfig) -> Routing:
-    """Route every token of the buffer (norm then router, fp32), chunk by chunk."""
+    """Route every token of the buffer (norm then router, fp32), chunk by chunk; the routing
+    lives where the buffer does."""
     index, prob = [], []
     for part in buffer.chunks(run.token_chunk):
         x = buffer.data[part].to(run.device, non_blocking=True)
         top_index, top_prob = block.route(block.ffn_norm(x))
-        index.append(top_index.cpu())
-        prob.append(top_prob.cpu())
+        index.append(top_index.to(buffer.data.device))
+        prob.append(top_prob.to(buffer.data.device))
     index_all, prob_all = torch.cat(index), torch.cat(prob)
     counts = torch.bincount(index_all, minlength=block.experts.num_experts)
     starts = [0] + torch.cumsum(counts, 0).tolist()
@@ -102,7 +111,7 @@ def apply_expert(block: MoEBlock, expert: nn.Module, buffer: ListBuffer, tokens:
     for first in range(0, tokens.numel(), run.token_chunk):
         ids = tokens[first:first + run.token_chunk]
         x = buffer.data.index_select(0, ids).to(run.device, non_blocking=True)
-        buffer.data.index_copy_(0, ids, expert_residual(block, expert, x, prob[ids]).to(buffer.data.dtype).cpu())
+        buffer.data.index_copy_(0, ids, expert_residual(block, expert, x, prob[ids]).to(buffer.data.device, buffer.data.dtype))
 
 
 def expert_residual(block: MoEBlock, expert: nn.Module, x: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
@@ -140,10 +149,13 @@ def dense_feed_forward(block: MoEBlock, buffer: ListBuffer, run: RunConfig) -> N
         buffer.data[part] = block.feed_forward(x).cpu()
 
 
-def load_block(weights: ModelWeights, stack: str, index: int, run: RunConfig) -> MoEBlock:
-    """Build block `index` of `stack` with its non-expert weights read now, on the device."""
+def load_block(weights: ModelWeights, stack: str, index: int, run: RunConfig,
+               bank: ExpertBank | None = None) -> MoEBlock:
+    """Build block `index` of `stack` with its non-expert weights read now, on the device, around
+    `bank` (default: the checkpoint's experts, read when asked for)."""
     arch = weights.arch
-    bank = weights.experts(stack, index) if arch.is_sparse(stack, index) else None
+    if bank is None and arch.is_sparse(stack, index):
+        bank = weights.experts(stack, index)
     with torch.device("meta"):
         block = arch.block(stack, index, bank)
     prefix = arch.block_prefix(stack, index)

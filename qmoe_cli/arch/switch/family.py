@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import ExpertBank, ExpertShape, TensorReader
+from ..base import ExpertBank, ExpertShape, GenerationSpec, TensorReader
 from .config import SwitchConfig
+from .incremental import SwitchIncrementalStack, cache_bytes
 from .layers import Block, ExpertFFN, RMSNorm, position_bias
 from .model import lm_logits, shift_right
 
@@ -132,3 +133,16 @@ class SwitchArchitecture:
         if isinstance(wi, torch.Tensor):
             return ExpertFFN.from_weights(wi, wo)
         return ExpertFFN.from_linears(wi, wo)
+
+    def generation(self) -> GenerationSpec:
+        c = self.config
+        return GenerationSpec(prompt_stack="encoder", output_stack="decoder", start_token=c.decoder_start_token_id,
+                              eos_token=c.eos_token_id, pad_token=c.pad_token_id, prompt_suffix=(c.eos_token_id,))
+
+    def incremental_stack(self, stack: str, read: TensorReader, device: torch.device,
+                          dtype: torch.dtype) -> SwitchIncrementalStack:
+        table = read(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", dtype, device)
+        return SwitchIncrementalStack(self.config, table, bidirectional=stack == "encoder")
+
+    def cache_bytes(self, stack: str, batch: int, length: int, memory_length: int, dtype: torch.dtype) -> int:
+        return cache_bytes(self.config, stack, batch, length, memory_length, dtype)

@@ -69,11 +69,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
         """x [B, T, d]; kv [B, S, d] (None: self-attention); bias [B|1, H, T, S] fp32 -> [B, T, d]."""
-        kv = x if kv is None else kv
+        k, v = self.keys_values(x if kv is None else kv)
+        return self.attend_to(x, k, v, bias)
+
+    def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv [B, S, d] -> keys and values [B, H, S, d_kv] (what a decoding cache keeps)."""
+        batch, length = kv.shape[:2]
+        k = self.k(kv).view(batch, length, self.num_heads, self.d_kv).transpose(1, 2)
+        v = self.v(kv).view(batch, length, self.num_heads, self.d_kv).transpose(1, 2)
+        return k, v
+
+    def attend_to(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Queries from x [B, T, d] over keys/values [B, H, S, d_kv]; bias [B|1, H|1, T, S] fp32 -> [B, T, d]."""
         batch, length = x.shape[:2]
         q = self.q(x).view(batch, length, self.num_heads, self.d_kv).transpose(1, 2)
-        k = self.k(kv).view(batch, kv.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
-        v = self.v(kv).view(batch, kv.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
         # Softmax in fp32: T5 scores are unscaled and overflow bf16 precision on long inputs.
         scores = torch.matmul(q, k.transpose(2, 3)).float() + bias
         weights = torch.softmax(scores, dim=-1).to(v.dtype)
@@ -82,14 +91,15 @@ class Attention(nn.Module):
 
 
 def position_bias(table: torch.Tensor, config: SwitchConfig, query_len: int, key_len: int,
-                  bidirectional: bool) -> torch.Tensor:
+                  bidirectional: bool, first_query: int = 0) -> torch.Tensor:
     """Relative position bias, shared by all blocks of a stack -> [1, H, T, S] fp32.
 
-    `table` [num_buckets, H] is the first block's `relative_attention_bias.weight`.
+    `table` [num_buckets, H] is the first block's `relative_attention_bias.weight`; queries sit at
+    positions first_query .. first_query + T - 1 (a decoding step continues a cached sequence).
     """
     device = table.device
     relative = (torch.arange(key_len, device=device)[None, :]
-                - torch.arange(query_len, device=device)[:, None])
+                - torch.arange(first_query, first_query + query_len, device=device)[:, None])
     buckets = relative_position_bucket(relative, bidirectional, config.relative_attention_num_buckets,
                                        config.relative_attention_max_distance)
     bias = F.embedding(buckets, table).permute(2, 0, 1).unsqueeze(0).float()
