@@ -38,3 +38,46 @@ def save_hf_switch(directory: Path, *, num_experts: int = 4, sparse_step: int = 
         torch.save(load_file(weights), directory / "pytorch_model.bin")
         weights.unlink()
     return directory
+
+
+# Tiny decoder-only MoE configs per family: 4 heads over 2 key/value heads (grouped queries),
+# top-2 of 4 experts, 3 blocks. Qwen2-MoE has a gated shared expert and a dense block
+# (`mlp_only_layers`); Mixtral a sliding window shorter than the longest test sample.
+_COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, initializer_range=0.2, num_experts_per_tok=2)
+DECODER_FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, sliding_window=9)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                       mlp_only_layers=[1], norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_experts=4, moe_intermediate_size=24, head_dim=12, norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, clip_qkv=3.0, eos_token_id=1, pad_token_id=0)),
+}
+
+
+def save_hf_decoder(directory: Path, family: str, seed: int = 0):
+    """Write a random decoder-only MoE of `family` with `save_pretrained`; returns the model."""
+    import transformers
+
+    config_name, model_name, extra = DECODER_FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**_COMMON, **extra)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # spread the routers so every expert gets tokens and top-k ties are rare
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight") and ".experts." not in name and "shared_expert_gate" not in name:
+                param.normal_(0, 1.0)
+    model.save_pretrained(directory)
+    return model
+
+
+def causal_lm_loss(model, sequences: list[list[int]]) -> float:
+    """transformers' token-weighted mean next-token loss over `sequences` (each run alone)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for seq in sequences:
+            ids = torch.tensor([seq])
+            total += model(input_ids=ids, labels=ids).loss.double().item() * (len(seq) - 1)
+            count += len(seq) - 1
+    return total / count

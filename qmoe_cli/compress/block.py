@@ -45,7 +45,7 @@ from ..arch import Architecture, MoEBlock
 from ..formats.quantized import QuantizedExperts, QuantizedWeights, expert_file, save_tensors_atomic, write_json_atomic
 from ..quant.gptq import GPTQResult, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
 from ..quant.grids import Grid, IntGrid, QuantSpec, TernaryGrid, dequantize
-from ..run.stream import ListBuffer, Routing, RunConfig, apply_expert, route
+from ..run.stream import ListBuffer, Routing, RunConfig, apply_expert, finish_sparse, route
 from .config import CompressConfig
 from .distributed import Comm, TensorSpec, split_evenly
 
@@ -142,13 +142,16 @@ class ExpertCompressor:
     def __call__(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, run: RunConfig) -> None:
         name = f"{stack}.{index}"
         routing = route(block, buffer, run)
+        out = torch.zeros_like(buffer.data)  # the quantized experts' outputs, added once all have run
         if name in self.manifest["finished"]:
             with self.comm.phase(name):
-                self._replay(stack, index, block, buffer, routing, run)
+                self._replay(stack, index, block, buffer, routing, run, out)
+            finish_sparse(block, buffer, out, run)
             return
         started = time.perf_counter()
         with self.comm.phase(name):
-            stats = self._quantize(stack, index, block, buffer, routing, run)
+            stats = self._quantize(stack, index, block, buffer, routing, run, out)
+        finish_sparse(block, buffer, out, run)
         if self.root:
             self.manifest["blocks"][name] = asdict(stats)
             self.manifest["finished"].append(name)
@@ -160,10 +163,10 @@ class ExpertCompressor:
                      f"zeros {stats.zero_fraction:.1%}, {time.perf_counter() - started:.1f}s{traffic}")
 
     def _quantize(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, routing: Routing,
-                  run: RunConfig) -> BlockStats:
+                  run: RunConfig, out: torch.Tensor) -> BlockStats:
         """Quantize every expert of the block, round by round; returns the block's statistics."""
         num = block.experts.num_experts
-        plan = plan_tokens(routing.index, ~self.skip[stack], num, self.cfg.token_cap, self.comm)
+        plan = plan_tokens(routing.index, routing.per_assignment(~self.skip[stack]), num, self.cfg.token_cap, self.comm)
         tally = _Tally(_GroupFiles(self.partial, stack, index, self.cfg.group_size, num) if self.root else None)
         step = self.cfg.group_size * self.comm.world_size
         for first in tqdm(range(0, num, step), desc=f"{stack}.{index} expert rounds", unit="round",
@@ -171,33 +174,50 @@ class ExpertCompressor:
             ids = range(first, min(num, first + step))
             inputs = {j: self._calibration_inputs(block, buffer, routing.tokens(j), stack, int(plan.take[j]), run)
                       for j in ids}
-            self._round(block, buffer, routing, split_evenly(ids, self.comm.world_size), inputs, plan, run, tally)
+            self._round(block, buffer, routing, split_evenly(ids, self.comm.world_size), inputs, plan, run, tally, out)
         counts = sorted(plan.routed.tolist())
         return BlockStats(f"{stack}.{index}", counts[0], counts[len(counts) // 2], counts[-1],
                           math.fsum(tally.errors), tally.fallbacks, tally.zeros / max(1, tally.total))
 
     def _round(self, block: MoEBlock, buffer: ListBuffer, routing: Routing, slices: list[Sequence[int]],
-               inputs: dict[int, torch.Tensor], plan: TokenPlan, run: RunConfig, tally: "_Tally") -> None:
-        """Quantize one round of experts, `slices[r]` by rank r, and propagate through them."""
+               inputs: dict[int, torch.Tensor], plan: TokenPlan, run: RunConfig, tally: "_Tally",
+               out: torch.Tensor) -> None:
+        """Quantize one round of experts, `slices[r]` by rank r, and propagate through them.
+
+        The matrices applied to the expert's input (Switch's wi; gate and up of a SwiGLU expert)
+        share one Hessian and go through one batched GPTQ call, stacked by rows (GPTQ treats rows
+        independently); the last matrix gets the Hessian of the quantized inputs' activation.
+        """
         mine = list(slices[self.comm.rank])
         shape = self.arch.expert
-        first, second = shape.matrices
         weights = block.experts.load(mine, run.device, torch.float32) if mine else []
-        wi = self._solve([getattr(e, first).weight for e in weights], lambda r, ids: [inputs[j] for j in ids],
-                         slices, plan, first)
+        wi = self._solve([torch.cat([getattr(e, m).weight for m in shape.inputs]) for e in weights],
+                         lambda r, ids: [inputs[j] for j in ids], slices, plan, "+".join(shape.inputs))
+        first = None if wi is None else self._split(wi, shape.inputs)
 
-        def hidden(r: int, ids: Sequence[int]) -> list[torch.Tensor]:  # second's inputs, from slice r's quantized first
-            own = [Encoded(wi.codes, wi.grid)] if r == self.comm.rank else None
-            values = self._broadcast(r, ids, own, [first], f"{first} codes")[0].values(self.cfg.spec)
-            return [shape.hidden(inputs[j], values[e]) for e, j in enumerate(ids)]
+        def hidden(r: int, ids: Sequence[int]) -> list[torch.Tensor]:  # the last matrix's inputs, from slice r's quantized first ones
+            received = self._broadcast(r, ids, first if r == self.comm.rank else None, shape.inputs,
+                                       f"{'+'.join(shape.inputs)} codes")
+            values = [enc.values(self.cfg.spec) for enc in received]
+            return [shape.hidden(inputs[j], {m: v[e] for m, v in zip(shape.inputs, values)}) for e, j in enumerate(ids)]
 
-        wo = self._solve([getattr(e, second).weight for e in weights], hidden, slices, plan, second)
+        wo = self._solve([getattr(e, shape.output).weight for e in weights], hidden, slices, plan, shape.output)
         self._gather_stats(mine, wi, wo, max(len(s) for s in slices), tally)
         for r, ids in enumerate(slices):
             if ids:
-                own = [Encoded(wi.codes, wi.grid), Encoded(wo.codes, wo.grid)] if r == self.comm.rank else None
+                own = [*first, Encoded(wo.codes, wo.grid)] if r == self.comm.rank else None
                 self._propagate(block, buffer, routing, ids, self._broadcast(r, ids, own, shape.matrices, "codes"),
-                                run, tally)
+                                run, out, tally)
+
+    def _split(self, result: GPTQResult, names: Sequence[str]) -> list[Encoded]:
+        """The row-stacked result of one batched call, back into its matrices `names`."""
+        shapes, parts, start = self.arch.expert.shapes, [], 0
+        for name in names:
+            rows = slice(start, start + shapes[name][0])
+            parts.append(Encoded.from_tensors([t[:, rows].contiguous() for t in Encoded(result.codes, result.grid).tensors()],
+                                              self.cfg.spec))
+            start = rows.stop
+        return parts
 
     def _solve(self, weights: list[torch.Tensor], features: Callable[[int, Sequence[int]], list[torch.Tensor]],
                slices: list[Sequence[int]], plan: TokenPlan, name: str) -> GPTQResult | None:
@@ -251,9 +271,9 @@ class ExpertCompressor:
             tally.fallbacks += int(everyone[:, :, 1].sum())
 
     def _propagate(self, block: MoEBlock, buffer: ListBuffer, routing: Routing, ids: Sequence[int],
-                   encoded: list[Encoded], run: RunConfig, tally: "_Tally | None" = None) -> None:
-        """Run this rank's tokens of experts `ids` through their quantized weights; rank 0
-        also writes them (and counts zeros) when quantizing."""
+                   encoded: list[Encoded], run: RunConfig, out: torch.Tensor, tally: "_Tally | None" = None) -> None:
+        """Run this rank's tokens of experts `ids` through their quantized weights into `out`;
+        rank 0 also writes them (and counts zeros) when quantizing."""
         matrices = self.arch.expert.matrices
         values = [enc.values(self.cfg.spec) for enc in encoded]  # each [n, rows, cols] fp32
         if tally is not None and tally.files is not None:
@@ -264,10 +284,10 @@ class ExpertCompressor:
             if routing.count(j):
                 expert = self.arch.make_expert({m: v[e].to(device=run.device, dtype=run.dtype)
                                                 for m, v in zip(matrices, values)})
-                apply_expert(block, expert, buffer, routing.tokens(j), routing.prob, run)
+                apply_expert(block, expert, buffer, routing.tokens(j), routing.weights(j), run, out)
 
     def _replay(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, routing: Routing,
-                run: RunConfig) -> None:
+                run: RunConfig, out: torch.Tensor) -> None:
         """A block finished before --resume: rank 0's saved codes, group by group, to every rank."""
         num, size = block.experts.num_experts, self.cfg.group_size
         bank = self.saved.experts(stack, index) if self.root else None
@@ -275,7 +295,8 @@ class ExpertCompressor:
             ids = range(first, min(num, first + size))
             matrices = self.arch.expert.matrices
             stored = [Encoded.stored(bank, ids, name) for name in matrices] if self.root else None
-            self._propagate(block, buffer, routing, ids, self._broadcast(0, ids, stored, matrices, "saved codes"), run)
+            self._propagate(block, buffer, routing, ids, self._broadcast(0, ids, stored, matrices, "saved codes"), run,
+                            out)
 
     def _calibration_inputs(self, block: MoEBlock, buffer: ListBuffer, tokens: torch.Tensor, stack: str,
                             take: int, run: RunConfig) -> torch.Tensor:

@@ -224,7 +224,8 @@ class CheckpointWeights:
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype the checkpoint stores its floating weights in (from the embedding)."""
-        return self.reader.dtype(self._embedding_key)
+        name = self.arch.embedding_tensor(self.arch.stacks[0])
+        return self.reader.dtype(self._embedding_key if name == "shared.weight" else name)
 
     def close(self) -> None:
         self.reader.close()

@@ -54,7 +54,7 @@ def open_model(name: str) -> OpenModel:
         manifest = read_manifest(path)
         kind = manifest["kind"]
         weights = packed.PackedWeights.open(path) if kind == packed.KIND else quantized.QuantizedWeights.open(path)
-        stored = weights.tensor("shared.weight", None, torch.device("cpu")).dtype
+        stored = weights.tensor(weights.arch.embedding_tensor(weights.arch.stacks[0]), None, torch.device("cpu")).dtype
         _, data, calib = _defaults(load_preset(manifest["source"]))
         return OpenModel(name, kind, weights, path, stored, manifest["window"], data, calib)
     source = resolve_model(name)

@@ -34,8 +34,8 @@ class SwitchStackContext:
 _NO_MASK = torch.zeros(())  # cross-attention of one unpadded sample: nothing to mask
 
 
-def _relu_hidden(x: torch.Tensor, wi: torch.Tensor) -> torch.Tensor:
-    return F.relu(x @ wi.T)
+def _relu_hidden(x: torch.Tensor, first: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return F.relu(x @ first["wi"].T)
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class SwitchArchitecture:
 
     config: SwitchConfig
     family: str = "switch"
+    objective: str = "span_corruption"
     stacks: tuple[str, ...] = STACKS
     expert: ExpertShape = field(init=False)
 
