@@ -13,7 +13,11 @@ from typing import Any
 
 from ...errors import QmoeError
 
-ROUTERS = ("softmax_topk",)  # softmax over all experts, then the top k (optionally renormalised)
+# softmax_topk: softmax over all experts, then the top k (optionally renormalised);
+# sigmoid_group: DeepSeek-V3's sigmoid scores, top k among the best `topk_group` expert groups
+# chosen with a correction bias that the weights themselves leave out.
+ROUTERS = ("softmax_topk", "sigmoid_group")
+ATTENTIONS = ("gqa", "mla")  # grouped-query attention, or DeepSeek's multi-head latent attention
 QK_NORMS = ("none", "head", "full")  # RMSNorm of q and k: none, per head (Qwen3), over all heads (OLMoE)
 
 
@@ -27,7 +31,7 @@ class DecoderConfig:
     num_layers: int
     num_heads: int
     num_kv_heads: int  # grouped-query attention: num_heads is a multiple of it
-    head_dim: int
+    head_dim: int  # rotary width: the whole head, or MLA's qk_rope_head_dim
     num_experts: int
     top_k: int
     moe_intermediate_size: int  # width of one routed expert
@@ -35,8 +39,18 @@ class DecoderConfig:
     intermediate_size: int = 0  # width of a dense block's MLP (0: the model has none)
     shared_expert_size: int = 0  # width of the shared expert (0: none)
     shared_expert_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x . w)
+    shared_expert_module: str = "shared_expert"  # its checkpoint name (DeepSeek: shared_experts)
     router: str = "softmax_topk"
     norm_topk_prob: bool = False  # renormalise the top-k probabilities to sum to 1
+    n_group: int = 1  # sigmoid_group: experts in n_group groups, the best topk_group of them eligible
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # sigmoid_group: routed weights scaled by this
+    attention: str = "gqa"
+    q_lora_rank: int | None = None  # mla: low-rank query (None: one q_proj)
+    kv_lora_rank: int = 0  # mla: width of the compressed key-value latent
+    qk_nope_head_dim: int = 0  # mla: per-head query/key width without rotary positions
+    v_head_dim: int = 0  # mla: per-head value width
+    rope_interleave: bool = False  # rotary dims in (even, odd) pairs instead of two halves
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     attention_bias: bool = False  # biases on q, k, v (Qwen2-MoE)
@@ -72,6 +86,15 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig.qk_norm must be one of {', '.join(QK_NORMS)}, got {self.qk_norm!r}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"DecoderConfig.sliding_window must be >= 1 or None, got {self.sliding_window!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"DecoderConfig.attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"DecoderConfig.{name} must be >= 1 for mla attention, got {getattr(self, name)!r}")
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"DecoderConfig: {self.num_experts} experts in n_group {self.n_group} groups with "
+                             f"topk_group {self.topk_group}: groups must divide the experts and 1 <= topk_group <= n_group")
         if self.shared_expert_gate and not self.shared_expert_size:
             raise ValueError("DecoderConfig.shared_expert_gate needs a shared expert (shared_expert_size > 0)")
 
