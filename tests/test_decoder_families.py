@@ -159,40 +159,38 @@ def _logits(model: Path, sequences: list[list[int]]) -> torch.Tensor:
     return weights.arch.head(weights.tensor, run.device, run.dtype)(states.data)
 
 
-@pytest.fixture(scope="module")
-def compressed(tmp_path_factory) -> dict:
-    """Each family compressed at ternary and 2 bits with GPTQ (then packed) and RTN, evaluated."""
-    root = tmp_path_factory.mktemp("decoder-compress")
-    calib = _jsonl(root / "calib.jsonl", _sequences(48, seed=2, lengths=(24, 17, 30)))
-    validation = _sequences(24, seed=3, lengths=(24, 17, 30))
+@pytest.fixture(scope="module", params=FAMILIES)
+def compressed(request, tmp_path_factory) -> dict:
+    """One family compressed at ternary and 2 bits with GPTQ (then packed) and RTN, evaluated."""
+    root = tmp_path_factory.mktemp(f"compress-{request.param}")
+    calib = _jsonl(root / "calib.jsonl", _sequences(32, seed=2, lengths=(24, 17, 30)))
+    validation = _sequences(16, seed=3, lengths=(24, 17, 30))
     data = _jsonl(root / "val.jsonl", validation)
+    model = root / "model"
+    save_hf_decoder(model, request.param)
+    reference = _logits(model, validation)
     results: dict = {}
-    for name in FAMILIES:
-        model = root / name
-        save_hf_decoder(model, name)
-        reference = _logits(model, validation)
-        results[name] = {}
-        for bits in ("ternary", "2"):
-            for method in ("gptq", "rtn"):
-                out = root / f"{name}-{method}-{bits}"
-                pack = ["--pack"] if method == "gptq" else []  # rtn's packing adds nothing to test
-                result = CliRunner().invoke(main, ["compress", "--model", str(model), "--calib", str(calib),
-                                                   "--out", str(out), "--bits", bits, "--method", method,
-                                                   "--device", "cpu", "--json", *pack])
-                assert result.exit_code == 0, result.output
-                error = (_logits(out, validation) - reference).pow(2).mean().item()
-                packed = _eval(Path(f"{out}-packed"), data)["loss"] if pack else None
-                results[name][method, bits] = (_eval(out, data)["loss"], packed, json.loads(result.stdout), error)
+    for bits in ("ternary", "2"):
+        for method in ("gptq", "rtn"):
+            out = root / f"{method}-{bits}"
+            pack = ["--pack"] if method == "gptq" else []  # rtn's packing adds nothing to test
+            result = CliRunner().invoke(main, ["compress", "--model", str(model), "--calib", str(calib),
+                                               "--out", str(out), "--bits", bits, "--method", method,
+                                               "--device", "cpu", "--json", *pack])
+            assert result.exit_code == 0, result.output
+            error = (_logits(out, validation) - reference).pow(2).mean().item()
+            packed = _eval(Path(f"{out}-packed"), data)["loss"] if pack else None
+            results[method, bits] = (_eval(out, data)["loss"], packed, json.loads(result.stdout), error)
     return results
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_compress_pack_eval(compressed: dict, name: str) -> None:
-    results = compressed[name]
+def test_compress_pack_eval(compressed: dict) -> None:
     for bits in ("ternary", "2"):
-        gptq, gptq_packed, summary, gptq_error = results["gptq", bits]
-        _, _, _, rtn_error = results["rtn", bits]
-        assert gptq_packed == gptq  # packing is lossless
+        gptq, gptq_packed, summary, gptq_error = compressed["gptq", bits]
+        _, _, _, rtn_error = compressed["rtn", bits]
+        # Packing is lossless (pack decodes every matrix back to its codes); the loss moves only by
+        # float summation order, where few tokens take the decode-matmul straight from codewords.
+        assert gptq_packed == pytest.approx(gptq, rel=1e-6)
         assert summary["fallbacks"] == 0
         # Random weights and data: the original's loss is no optimum to get closer to, so GPTQ's
         # gain is measured where it aims, on the model's output: logits nearer the original's.
