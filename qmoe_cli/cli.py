@@ -108,7 +108,8 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
 @handle_errors
 def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, seed: int, device: str,
                  dtype: str, as_json: bool) -> None:
-    """Masked-LM loss and perplexity of a model (original, quantized or packed), streamed."""
+    """Loss and perplexity of a model (original, quantized or packed), streamed: masked-LM
+    (span corruption) for Switch, next-token for decoder-only models."""
     from .run.evaluate import evaluate, resolve_device, resolve_dtype
     from .run.stream import RunConfig
 
