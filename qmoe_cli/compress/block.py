@@ -74,7 +74,8 @@ class TokenPlan:
 
 def plan_tokens(index: torch.Tensor, usable: torch.Tensor, num_experts: int, token_cap: float,
                 comm: Comm) -> TokenPlan:
-    """index [N] int64: this rank's routing; usable [N] bool: not a sentinel position.
+    """index [A] int64: the expert of each of this rank's routing assignments (A = tokens x k);
+    usable [A] bool: the assignment's token is not a sentinel position.
 
     An expert's Hessian takes its first `cap` usable tokens in global order; rank r's share
     is what remains of the cap after the usable tokens of ranks 0..r-1.
