@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -196,3 +198,35 @@ def test_compress_pack_eval(compressed: dict) -> None:
         # Random weights and data: the original's loss is no optimum to get closer to, so GPTQ's
         # gain is measured where it aims, on the model's output: logits nearer the original's.
         assert gptq_error < rtn_error, (bits, gptq_error, rtn_error)
+
+
+def _hashes(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_resume_replays_top_k_blocks_byte_identically(tmp_path: Path) -> None:
+    """A run stopped after its first sparse block (the partial directory a crash leaves then,
+    rebuilt from a finished run) resumes to the same bytes: the replayed block's top-k experts
+    and shared expert reproduce the hidden states the later blocks calibrate on."""
+    model = tmp_path / "model"
+    save_hf_decoder(model, "qwen2_moe")
+    calib = _jsonl(tmp_path / "calib.jsonl", _sequences(16, seed=2, lengths=(24, 17, 30)))
+    command = ["compress", "--model", str(model), "--calib", str(calib), "--device", "cpu", "--bits", "ternary"]
+    assert CliRunner().invoke(main, [*command, "--out", str(tmp_path / "straight")]).exit_code == 0
+    partial = tmp_path / ".resumed.partial"
+    shutil.copytree(tmp_path / "straight", partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    first, *later = manifest["finished"]
+    assert later, "the model needs two sparse blocks"
+    for name in later:
+        stack, index = name.split(".")
+        shutil.rmtree(partial / "experts" / f"{stack}-{int(index):03d}")
+    manifest.update(finished=[first], blocks={first: manifest["blocks"][first]}, complete=False)
+    del manifest["calibration_loss"]
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    resumed = CliRunner().invoke(main, [*command, "--out", str(tmp_path / "resumed"), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming: 1 sparse blocks already done" in resumed.stderr
+    assert _hashes(tmp_path / "resumed") == _hashes(tmp_path / "straight")
