@@ -115,18 +115,21 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
                     calib: bool) -> tuple[Any, Any, list[Any]]:
     """Open the model, its tokenizer (None when it has none) and the datasets to run."""
     from .data.datasets import DataSpec, load_samples
-    from .data.tokenizer import has_tokenizer, load_tokenizer
+    from .data.tokenizer import has_tokenizer, load_causal_tokenizer, load_tokenizer
     from .formats.open import open_model
 
     model = open_model(model_name)
-    tokenizer = load_tokenizer(model.tokenizer_dir) if has_tokenizer(model.tokenizer_dir) else None
+    objective = model.weights.arch.objective
+    load = load_causal_tokenizer if objective == "causal_lm" else load_tokenizer
+    tokenizer = load(model.tokenizer_dir) if has_tokenizer(model.tokenizer_dir) else None
     flag = "--calib" if calib else "--data"
     sources = sources or ((model.default_calib if calib else model.default_data),)
     if len(set(sources)) != len(sources):
         raise ValueError(f"{flag}: each dataset may be given once, got {', '.join(sources)}")
     datasets = []
     for source in sources:
-        spec = DataSpec(source=source, split=split, num_samples=samples, seed=seed, window=model.window)
+        spec = DataSpec(source=source, split=split, num_samples=samples, seed=seed, window=model.window,
+                        objective=objective)
         data = load_samples(spec, tokenizer, model.weights.arch.config.vocab_size)
         if data.short:
             note(f"note: {data.name} has only {len(data.samples)} usable samples (asked for {samples}); using them all")
@@ -156,7 +159,8 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
 @handle_errors
 def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, seed: int, device: str,
                  dtype: str, threads: int | None, as_json: bool) -> None:
-    """Masked-LM loss and perplexity of a model (original, quantized or packed), streamed."""
+    """Loss and perplexity of a model (original, quantized or packed), streamed: masked-LM
+    (span corruption) for Switch, next-token for decoder-only models."""
     from .run.evaluate import evaluate, resolve_device, resolve_dtype
     from .run.stream import RunConfig
 

@@ -58,3 +58,56 @@ def drop_stack_embeddings(source: Path, target: Path) -> Path:
         del tensors[name]
     save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
     return target
+
+
+# Tiny decoder-only MoE configs per family: 4 heads over 2 key/value heads (grouped queries),
+# top-2 of 4 experts, 3 blocks. Qwen2-MoE has a gated shared expert and a dense block
+# (`mlp_only_layers`); Mixtral a sliding window shorter than the longest test sample.
+_COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, initializer_range=0.2, num_experts_per_tok=2)
+DECODER_FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, sliding_window=9)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                       mlp_only_layers=[1], norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_experts=4, moe_intermediate_size=24, head_dim=12, norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, clip_qkv=3.0, eos_token_id=1, pad_token_id=0)),
+    # A dense first block, one shared expert, 8 experts in 4 groups of which the best 2 are
+    # eligible, multi-head latent attention with a low-rank query (MLA needs as many key/value
+    # heads as query heads in transformers' implementation, as the real checkpoints have).
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(n_routed_experts=8, moe_intermediate_size=24, n_shared_experts=1, first_k_dense_replace=1,
+                         n_group=4, topk_group=2, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=8,
+                         qk_rope_head_dim=4, qk_nope_head_dim=6, v_head_dim=6, routed_scaling_factor=2.5)),
+}
+
+
+def save_hf_decoder(directory: Path, family: str, seed: int = 0):
+    """Write a random decoder-only MoE of `family` with `save_pretrained`; returns the model."""
+    import transformers
+
+    config_name, model_name, extra = DECODER_FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**{**_COMMON, **extra})
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # spread the routers so every expert gets tokens and top-k ties are rare
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight") and ".experts." not in name and "shared_expert_gate" not in name:
+                param.normal_(0, 1.0)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: nonzero, so it must be honoured
+                buffer.normal_(0, 0.3)
+    model.save_pretrained(directory)
+    return model
+
+
+def causal_lm_loss(model, sequences: list[list[int]]) -> float:
+    """transformers' token-weighted mean next-token loss over `sequences` (each run alone)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for seq in sequences:
+            ids = torch.tensor([seq])
+            total += model(input_ids=ids, labels=ids).loss.double().item() * (len(seq) - 1)
+            count += len(seq) - 1
+    return total / count

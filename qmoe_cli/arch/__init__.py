@@ -1,7 +1,8 @@
 """Model families behind one interface (`base.Architecture`), and the presets of known models.
 
 Holds what differs per family: config parsing, checkpoint names, the block list, dense
-sublayers, the router and the expert FFN. Switch Transformers (`switch/`) are the first family.
+sublayers, the router and the expert FFN: Switch Transformers (`switch/`) and decoder-only MoE
+families (`decoder_only/`: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
 Imports only `errors`, `files`, `resources` and torch; everything above (formats, run, compress)
 asks an `Architecture` and never names a family's classes.
 """
@@ -26,11 +27,12 @@ from .base import (
     resolve_name,
     routed_experts,
 )
+from .decoder_only import FAMILIES as DECODER_FAMILIES
 from .switch import SwitchArchitecture
 from .switch.config import SwitchConfig
 
 # Hugging Face `model_type` -> family. A config without one (manifests written by qmoe) is Switch.
-_FAMILIES = {"switch_transformers": (SwitchConfig, SwitchArchitecture)}
+_FAMILIES = {"switch_transformers": (SwitchConfig, SwitchArchitecture), **DECODER_FAMILIES}
 
 
 def architecture_from_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Architecture:

@@ -62,7 +62,12 @@ class MoEBlock(Protocol):
         ...
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised x [N, d] -> expert index [N] int64 and its weight [N] fp32 (fp32 routing)."""
+        """Normalised x [N, d] -> expert indices and their weights (fp32 routing): [N] int64 and
+        [N] fp32 for top-1, [N, k] each for top-k (k distinct experts per token)."""
+        ...
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Normalised x [N, d] -> what the block's shared experts add [N, d]; None without any."""
         ...
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,20 +137,34 @@ class GenerationSpec:
 @dataclass(frozen=True)
 class ExpertShape:
     """An expert feed-forward as the compressor sees it: its matrices in quantization order, each
-    [rows, cols], and how the first matrices' outputs become the next one's inputs."""
+    [rows, cols]: first the `inputs` (applied to the expert's input, so they share its Hessian),
+    then one matrix applied to `hidden`, what the inputs' outputs become."""
 
-    matrices: tuple[str, ...]  # e.g. ("wi", "wo")
+    matrices: tuple[str, ...]  # e.g. ("wi", "wo"), ("gate_proj", "up_proj", "down_proj")
     shapes: Mapping[str, tuple[int, int]]  # name -> (rows, cols)
-    hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [n, d], W_first [r, d]) -> [n, r]
+    hidden: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]  # (x [n, d], {input: W [r, d]}) -> [n, r]
+    inputs: tuple[str, ...] = ()  # default: the first matrix alone
     # The expert is matrices[1](act(matrices[0](x))) with this act ("relu"), which grouped GPU
     # kernels can fuse; None for any other structure (e.g. gated), run per expert instead.
     chain_activation: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            object.__setattr__(self, "inputs", self.matrices[:1])
+        if self.matrices != (*self.inputs, self.matrices[-1]):
+            raise ValueError(f"ExpertShape.matrices {self.matrices} must be the inputs {self.inputs} and then one more")
+
+    @property
+    def output(self) -> str:
+        """The matrix applied to `hidden`."""
+        return self.matrices[-1]
 
 
 class Architecture(Protocol):
     """What differs per model family (see the module docstring)."""
 
     family: str
+    objective: str  # "span_corruption" (encoder-decoder, T5 data) or "causal_lm" (next-token prediction)
     config: Any  # the family's frozen config dataclass (`to_dict()` is stored in manifests)
     stacks: tuple[str, ...]  # in execution order
     num_experts: int

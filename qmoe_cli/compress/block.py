@@ -10,14 +10,20 @@ rank order is global sample order). For a sparse block:
    tokens every rank will send every expert's owner;
 2. experts are visited in rounds of `group_size x world_size`, each round split into one
    contiguous slice per rank of at most `group_size` experts. One all-to-all sends every routed
-   token of a round's experts (hidden state in its working dtype, router probability, whether it
+   token of a round's experts (hidden state in its working dtype, router weight, whether it
    enters the Hessian) to the rank owning its expert, which concatenates them in rank order:
-   each expert's tokens in global sample order, as one process has them;
-3. the owner builds its slice's Hessians from the tokens it received, runs batched GPTQ on `wi`,
-   computes `wo`'s inputs relu(x Wi_q^T) from the same tokens and quantizes `wo`: no Hessian and
-   no weight leaves the rank;
+   each expert's tokens in global sample order, as one process has them (a top-k token goes to
+   each of its k experts);
+3. the owner builds its slice's Hessians from the tokens it received and runs one batched GPTQ
+   call on the matrices applied to the expert's input (Switch's `wi`; gate and up of a SwiGLU
+   expert, stacked by rows: they share the Hessian and GPTQ treats rows independently), computes
+   the last matrix's inputs (`ExpertShape.hidden`, e.g. relu(x Wi_q^T)) from the same tokens and
+   quantizes it: no Hessian and no weight leaves the rank;
 4. the owner runs every token it received through the quantized experts (chunk by chunk, as one
-   process would) and a second all-to-all returns the new hidden states to the tokens' ranks;
+   process would) and a second all-to-all returns the weighted expert outputs to the tokens'
+   ranks, which add them up per token in ascending expert order (the top-k sum) in an output
+   buffer; once every expert has run, `finish_sparse` adds that buffer (and any shared experts'
+   output) to the hidden states;
 5. owners send their slices' codes (packed to ~log2(levels) bits, `wire.py`), grids and GPTQ
    statistics to rank 0, which writes the group files and the block's statistics.
 
@@ -58,7 +64,7 @@ from ..formats.integrity import file_record
 from ..formats.quantized import QuantizedExperts, QuantizedWeights, expert_file, write_manifest
 from ..quant.gptq import GPTQResult, experts_per_batch, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
 from ..quant.grids import Grid, IntGrid, QuantSpec, TernaryGrid, dequantize
-from ..run.stream import ListBuffer, Routing, RunConfig, expert_residual, route
+from ..run.stream import ListBuffer, Routing, RunConfig, expert_output, finish_sparse, route
 from .config import CompressConfig
 from .distributed import Comm, TensorSpec, split_evenly
 from .wire import pack_codes, packed_bytes, unpack_codes
@@ -91,7 +97,8 @@ class TokenPlan:
 
 def plan_tokens(index: torch.Tensor, usable: torch.Tensor, num_experts: int, token_cap: float,
                 comm: Comm) -> TokenPlan:
-    """index [N] int64: this rank's routing; usable [N] bool: not a sentinel position.
+    """index [A] int64: the expert of each of this rank's routing assignments (A = tokens x k);
+    usable [A] bool: the assignment's token is not a sentinel position.
 
     An expert's Hessian takes its first `cap` usable tokens in global order; rank r's share
     is what remains of the cap after the usable tokens of ranks 0..r-1.
@@ -154,7 +161,7 @@ class Arrivals:
     """
 
     x: list[torch.Tensor]  # [n_j, d_model] hidden states, working dtype, on comm.device
-    prob: list[torch.Tensor]  # [n_j] fp32 router probabilities
+    prob: list[torch.Tensor]  # [n_j] fp32 router weights
     hessian: list[torch.Tensor]  # [n_j] bool, the token enters the expert's Hessians
     counts: torch.Tensor  # [W, len(slice)] int64, tokens that came from each rank
 
@@ -180,13 +187,16 @@ class ExpertCompressor:
     def __call__(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, run: RunConfig) -> None:
         name = f"{stack}.{index}"
         routing = route(block, buffer, run)
+        out = torch.zeros_like(buffer.data)  # the quantized experts' weighted outputs, added once all have run
         if name in self.manifest["finished"]:
             with self.comm.phase(name):
-                self._replay(stack, index, block, buffer, routing, run)
+                self._replay(stack, index, block, buffer, routing, run, out)
+            finish_sparse(block, buffer, out, run)
             return
         started = time.perf_counter()
         with self.comm.phase(name):
-            stats = self._quantize(stack, index, block, buffer, routing, run)
+            stats = self._quantize(stack, index, block, buffer, routing, run, out)
+        finish_sparse(block, buffer, out, run)
         if self.root:
             self.manifest["blocks"][name] = asdict(stats)
             self.manifest["finished"].append(name)
@@ -217,38 +227,45 @@ class ExpertCompressor:
             return self.cfg.group_size
         free, _ = torch.cuda.mem_get_info(run.device)
         most = math.ceil(num / self.comm.world_size)
-        size = experts_per_batch(list(self.arch.expert.shapes.values()), free // 2, most)
+        size = experts_per_batch(self._solve_shapes(), free // 2, most)
         everyone = self.comm.all_gather(torch.tensor([size], device=self.comm.device), "expert batch size")
         return int(everyone.min())
 
+    def _solve_shapes(self) -> list[tuple[int, int]]:
+        """(rows, cols) of the two batched GPTQ calls per expert: the input matrices stacked by
+        rows, then the output matrix."""
+        shape = self.arch.expert
+        return [(sum(shape.shapes[m][0] for m in shape.inputs), shape.shapes[shape.inputs[0]][1]),
+                shape.shapes[shape.output]]
+
     def _quantize(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, routing: Routing,
-                  run: RunConfig) -> BlockStats:
+                  run: RunConfig, out: torch.Tensor) -> BlockStats:
         """Quantize every expert of the block, round by round; returns the block's statistics."""
         num = block.experts.num_experts
-        plan = plan_tokens(routing.index, ~self.skip[stack], num, self.cfg.token_cap, self.comm)
+        plan = plan_tokens(routing.index, routing.per_assignment(~self.skip[stack]), num, self.cfg.token_cap, self.comm)
         tally = _Tally(_GroupFiles(self.partial, stack, index, self.cfg.group_size, num, self.manifest["files"])
                        if self.root else None)
         for slices in self._rounds(num, f"{stack}.{index} expert rounds", run):
             arrivals = self._send_tokens(buffer, routing, slices, plan, self.skip[stack])
             encoded, stats = self._solve_slice(block, slices[self.comm.rank], arrivals, plan, run)
-            self._return_outputs(block, buffer, routing, slices, arrivals, encoded, run)
+            self._return_outputs(block, buffer, routing, slices, arrivals, encoded, run, out)
             self._collect(slices, encoded, stats, tally)
         counts = sorted(plan.routed.tolist())
         return BlockStats(f"{stack}.{index}", counts[0], counts[len(counts) // 2], counts[-1],
                           math.fsum(tally.errors), tally.fallbacks, tally.zeros / max(1, tally.total))
 
     def _replay(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, routing: Routing,
-                run: RunConfig) -> None:
+                run: RunConfig, out: torch.Tensor) -> None:
         """A block finished before --resume: rank 0's saved codes to their owners, then the tokens."""
         num = block.experts.num_experts
-        plan = plan_tokens(routing.index, ~self.skip[stack], num, self.cfg.token_cap, self.comm)
+        plan = plan_tokens(routing.index, routing.per_assignment(~self.skip[stack]), num, self.cfg.token_cap, self.comm)
         bank = self.saved.experts(stack, index) if self.root else None
         for slices in self._rounds(num, f"{stack}.{index} replay", run):
             stored = ([Encoded.stored(bank, [j for ids in slices for j in ids], name)
                        for name in self.arch.expert.matrices] if self.root else None)
             encoded = self._codes_from_root(slices, stored)
             arrivals = self._send_tokens(buffer, routing, slices, plan, self.skip[stack])
-            self._return_outputs(block, buffer, routing, slices, arrivals, encoded, run)
+            self._return_outputs(block, buffer, routing, slices, arrivals, encoded, run, out)
 
     # --- step 2: tokens to the owners -------------------------------------------------------
 
@@ -263,7 +280,8 @@ class ExpertCompressor:
             usable = [~skip[t] for t in tokens]  # the first take[j] usable tokens enter the Hessian
             hessian = [u & (u.cumsum(0) <= plan.take[j]) for u, j in zip(usable, ids)]
             flat = torch.cat(tokens) if tokens else torch.empty(0, dtype=torch.long)
-            send.append([buffer.data.index_select(0, flat), routing.prob[flat],
+            weights = torch.cat([routing.weights(j) for j in ids]) if ids else torch.empty(0)
+            send.append([buffer.data.index_select(0, flat), weights,
                          torch.cat(hessian) if hessian else torch.empty(0, dtype=torch.bool)])
         mine = list(slices[self.comm.rank])
         counts = plan.by_rank[:, mine]  # [W, n]
@@ -279,23 +297,32 @@ class ExpertCompressor:
 
     def _solve_slice(self, block: MoEBlock, mine: Sequence[int], arrivals: Arrivals, plan: TokenPlan,
                      run: RunConfig) -> tuple[list[Encoded], torch.Tensor]:
-        """Quantize this rank's slice -> (one Encoded per matrix, stats [n, STATS, matrices] fp64)."""
-        shape = self.arch.expert
-        first, second = shape.matrices
+        """Quantize this rank's slice -> (one Encoded per matrix, stats [n, STATS, 2] fp64: per
+        GPTQ call, the input matrices' and the output matrix's)."""
+        shape, spec = self.arch.expert, self.cfg.spec
         if not mine:
-            n_stats = torch.zeros(0, STATS, len(shape.matrices), dtype=torch.float64)
-            return [_empty_encoded(*shape.shapes[m], self.cfg.spec, run.device) for m in shape.matrices], n_stats
+            n_stats = torch.zeros(0, STATS, 2, dtype=torch.float64)
+            return [_empty_encoded(*shape.shapes[m], spec, run.device) for m in shape.matrices], n_stats
         weights = block.experts.load(list(mine), run.device, torch.float32)
         used = plan.used[list(mine)]
         gptq = self.cfg.method == "gptq"  # rtn needs no Hessians
         inputs = [block.ffn_norm(x[h].to(run.device)).float()  # [n_j, d] fp32, the Hessian's tokens
                   for x, h in zip(arrivals.x, arrivals.hessian)] if gptq else []
-        wi = self._solve(torch.stack([getattr(e, first).weight for e in weights]), inputs, used)
-        hidden = [shape.hidden(x, wi.q[e]) for e, x in enumerate(inputs)]  # wo's inputs, from quantized wi
-        wo = self._solve(torch.stack([getattr(e, second).weight for e in weights]), hidden, used)
+        # The input matrices share the input's Hessian: one call, stacked by rows [n, sum rows, d].
+        wi = self._solve(torch.stack([torch.cat([getattr(e, m).weight for m in shape.inputs]) for e in weights]),
+                         inputs, used)
+        bounds = [0]
+        for m in shape.inputs:
+            bounds.append(bounds[-1] + shape.shapes[m][0])
+        rows = {m: slice(a, b) for m, a, b in zip(shape.inputs, bounds, bounds[1:])}
+        hidden = [shape.hidden(x, {m: wi.q[e, r] for m, r in rows.items()})  # the output's inputs, from quantized inputs
+                  for e, x in enumerate(inputs)]
+        wo = self._solve(torch.stack([getattr(e, shape.output).weight for e in weights]), hidden, used)
         stats = torch.stack([torch.stack([r.error.double(), r.fallback.double(), (r.q == 0).sum((1, 2)).double()], 1)
                              for r in (wi, wo)], 2).cpu()  # [n, STATS, 2]
-        return [Encoded(wi.codes, wi.grid), Encoded(wo.codes, wo.grid)], stats
+        split = [Encoded(wi.codes[:, r].contiguous(), wi.grid.map(lambda t, r=r: t[:, r].contiguous()))
+                 for r in rows.values()]
+        return [*split, Encoded(wo.codes, wo.grid)], stats
 
     def _solve(self, w: torch.Tensor, features: list[torch.Tensor], used: torch.Tensor) -> GPTQResult:
         """w [n, rows, cols] fp32; features: each expert's Hessian inputs [n_j, cols] (unused by
@@ -310,13 +337,13 @@ class ExpertCompressor:
     # --- step 4: tokens through the quantized experts, and back -----------------------------
 
     def _return_outputs(self, block: MoEBlock, buffer: ListBuffer, routing: Routing, slices: list[Sequence[int]],
-                        arrivals: Arrivals, encoded: list[Encoded], run: RunConfig) -> None:
-        """Run the slice's tokens through its quantized experts (owner) and write every rank's
-        tokens' new hidden states into its buffer."""
+                        arrivals: Arrivals, encoded: list[Encoded], run: RunConfig, out: torch.Tensor) -> None:
+        """Run the slice's tokens through its quantized experts (owner) and add every rank's
+        tokens' weighted expert outputs into its `out` [N, d], expert by expert in ascending id."""
         matrices = self.arch.expert.matrices
         values = [enc.values(self.cfg.spec) for enc in encoded]  # each [n, rows, cols] fp32
         outputs = []
-        for e, (x, prob) in enumerate(zip(arrivals.x, arrivals.prob)):
+        for e, (x, weight) in enumerate(zip(arrivals.x, arrivals.prob)):
             if not x.shape[0]:
                 outputs.append(x)
                 continue
@@ -324,16 +351,17 @@ class ExpertCompressor:
                                             for m, v in zip(matrices, values)})
             # Chunks of the expert's tokens in global order, whatever the rank count: same rows, same bits.
             outputs.append(torch.cat([
-                expert_residual(block, expert, x[c:c + run.token_chunk].to(run.device), prob[c:c + run.token_chunk])
+                expert_output(block, expert, x[c:c + run.token_chunk].to(run.device), weight[c:c + run.token_chunk])
                 .to(device=self.comm.device, dtype=x.dtype) for c in range(0, x.shape[0], run.token_chunk)]))
         back = [[torch.cat([y.split(arrivals.counts[:, e].tolist())[r] for e, y in enumerate(outputs)])
                  if outputs else buffer.data.new_empty(0, buffer.data.shape[1])] for r in range(self.comm.world_size)]
         specs = [[((sum(routing.count(j) for j in ids), buffer.data.shape[1]), buffer.data.dtype)] for ids in slices]
         received = self.comm.exchange(back, specs, "expert outputs to token ranks")
         for ids, [rows] in zip(slices, received):
-            if ids:
-                tokens = torch.cat([routing.tokens(j) for j in ids])
-                buffer.data.index_copy_(0, tokens, rows.to(device="cpu", dtype=buffer.data.dtype))
+            # One expert at a time: a top-k token's outputs add up in ascending expert order.
+            for j, part in zip(ids, rows.split([routing.count(j) for j in ids])):
+                if part.shape[0]:
+                    out.index_add_(0, routing.tokens(j), part.to(device=out.device, dtype=out.dtype))
 
     # --- step 5 (and replay): codes between rank 0 and the owners ---------------------------
 
@@ -345,7 +373,7 @@ class ExpertCompressor:
         send = [own if r == 0 else [] for r in range(self.comm.world_size)]
         specs = [[] if not self.root else
                  [s for m in matrices for s in Encoded.wire_specs(len(ids), *shapes[m], spec)]
-                 + [((len(ids), STATS, len(matrices)), torch.float64)] for ids in slices]
+                 + [((len(ids), STATS, 2), torch.float64)] for ids in slices]
         received = self.comm.exchange(send, specs, "codes to rank 0")
         if not self.root:
             return
@@ -355,7 +383,7 @@ class ExpertCompressor:
             parts = (bundle[:-1] if r == 0 else
                      [Encoded.from_wire(bundle[3 * i:3 * i + 3], len(ids), *shapes[m], spec)
                       for i, m in enumerate(matrices)])
-            numbers = bundle[-1]  # [n, STATS, matrices] fp64
+            numbers = bundle[-1]  # [n, STATS, 2] fp64: the input matrices' call, the output's
             tally.files.add(ids, dict(zip(matrices, parts)))
             tally.errors.extend(numbers[:, 0].flatten().tolist())
             tally.fallbacks += int(numbers[:, 1].sum())

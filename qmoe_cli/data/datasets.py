@@ -10,6 +10,12 @@ an encoder input with some spans replaced by sentinels and the labels the decode
   tokenized and span-corrupted with a fixed seed;
 - `FILE.jsonl` of `{"input_ids": [...], "labels": [...]}` lines: used exactly as given.
 
+Decoder-only (causal) language models (`DataSpec.objective = "causal_lm"`) read the same
+sources without span corruption: a text is tokenized as the model's `tokenizer.json` does it
+(special tokens such as BOS included), and a pre-tokenized line is `{"input_ids": [...]}`, used
+exactly as given. A sequence of T tokens is the sample (inputs t[:-1], labels t[1:]): every
+position but the last predicts the next token, and the loss averages over those T - 1.
+
 Like QMoE, texts whose corrupted input or labels would not fit the model's window are skipped
 rather than truncated (the large Switch models were not trained on clipped samples). Files are
 streamed line by line and reading stops once `num_samples` samples are collected, so a huge
@@ -28,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QmoeError
-from .tokenizer import Tokenizer
+from .tokenizer import CausalTokenizer, Tokenizer
 
 C4 = "c4"
 C4_REPO = "allenai/c4"
@@ -37,6 +43,7 @@ C4_FILES = {  # split -> the one shard QMoE reads
     "validation": "en/c4-validation.00000-of-00008.json.gz",
 }
 SPLITS = tuple(C4_FILES)
+OBJECTIVES = ("span_corruption", "causal_lm")  # encoder-decoder (T5) samples, or next-token prediction
 FILE_SUFFIXES = (".jsonl", ".txt")
 
 
@@ -92,6 +99,7 @@ class DataSpec:
     seed: int = 0  # seeds span corruption; same seed, same samples
     window: int = 512  # Switch Transformers were trained with 512-token inputs
     corruption: SpanCorruption = field(default_factory=SpanCorruption)
+    objective: str = "span_corruption"  # the model's (Architecture.objective)
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
@@ -108,6 +116,8 @@ class DataSpec:
         # An input needs at least one token plus EOS.
         if not _is_int(self.window) or self.window < 2:
             raise ValueError(f"DataSpec.window must be an integer >= 2, got {self.window!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"DataSpec.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not isinstance(self.corruption, SpanCorruption):
             raise ValueError(f"DataSpec.corruption must be a SpanCorruption, got {type(self.corruption).__name__}")
 
@@ -251,10 +261,11 @@ class _Text:
 class _Tokens:
     where: str
     input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
+    labels: tuple[int, ...] | None  # None: a causal LM line, `{"input_ids": [...]}` alone
 
 
-def load_samples(spec: DataSpec, tokenizer: Tokenizer | None, vocab_size: int | None = None) -> LoadedData:
+def load_samples(spec: DataSpec, tokenizer: Tokenizer | CausalTokenizer | None,
+                 vocab_size: int | None = None) -> LoadedData:
     """Load up to `spec.num_samples` samples from `spec.source`, in source order.
 
     `tokenizer` may be None for pre-tokenized data (a text sample is then an error);
@@ -281,7 +292,7 @@ def load_samples(spec: DataSpec, tokenizer: Tokenizer | None, vocab_size: int | 
                       skipped_too_long=too_long, skipped_too_short=too_short)
 
 
-def _collect(records: Iterable[_Text | _Tokens], spec: DataSpec, tokenizer: Tokenizer | None,
+def _collect(records: Iterable[_Text | _Tokens], spec: DataSpec, tokenizer: Tokenizer | CausalTokenizer | None,
              vocab_size: int | None) -> tuple[list[Sample], int, int]:
     """(samples, skipped too long, skipped too short) from `records`, stopping at num_samples."""
     rng = np.random.default_rng(spec.seed)
@@ -290,7 +301,8 @@ def _collect(records: Iterable[_Text | _Tokens], spec: DataSpec, tokenizer: Toke
     for record in records:
         if isinstance(record, _Tokens):
             bound = vocab_size if vocab_size is not None else tokenizer.vocab_size
-            samples.append(_checked_sample(record, bound, spec.window))
+            samples.append(_checked_sample(record, bound, spec.window) if spec.objective == "span_corruption"
+                           else _causal_sample(record, bound, spec.window))
         elif tokenizer is None:
             raise QmoeError(f"{record.where}: holds text but the model has no tokenizer (tokenizer.json "
                             "or spiece.model); add the model's tokenizer files or give pre-tokenized data")
@@ -299,20 +311,47 @@ def _collect(records: Iterable[_Text | _Tokens], spec: DataSpec, tokenizer: Toke
             if len(tokens) < 2:
                 too_short += 1
                 continue
-            if max(corrupted_lengths(len(tokens), spec.corruption)) > spec.window:
+            if spec.objective == "causal_lm":
+                if len(tokens) > spec.window:
+                    too_long += 1
+                else:
+                    samples.append(Sample(input_ids=tuple(tokens[:-1]), labels=tuple(tokens[1:])))
+            elif max(corrupted_lengths(len(tokens), spec.corruption)) > spec.window:
                 too_long += 1
                 continue
-            try:
-                samples.append(span_corrupt(tokens, tokenizer, spec.corruption, rng))
-            except QmoeError as err:
-                raise QmoeError(f"{record.where}: {err}") from None
+            else:
+                try:
+                    samples.append(span_corrupt(tokens, tokenizer, spec.corruption, rng))
+                except QmoeError as err:
+                    raise QmoeError(f"{record.where}: {err}") from None
         if spec.num_samples is not None and len(samples) >= spec.num_samples:
             break  # before reading another line: stop streaming as soon as we have enough
     return samples, too_long, too_short
 
 
+def _causal_sample(record: _Tokens, vocab_size: int, window: int) -> Sample:
+    """A causal LM's pre-tokenized sequence t as given: inputs t[:-1], labels t[1:]."""
+    ids = record.input_ids
+    if record.labels is not None:
+        raise QmoeError(f"{record.where}: has labels, but a causal LM sample is {{\"input_ids\": [...]}} alone "
+                        f"(each token is predicted from the ones before it); drop \"labels\"")
+    if len(ids) < 2:
+        raise QmoeError(f"{record.where}: input_ids has {len(ids)} token(s); a causal LM sample needs at least 2 "
+                        f"(one to read, one to predict)")
+    if len(ids) > window:
+        raise QmoeError(f"{record.where}: input_ids has {len(ids)} tokens, the model's window is {window}; "
+                        f"shorten or drop the sample")
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise QmoeError(f"{record.where}: input_ids holds id {bad}, outside the model's vocabulary "
+                        f"[0, {vocab_size}); tokenize with the model's own tokenizer")
+    return Sample(input_ids=ids[:-1], labels=ids[1:])
+
+
 def _checked_sample(record: _Tokens, vocab_size: int, window: int) -> Sample:
     """The pre-tokenized sample exactly as given, once its ids and lengths are checked."""
+    if record.labels is None:
+        raise QmoeError(f"{record.where}: has input_ids but no labels; a pre-tokenized sample needs both")
     for name in ("input_ids", "labels"):
         ids = getattr(record, name)
         if not ids:
@@ -390,11 +429,10 @@ def _jsonl_record(where: str, line: str) -> _Text | _Tokens:
         raise QmoeError(f"{where}: expected a JSON object, got a {type(obj).__name__}; write "
                         f"{{\"text\": ...}} or {{\"input_ids\": [...], \"labels\": [...]}}")
     if "input_ids" in obj or "labels" in obj:
-        missing = [k for k in ("input_ids", "labels") if k not in obj]
-        if missing:
-            raise QmoeError(f"{where}: has {'labels' if missing == ['input_ids'] else 'input_ids'} but "
-                            f"no {missing[0]}; a pre-tokenized sample needs both")
-        return _Tokens(where, _ids(where, "input_ids", obj["input_ids"]), _ids(where, "labels", obj["labels"]))
+        if "input_ids" not in obj:
+            raise QmoeError(f"{where}: has labels but no input_ids; a pre-tokenized sample needs both")
+        labels = _ids(where, "labels", obj["labels"]) if "labels" in obj else None
+        return _Tokens(where, _ids(where, "input_ids", obj["input_ids"]), labels)
     if "text" in obj:
         if not isinstance(obj["text"], str):
             raise QmoeError(f"{where}: \"text\" must be a string, got {type(obj['text']).__name__}")

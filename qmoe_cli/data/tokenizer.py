@@ -149,6 +149,34 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
         f"copy the model's tokenizer files into the directory")
 
 
+@dataclass(frozen=True)
+class CausalTokenizer:
+    """A decoder-only model's `tokenizer.json`: text -> ids as the model was trained on them,
+    with the special tokens its post-processor adds (Mixtral's `<s>`; Qwen adds none). Causal
+    LMs need no EOS, pad or sentinel ids, so none are required."""
+
+    path: Path
+    vocab_size: int
+    backend: tokenizers.Tokenizer = field(repr=False, compare=False)
+    sentinel_ids: tuple[int, ...] = ()  # no span corruption, so no positions to leave out of Hessians
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=True).ids
+
+
+def load_causal_tokenizer(model_dir: Path) -> CausalTokenizer:
+    """The `tokenizer.json` of a decoder-only model in `model_dir`; QmoeError when missing or unreadable."""
+    path = Path(model_dir) / TOKENIZER_JSON
+    if not path.is_file():
+        raise QmoeError(f"{model_dir}: no {TOKENIZER_JSON}; copy the model's tokenizer files into the directory")
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as err:  # the Rust side raises a bare Exception for every parse failure
+        raise QmoeError(f"{path}: not a valid tokenizers file ({_first_line(err)}); "
+                        f"re-download the model's tokenizer.json") from None
+    return CausalTokenizer(path, backend.get_vocab_size(with_added_tokens=True), backend)
+
+
 def _load_tokenizer_json(path: Path) -> Tokenizer:
     try:
         backend = tokenizers.Tokenizer.from_file(str(path))

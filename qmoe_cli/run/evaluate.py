@@ -1,4 +1,5 @@
-"""Masked-LM evaluation: token-weighted cross-entropy and perplexity, per dataset and overall.
+"""Evaluation: token-weighted cross-entropy over every label token (span-corruption targets for
+Switch, next tokens for causal LMs) and perplexity, per dataset and overall.
 
 All datasets run through the model together in one streamed pass (weights are read once), and
 the per-sample loss sums are split back by dataset afterwards.

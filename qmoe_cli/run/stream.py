@@ -4,11 +4,12 @@ Memory bound (what makes a 3.2 TB model runnable): at any time the process holds
 states of all samples (`ListBuffer`, tokens x d_model, CPU), the encoder outputs while the
 decoder runs, the embedding, ONE block's non-expert weights, and ONE group of experts
 (`group_size` experts, only those that received tokens), or, where the bank runs its experts
-grouped on the GPU (packed checkpoints), ONE block's compressed experts in GPU memory. Peak
-memory therefore does not grow with the number of blocks. Attention runs per sample (no padding, exact); the
+grouped on the GPU (packed checkpoints), ONE block's compressed experts in GPU memory; plus, in a
+sparse block, one more tokens x d_model buffer where the experts' outputs add up. Peak memory
+therefore does not grow with the number of experts or blocks. Attention runs per sample (no padding, exact); the
 feed-forward sublayers run over the flat token buffer in chunks, and a sparse block routes all
-tokens first, then visits its experts group by group, gathering each expert's tokens with one
-index.
+tokens first (top-1 or top-k), then visits its experts group by group, gathering each expert's
+tokens with one index.
 """
 
 from __future__ import annotations
@@ -76,15 +77,28 @@ class ListBuffer:
 
 @dataclass(frozen=True)
 class Routing:
-    """Top-1 routing of every token of a buffer: tokens of expert j are order[starts[j]:starts[j+1]]."""
+    """Top-k routing of every token of a buffer as N x k assignments (assignment a is token
+    a // k's slot a % k); the assignments to expert j are order[starts[j]:starts[j+1]], in token
+    order. Top-1 (Switch) is k = 1, where assignments are tokens."""
 
-    index: torch.Tensor  # [N] int64, the chosen expert
-    prob: torch.Tensor  # [N] fp32, its router probability
-    order: torch.Tensor  # [N] int64, token ids sorted by expert (stable)
+    index: torch.Tensor  # [N * k] int64, the expert of each assignment
+    prob: torch.Tensor  # [N * k] fp32, its weight
+    order: torch.Tensor  # [N * k] int64, assignment ids sorted by expert (stable)
     starts: list[int]  # num_experts + 1 offsets into order
+    k: int = 1
 
     def tokens(self, expert: int) -> torch.Tensor:
-        return self.order[self.starts[expert]:self.starts[expert + 1]]
+        """Token ids [n] int64 routed to `expert`, ascending."""
+        assignments = self.order[self.starts[expert]:self.starts[expert + 1]]
+        return assignments if self.k == 1 else assignments // self.k
+
+    def weights(self, expert: int) -> torch.Tensor:
+        """The router weights [n] fp32 of `tokens(expert)`."""
+        return self.prob[self.order[self.starts[expert]:self.starts[expert + 1]]]
+
+    def per_assignment(self, mask: torch.Tensor) -> torch.Tensor:
+        """A per-token tensor [N, ...] repeated for each of a token's k assignments -> [N * k, ...]."""
+        return mask if self.k == 1 else mask.repeat_interleave(self.k, dim=0)
 
     def count(self, expert: int) -> int:
         return self.starts[expert + 1] - self.starts[expert]
@@ -96,50 +110,72 @@ def route(block: MoEBlock, buffer: ListBuffer, run: RunConfig) -> Routing:
     index, prob = [], []
     for part in buffer.chunks(run.token_chunk):
         x = buffer.data[part].to(run.device, non_blocking=True)
-        top_index, top_prob = block.route(block.ffn_norm(x))
-        index.append(top_index.to(buffer.data.device))
-        prob.append(top_prob.to(buffer.data.device))
-    index_all, prob_all = torch.cat(index), torch.cat(prob)
+        top_index, top_prob = block.route(block.ffn_norm(x))  # [n] or [n, k]
+        index.append(top_index.reshape(x.shape[0], -1).to(buffer.data.device))
+        prob.append(top_prob.reshape(x.shape[0], -1).to(buffer.data.device))
+    k = index[0].shape[1]
+    index_all, prob_all = torch.cat(index).flatten(), torch.cat(prob).flatten()
     counts = torch.bincount(index_all, minlength=block.experts.num_experts)
     starts = [0] + torch.cumsum(counts, 0).tolist()
-    return Routing(index_all, prob_all, torch.argsort(index_all, stable=True), starts)
+    return Routing(index_all, prob_all, torch.argsort(index_all, stable=True), starts, k)
 
 
 def apply_expert(block: MoEBlock, expert: nn.Module, buffer: ListBuffer, tokens: torch.Tensor,
-                 prob: torch.Tensor, run: RunConfig) -> None:
-    """buffer[tokens] += prob * expert(norm(buffer[tokens])), in place; tokens [n] int64."""
+                 weights: torch.Tensor, run: RunConfig, out: torch.Tensor) -> None:
+    """out[tokens] += weights * expert(norm(buffer[tokens])); tokens [n] int64, weights [n] fp32,
+    out [N, d] in the buffer's dtype. The buffer is only read: every expert of a top-k token must
+    see the same input, so outputs gather in `out` until `finish_sparse` adds them."""
     for first in range(0, tokens.numel(), run.token_chunk):
         ids = tokens[first:first + run.token_chunk]
         x = buffer.data.index_select(0, ids).to(run.device, non_blocking=True)
-        buffer.data.index_copy_(0, ids, expert_residual(block, expert, x, prob[ids]).to(buffer.data.device, buffer.data.dtype))
+        out.index_add_(0, ids, expert_output(block, expert, x, weights[first:first + run.token_chunk])
+                       .to(out.device, out.dtype))
 
 
-def expert_residual(block: MoEBlock, expert: nn.Module, x: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-    """x + prob * expert(norm(x)): x [n, d] on the expert's device, prob [n] fp32 -> [n, d] x.dtype."""
-    return x + expert(block.ffn_norm(x)) * prob.to(x.device, x.dtype)[:, None]
+def expert_output(block: MoEBlock, expert: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """weights * expert(norm(x)): x [n, d] on the expert's device, weights [n] fp32 -> [n, d] x.dtype."""
+    return expert(block.ffn_norm(x)) * weights.to(x.device, x.dtype)[:, None]
 
 
-def apply_experts(block: MoEBlock, bank: ExpertBank, buffer: ListBuffer, routing: Routing, run: RunConfig) -> None:
-    """Run every routed token through its expert from `bank`: all experts at once, chunk by chunk
-    of tokens, where the bank has a grouped path on the device; else `run.group_size` at a time."""
+def apply_experts(block: MoEBlock, bank: ExpertBank, buffer: ListBuffer, routing: Routing, run: RunConfig,
+                  out: torch.Tensor) -> None:
+    """Run every routed token through its experts from `bank`; results add up in `out`. Where the
+    bank has a grouped path on the device: all experts at once, chunk by chunk of tokens, one
+    pass per routing slot; else ascending expert id (so a token's outputs add up in that order),
+    loading `run.group_size` at a time."""
     routed = routed_experts(bank, run.device, run.dtype)
     if routed is not None:
+        index, prob = routing.index.view(-1, routing.k), routing.prob.view(-1, routing.k)  # [N, k]
         for part in buffer.chunks(run.token_chunk):
-            x = buffer.data[part].to(run.device, non_blocking=True)
-            prob = routing.prob[part].to(run.device, x.dtype)
-            y = x + routed(block.ffn_norm(x), routing.index[part].to(run.device)) * prob[:, None]
-            buffer.data[part] = y.to(buffer.data.dtype).cpu()
+            x = block.ffn_norm(buffer.data[part].to(run.device, non_blocking=True))
+            for slot in range(routing.k):
+                y = routed(x, index[part, slot].to(run.device)) * prob[part, slot].to(run.device, x.dtype)[:, None]
+                out[part] += y.to(out.device, out.dtype)
         return
     active = [j for j in range(bank.num_experts) if routing.count(j)]
     for first in range(0, len(active), run.group_size):
         ids = active[first:first + run.group_size]
         for j, expert in zip(ids, bank.load(ids, run.device, run.dtype)):
-            apply_expert(block, expert, buffer, routing.tokens(j), routing.prob, run)
+            apply_expert(block, expert, buffer, routing.tokens(j), routing.weights(j), run, out)
+
+
+def finish_sparse(block: MoEBlock, buffer: ListBuffer, out: torch.Tensor, run: RunConfig) -> None:
+    """buffer += out (+ the shared experts' output, where the block has them), chunk by chunk."""
+    for part in buffer.chunks(run.token_chunk):
+        x = buffer.data[part].to(run.device, non_blocking=True)
+        y = out[part].to(run.device)
+        shared = block.shared_output(block.ffn_norm(x))
+        if shared is not None:
+            y = y + shared
+        buffer.data[part] = (x + y).to(buffer.data.device)
 
 
 def sparse_feed_forward(block: MoEBlock, buffer: ListBuffer, run: RunConfig) -> Routing:
+    """Memory: one [tokens, d] buffer for the experts' outputs, beside the hidden states."""
     routing = route(block, buffer, run)
-    apply_experts(block, block.experts, buffer, routing, run)
+    out = torch.zeros_like(buffer.data)
+    apply_experts(block, block.experts, buffer, routing, run, out)
+    finish_sparse(block, buffer, out, run)
     return routing
 
 

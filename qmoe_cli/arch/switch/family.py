@@ -37,8 +37,8 @@ class SwitchStackContext:
 _NO_MASK = torch.zeros(())  # cross-attention of one unpadded sample: nothing to mask
 
 
-def _relu_hidden(x: torch.Tensor, wi: torch.Tensor) -> torch.Tensor:
-    return F.relu(x @ wi.T)
+def _relu_hidden(x: torch.Tensor, first: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return F.relu(x @ first["wi"].T)
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,14 @@ class SwitchArchitecture:
 
     config: SwitchConfig
     family: str = "switch"
+    objective: str = "span_corruption"
     stacks: tuple[str, ...] = STACKS
     expert: ExpertShape = field(init=False)
 
     def __post_init__(self) -> None:
         c = self.config
         shapes = {"wi": (c.d_ff, c.d_model), "wo": (c.d_model, c.d_ff)}
-        object.__setattr__(self, "expert", ExpertShape(("wi", "wo"), shapes, _relu_hidden, "relu"))
+        object.__setattr__(self, "expert", ExpertShape(("wi", "wo"), shapes, _relu_hidden, chain_activation="relu"))
 
     @property
     def num_experts(self) -> int:

@@ -274,6 +274,9 @@ class Block(nn.Module):
         index, prob, _ = self.ffn.mlp.router(x)
         return index, prob
 
+    def shared_output(self, x: torch.Tensor) -> None:
+        return None  # Switch has no shared experts
+
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn(x)
 

@@ -1,0 +1,142 @@
+"""`DecoderConfig`: one decoder-only MoE model as the shared layers need it, whatever its family.
+
+Each family file (`mixtral.py`, `qwen_moe.py`, `olmoe.py`) turns its Hugging Face `config.json`
+into these fields and says nothing else; the layers read only this dataclass. Manifests store
+`to_dict()` (marked `qmoe_normalized`), which reads back without the family's parser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import QmoeError
+
+# softmax_topk: softmax over all experts, then the top k (optionally renormalised);
+# sigmoid_group: DeepSeek-V3's sigmoid scores, top k among the best `topk_group` expert groups
+# chosen with a correction bias that the weights themselves leave out.
+ROUTERS = ("softmax_topk", "sigmoid_group")
+ATTENTIONS = ("gqa", "mla")  # grouped-query attention, or DeepSeek's multi-head latent attention
+QK_NORMS = ("none", "head", "full")  # RMSNorm of q and k: none, per head (Qwen3), over all heads (OLMoE)
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """A decoder-only transformer with top-k SwiGLU experts, RoPE attention and RMSNorm."""
+
+    model_type: str  # the Hugging Face family ("mixtral", "qwen2_moe", ...): picks the parser
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int  # grouped-query attention: num_heads is a multiple of it
+    head_dim: int  # rotary width: the whole head, or MLA's qk_rope_head_dim
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int  # width of one routed expert
+    sparse_layers: tuple[int, ...]  # indices of the blocks holding experts; the rest are dense
+    intermediate_size: int = 0  # width of a dense block's MLP (0: the model has none)
+    shared_expert_size: int = 0  # width of the shared expert (0: none)
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x . w)
+    shared_expert_module: str = "shared_expert"  # its checkpoint name (DeepSeek: shared_experts)
+    router: str = "softmax_topk"
+    norm_topk_prob: bool = False  # renormalise the top-k probabilities to sum to 1
+    n_group: int = 1  # sigmoid_group: experts in n_group groups, the best topk_group of them eligible
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # sigmoid_group: routed weights scaled by this
+    attention: str = "gqa"
+    q_lora_rank: int | None = None  # mla: low-rank query (None: one q_proj)
+    kv_lora_rank: int = 0  # mla: width of the compressed key-value latent
+    qk_nope_head_dim: int = 0  # mla: per-head query/key width without rotary positions
+    v_head_dim: int = 0  # mla: per-head value width
+    rope_interleave: bool = False  # rotary dims in (even, odd) pairs instead of two halves
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_bias: bool = False  # biases on q, k, v (Qwen2-MoE)
+    qk_norm: str = "none"
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip, clip]
+    sliding_window: int | None = None  # keys more than this many positions back are masked
+    tie_word_embeddings: bool = False
+    moe_module: str = "mlp"  # the block's MoE submodule name in checkpoints
+    expert_matrices: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "num_experts", "top_k", "moe_intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DecoderConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"DecoderConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"DecoderConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if self.head_dim % 2:
+            raise ValueError(f"DecoderConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
+        bad = [i for i in self.sparse_layers if not 0 <= i < self.num_layers]
+        if bad or len(set(self.sparse_layers)) != len(self.sparse_layers):
+            raise ValueError(f"DecoderConfig.sparse_layers must be distinct block indices in [0, {self.num_layers}), "
+                             f"got {list(self.sparse_layers)}")
+        if len(self.sparse_layers) < self.num_layers and self.intermediate_size < 1:
+            raise ValueError("DecoderConfig.intermediate_size must be >= 1 when some blocks are dense")
+        if self.router not in ROUTERS:
+            raise ValueError(f"DecoderConfig.router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"DecoderConfig.qk_norm must be one of {', '.join(QK_NORMS)}, got {self.qk_norm!r}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"DecoderConfig.sliding_window must be >= 1 or None, got {self.sliding_window!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"DecoderConfig.attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"DecoderConfig.{name} must be >= 1 for mla attention, got {getattr(self, name)!r}")
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"DecoderConfig: {self.num_experts} experts in n_group {self.n_group} groups with "
+                             f"topk_group {self.topk_group}: groups must divide the experts and 1 <= topk_group <= n_group")
+        if self.shared_expert_gate and not self.shared_expert_size:
+            raise ValueError("DecoderConfig.shared_expert_gate needs a shared expert (shared_expert_size > 0)")
+
+    def is_sparse(self, index: int) -> bool:
+        return index in self.sparse_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "qmoe_normalized": True}
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """This family's fields from a Hugging Face config dict; each family overrides it."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> "DecoderConfig":
+        """From a Hugging Face `config.json` dict (or our own `to_dict()`); `overrides` win."""
+        merged = {**raw, **(overrides or {})}
+        names = {f.name for f in dataclasses.fields(cls)}
+        if merged.get("qmoe_normalized"):
+            fields = {k: v for k, v in merged.items() if k in names}
+        else:
+            try:
+                fields = cls.parse(merged)
+            except KeyError as exc:
+                raise QmoeError(f"config.json lacks {exc.args[0]}: not a {merged.get('model_type')} config") from None
+        for name in ("sparse_layers", "expert_matrices"):
+            if name in fields:
+                fields[name] = tuple(fields[name])
+        return cls(**fields)
+
+
+def rope_theta(raw: dict[str, Any], default: float = 10000.0) -> float:
+    """The RoPE base of a config in transformers 5 (`rope_parameters`) or 4 (`rope_theta`,
+    `rope_scaling`) form; QmoeError for scaled RoPE variants (YaRN, llama3, ...), not built."""
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise QmoeError(f"config.json: rope type {kind!r} is not supported (only unscaled RoPE)")
+    return float(params.get("rope_theta", raw.get("rope_theta", default)))
+
+
+def head_dim(raw: dict[str, Any]) -> int:
+    return raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]

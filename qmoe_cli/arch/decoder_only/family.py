@@ -1,0 +1,137 @@
+"""Decoder-only MoE models behind the `Architecture` interface: one stack ("decoder") of blocks
+named `model.layers.{i}.`, `model.embed_tokens` in, `model.norm` and `lm_head` out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import QmoeError
+from ..base import ExpertBank, ExpertShape, GenerationSpec, IncrementalStack, TensorReader
+from .config import DecoderConfig
+from .layers import DecoderBlock, GatedMLP, RMSNorm, causal_bias, rotary_tables
+
+STACK = "decoder"
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def _swiglu_hidden(x: torch.Tensor, first: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    gate, up = first.values()  # in ExpertShape.inputs order: gate, then up
+    return F.silu(x @ gate.T) * (x @ up.T)
+
+
+@dataclass(frozen=True)
+class DecoderStackContext:
+    """Rotary tables and the causal mask, built per sample length."""
+
+    config: DecoderConfig
+    device: torch.device
+    dtype: torch.dtype
+
+    def attend(self, block: DecoderBlock, x: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        length = x.shape[1]
+        cos, sin = rotary_tables(self.config, length, self.device, self.dtype)
+        return block.attend(x, cos, sin, causal_bias(length, self.config.sliding_window, self.device))
+
+
+@dataclass(frozen=True)
+class DecoderArchitecture:
+    """A causal LM of pre-norm blocks with top-k SwiGLU experts (gate and up, then down)."""
+
+    config: DecoderConfig
+    stacks: tuple[str, ...] = (STACK,)
+    objective: str = "causal_lm"
+    expert: ExpertShape = field(init=False)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        gate, up, down = c.expert_matrices
+        d, ff = c.hidden_size, c.moe_intermediate_size
+        shapes = {gate: (ff, d), up: (ff, d), down: (d, ff)}
+        object.__setattr__(self, "expert", ExpertShape((gate, up, down), shapes, _swiglu_hidden, inputs=(gate, up)))
+
+    @property
+    def family(self) -> str:
+        return self.config.model_type
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    def num_blocks(self, stack: str) -> int:
+        return self.config.num_layers
+
+    def is_sparse(self, stack: str, index: int) -> bool:
+        return self.config.is_sparse(index)
+
+    def sparse_blocks(self) -> list[tuple[str, int]]:
+        return [(STACK, i) for i in range(self.config.num_layers) if self.config.is_sparse(i)]
+
+    def block(self, stack: str, index: int, experts: ExpertBank | None) -> DecoderBlock:
+        return DecoderBlock(self.config, index, experts)
+
+    def block_prefix(self, stack: str, index: int) -> str:
+        return f"model.layers.{index}."
+
+    def expert_tensor(self, stack: str, index: int, expert: int, matrix: str) -> str:
+        return f"model.layers.{index}.{self.config.moe_module}.experts.{expert}.{matrix}.weight"
+
+    def head_tensors(self) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        names = {EMBEDDING: (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+        return names if c.tie_word_embeddings else {**names, "lm_head.weight": (c.vocab_size, c.hidden_size)}
+
+    def storage_names(self, name: str) -> tuple[str, ...]:
+        """Every tensor under its own name (a tied head is read as the embedding by `head`)."""
+        return (name,)
+
+    def stack_tokens(self, input_ids: Sequence[Sequence[int]],
+                     labels: Sequence[Sequence[int]]) -> dict[str, list[list[int]]]:
+        """The decoder reads the inputs; labels (the next tokens) only enter the loss."""
+        return {STACK: [list(s) for s in input_ids]}
+
+    def memory_stack(self, stack: str) -> str | None:
+        return None
+
+    def embedding_tensor(self, stack: str) -> str:
+        return EMBEDDING
+
+    def final_norm(self, stack: str, read: TensorReader, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
+        norm.weight = nn.Parameter(read("model.norm.weight", dtype, device))
+        return norm
+
+    def stack_context(self, stack: str, read: TensorReader, device: torch.device,
+                      dtype: torch.dtype) -> DecoderStackContext:
+        return DecoderStackContext(self.config, device, dtype)
+
+    def head(self, read: TensorReader, device: torch.device,
+             dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+        weight = read(EMBEDDING if self.config.tie_word_embeddings else "lm_head.weight", dtype, device)
+        return lambda hidden: F.linear(hidden, weight)
+
+    def make_expert(self, parts: Mapping[str, torch.Tensor | nn.Module]) -> GatedMLP:
+        return GatedMLP.from_parts(self.config.expert_matrices, dict(parts))
+
+    # `qmoe generate` (KV-cached incremental decoding) is implemented for Switch only so far.
+    def generation(self) -> GenerationSpec:
+        raise self._no_generation()
+
+    def incremental_stack(self, stack: str, read: TensorReader, device: torch.device,
+                          dtype: torch.dtype) -> IncrementalStack:
+        raise self._no_generation()
+
+    def cache_bytes(self, stack: str, batch: int, length: int, memory_length: int, dtype: torch.dtype) -> int:
+        raise self._no_generation()
+
+    def _no_generation(self) -> QmoeError:
+        return QmoeError(f"qmoe generate does not support {self.family} models yet (Switch Transformers only); "
+                         "qmoe eval, compress and pack do")

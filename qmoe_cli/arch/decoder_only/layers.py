@@ -1,0 +1,278 @@
+"""Decoder-only MoE building blocks shared by every family: RMSNorm, rotary grouped-query
+attention, the top-k router, SwiGLU experts (routed and shared) and the block.
+
+Parameter names mirror the Hugging Face layout below `model.layers.{i}.` (`input_layernorm`,
+`self_attn.q_proj`, `{moe}.gate`, `{moe}.shared_expert.gate_proj`, ...), so a block's weights
+load by stripping that prefix. Routed experts are never parameters of a block: a sparse block
+asks its `ExpertBank` for them. Every block runs in parts, as the streamed runner drives it:
+`attend` per sample, then `feed_forward` (dense) or `route` + experts + `shared_output` (sparse)
+over a flat token buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import ExpertBank
+from .config import DecoderConfig
+
+
+class RMSNorm(nn.Module):
+    """Scale-only layer norm; statistics in fp32, then cast back before the scale (as HF does)."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotary_tables(config: DecoderConfig, length: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, head_dim] of positions 0..length-1 (angles in fp32, as HF computes them)."""
+    exponent = torch.arange(0, config.head_dim, 2, dtype=torch.int64, device=device).float() / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** exponent)  # [head_dim / 2]
+    angles = torch.arange(length, device=device).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, hd] rotated by position (the half-split convention, not interleaved pairs)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, hd] whose rotary dims are (even, odd) pairs -> rotated, written as two halves
+    (evens, then odds) as transformers does: a permutation shared by q and k, so scores agree."""
+    cos, sin = cos[..., : cos.shape[-1] // 2], sin[..., : sin.shape[-1] // 2]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+
+
+def causal_bias(length: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Additive mask [T, T] fp32: 0 where key <= query (and within `window`), else -inf-like."""
+    query = torch.arange(length, device=device)[:, None]
+    key = torch.arange(length, device=device)[None, :]
+    allowed = key <= query
+    if window is not None:
+        allowed &= query - key < window
+    return torch.zeros(length, length, device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary positions, optional q/k norms and qkv clipping."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        bias = c.attention_bias
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm == "head":
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        elif c.qk_norm == "full":
+            self.q_norm = RMSNorm(c.num_heads * c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim, c.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d]; cos, sin [T, hd]; bias [T, T] fp32 -> [B, T, d]."""
+        c = self.config
+        batch, length = x.shape[:2]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if c.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        q = q.view(batch, length, c.num_heads, c.head_dim)
+        k = k.view(batch, length, c.num_kv_heads, c.head_dim)
+        if c.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)  # [B, H|KV, T, hd]
+        v = v.view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        groups = c.num_heads // c.num_kv_heads  # each key/value head serves `groups` query heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)).float() * c.head_dim ** -0.5 + bias  # [B, H, T, T] fp32
+        weights = torch.softmax(scores, dim=-1).to(v.dtype)
+        out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(out)
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek's multi-head latent attention (MLA): queries through an optional low-rank
+    bottleneck, keys and values expanded per head from one normalised latent, and a rotary key
+    part shared by all heads. Runs in the expanded form (no latent KV cache: whole sequences)."""
+
+    _LATENT_EPS = 1e-6  # the latents' RMSNorms use transformers' default, not rms_norm_eps
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        qk_head = c.qk_nope_head_dim + c.head_dim
+        bias = c.attention_bias
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, c.num_heads * qk_head, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, self._LATENT_EPS)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, c.num_heads * qk_head, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, self._LATENT_EPS)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.v_head_dim, c.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d]; cos, sin [T, rope]; bias [T, T] fp32 -> [B, T, d]."""
+        c = self.config
+        batch, length = x.shape[:2]
+        rotate = _rotate_interleaved if c.rope_interleave else _rotate
+        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(batch, length, c.num_heads, -1).transpose(1, 2)  # [B, H, T, nope + rope]
+        q_pass, q_rot = q.split([c.qk_nope_head_dim, c.head_dim], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.head_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(batch, length, c.num_heads, -1).transpose(1, 2)
+        k_pass, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)  # [B, H, T, nope], [B, H, T, v]
+        k_rot = rotate(k_rot.view(batch, 1, length, c.head_dim), cos, sin).expand(-1, c.num_heads, -1, -1)
+        q = torch.cat([q_pass, rotate(q_rot, cos, sin)], dim=-1)
+        k = torch.cat([k_pass, k_rot], dim=-1)
+        scale = (c.qk_nope_head_dim + c.head_dim) ** -0.5
+        scores = torch.matmul(q, k.transpose(2, 3)).float() * scale + bias  # [B, H, T, T] fp32
+        weights = torch.softmax(scores, dim=-1).to(v.dtype)
+        out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(out)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward `down(silu(gate(x)) * up(x))`: a dense block's MLP, a shared expert, and
+    (through `from_parts`) a routed expert, whose three linears may be any modules."""
+
+    def __init__(self, d_model: int, d_ff: int, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
+        super().__init__()
+        self.names = names
+        gate, up, down = names
+        self.add_module(gate, nn.Linear(d_model, d_ff, bias=False))
+        self.add_module(up, nn.Linear(d_model, d_ff, bias=False))
+        self.add_module(down, nn.Linear(d_ff, d_model, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, d] -> [n, d]."""
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(F.silu(gate(x)) * up(x))
+
+    @classmethod
+    def from_parts(cls, names: tuple[str, str, str], parts: dict[str, torch.Tensor | nn.Module]) -> "GatedMLP":
+        """An inference-only expert from weights ([rows, cols], used without a copy) or modules."""
+        with torch.device("meta"):
+            expert = cls(1, 1, names)
+        for name in names:
+            part = parts[name]
+            if isinstance(part, torch.Tensor):
+                getattr(expert, name).weight = nn.Parameter(part, requires_grad=False)
+            else:
+                setattr(expert, name, part)
+        return expert
+
+
+class Router(nn.Module):
+    """Top-k router (`DecoderConfig.router`): softmax top-k, or DeepSeek-V3's sigmoid scores
+    with group-limited choice."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        if config.router == "sigmoid_group":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, d] -> expert indices [N, k] int64 and their weights [N, k] fp32.
+
+        fp32 whatever the model dtype, as for Switch: bf16 near-ties flip the chosen experts.
+        """
+        c = self.config
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        if c.router == "softmax_topk":
+            weight, index = torch.topk(torch.softmax(logits, dim=-1), c.top_k, dim=-1)
+            if c.norm_topk_prob:
+                weight = weight / weight.sum(dim=-1, keepdim=True)
+            return index, weight
+        scores = logits.sigmoid()
+        biased = scores + self.e_score_correction_bias.float()  # chooses experts; weights leave it out
+        groups = biased.view(-1, c.n_group, c.num_experts // c.n_group)
+        group_score = groups.topk(min(2, groups.shape[-1]), dim=-1)[0].sum(dim=-1)  # [N, n_group]: its best two
+        chosen = torch.zeros_like(group_score).scatter_(1, group_score.topk(c.topk_group, dim=-1)[1], 1.0)
+        eligible = chosen.bool()[:, :, None].expand_as(groups).reshape(-1, c.num_experts)
+        index = biased.masked_fill(~eligible, float("-inf")).topk(c.top_k, dim=-1)[1]
+        weight = scores.gather(1, index)
+        if c.norm_topk_prob:
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return index, weight * c.routed_scaling_factor
+
+
+class SparseMoE(nn.Module):
+    """The router and the shared expert of a sparse block (routed experts live in the bank)."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.gate = Router(config)
+        if config.shared_expert_size:
+            self.add_module(config.shared_expert_module, GatedMLP(config.hidden_size, config.shared_expert_size))
+        if config.shared_expert_gate:
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+
+class DecoderBlock(nn.Module):
+    """One pre-norm decoder block: self-attention, then a dense MLP or top-k experts."""
+
+    def __init__(self, config: DecoderConfig, index: int, experts: ExpertBank | None):
+        super().__init__()
+        self.config = config
+        self.is_sparse = config.is_sparse(index)
+        self.experts = experts if self.is_sparse else None
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LatentAttention(config) if config.attention == "mla" else Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.is_sparse:
+            self.add_module(config.moe_module, SparseMoE(config))
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+
+    @property
+    def moe(self) -> SparseMoE:
+        return getattr(self, self.config.moe_module)
+
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] -> x + attention(norm(x)), [B, T, d]."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
+
+    def ffn_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post_attention_layernorm(x)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.moe.gate(x)
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Normalised x [N, d] -> the shared expert's contribution [N, d], or None without one."""
+        moe = self.moe
+        if not self.config.shared_expert_size:
+            return None
+        out = getattr(moe, self.config.shared_expert_module)(x)
+        if hasattr(moe, "shared_expert_gate"):
+            out = torch.sigmoid(moe.shared_expert_gate(x)) * out
+        return out
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense block: x [N, d] -> x + mlp(norm(x))."""
+        return x + self.mlp(self.post_attention_layernorm(x))
