@@ -244,6 +244,27 @@ def test_three_ranks_with_small_groups_write_what_one_process_writes(reference, 
 
 
 @pytest.mark.slow
+def test_two_ranks_compress_a_top_k_family_with_a_shared_expert_as_one_process_does(tmp_path: Path):
+    """Qwen2-MoE (top-2 of 4 SwiGLU experts, a gated shared expert, a dense block): a token goes
+    to both its experts' owners and their weighted outputs add up on its rank, gate and up are
+    quantized stacked, and the bytes still match one process's (rounds of 2 vs 1 experts)."""
+    from hf_models import save_hf_decoder
+
+    model = tmp_path / "model"
+    save_hf_decoder(model, "qwen2_moe")
+    g = torch.Generator().manual_seed(5)
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"input_ids": torch.randint(0, 64, (n,), generator=g).tolist()}) + "\n"
+                             for n in (24, 17, 30, 9) * 4))
+    flags = ["--model", str(model), "--calib", str(calib), "--bits", "ternary", "--group-size", "1"]
+    _one_process(tmp_path / "one", *flags)
+    procs = _ranks(2, tmp_path / "two", *flags)
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    _assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
 def test_a_dead_or_hung_rank_fails_the_job_with_a_message(tmp_path: Path, sig: signal.Signals):
     timeout = 6

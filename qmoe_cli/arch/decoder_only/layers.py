@@ -270,7 +270,11 @@ class DecoderBlock(nn.Module):
             return None
         out = getattr(moe, self.config.shared_expert_module)(x)
         if hasattr(moe, "shared_expert_gate"):
-            out = torch.sigmoid(moe.shared_expert_gate(x)) * out
+            # A per-row dot product, not a one-output linear: that runs as a matrix-vector product
+            # whose rounding depends on how many rows share the call, and the result must not
+            # depend on how tokens are chunked or split over ranks (distributed compression).
+            gate = (x * moe.shared_expert_gate.weight[0]).sum(-1, keepdim=True)  # [N, 1]
+            out = torch.sigmoid(gate) * out
         return out
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
