@@ -191,12 +191,12 @@ def test_pack_of_a_file_is_one_line(tmp_path: Path) -> None:
 
 # /sys refuses new entries to everyone, root included (a chmod-ed directory does not stop root).
 @pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys, where nobody may create files")
-def test_out_in_an_unwritable_directory_is_one_line(compress_setup: tuple[Path, Path]) -> None:
+def test_out_in_an_unwritable_directory_is_one_line(compress_setup: tuple[Path, Path], quantized_dir: Path) -> None:
     model, calib = compress_setup
     result = CliRunner().invoke(main, ["compress", "--model", str(model), "--calib", str(calib), "--device", "cpu",
                                        "--out", "/sys/kernel/qmoe-out"])
     _assert_one_line_error(result.exit_code, result.stderr, 1, "/sys/kernel/")
-    result = CliRunner().invoke(main, ["pack", str(model), "--out", "/sys/kernel/qmoe-packed"])
+    result = CliRunner().invoke(main, ["pack", str(quantized_dir), "--out", "/sys/kernel/qmoe-packed"])
     _assert_one_line_error(result.exit_code, result.stderr, 1, "/sys/kernel/")
 
 

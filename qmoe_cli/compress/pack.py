@@ -97,20 +97,21 @@ def pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -
     One process at a time writes `out` (a lock beside it); on any failure, a full disk included,
     nothing is left at `out` or under its temporary name.
     """
-    if not source.is_dir():
+    if source.exists() and not source.is_dir():
         raise QmoeError(f"{source}: not a directory; `qmoe pack` takes a quantized checkpoint directory "
                         "written by `qmoe compress`")
+    weights = QuantizedWeights.open(source)  # refuses a corrupt, edited or incomplete checkpoint
     with output_lock(out, "qmoe pack"):
         try:
-            return _pack(source, out, cfg, log)
+            return _pack(weights, source, out, cfg, log)
         except (OSError, SafetensorError) as exc:
             raise QmoeError(f"{out}: {os_error_message(exc)}; nothing was written: free space (or fix the cause) "
                             f"and rerun `qmoe pack {source}`") from exc
 
 
-def _pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -> PackResult:
+def _pack(weights: QuantizedWeights, source: Path, out: Path, cfg: PackConfig,
+          log: Callable[[str], None]) -> PackResult:
     start = time.perf_counter()
-    weights = QuantizedWeights.open(source)  # refuses a corrupt, edited or incomplete checkpoint
     quantized = read_manifest(source)
     if out.exists():
         raise QmoeError(f"--out {out}: already exists; choose another directory or remove it")
