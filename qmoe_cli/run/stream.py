@@ -74,6 +74,12 @@ class ListBuffer:
         for start in range(0, self.data.shape[0], size):
             yield slice(start, min(start + size, self.data.shape[0]))
 
+    def sample_chunks(self, size: int) -> Iterator[slice]:
+        """Chunks of at most `size` tokens that never span two samples."""
+        for i in range(len(self)):
+            for start in range(self.offsets[i], self.offsets[i + 1], size):
+                yield slice(start, min(start + size, self.offsets[i + 1]))
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -160,8 +166,11 @@ def apply_experts(block: MoEBlock, bank: ExpertBank, buffer: ListBuffer, routing
 
 
 def finish_sparse(block: MoEBlock, buffer: ListBuffer, out: torch.Tensor, run: RunConfig) -> None:
-    """buffer += out (+ the shared experts' output, where the block has them), chunk by chunk."""
-    for part in buffer.chunks(run.token_chunk):
+    """buffer += out (+ the shared experts' output, where the block has them), sample by sample
+    in token chunks: a matrix product's rounding can depend on how many rows share the call, and
+    samples are the unit that is the same however they are sharded over ranks (distributed
+    compression gives byte-identical results only so)."""
+    for part in buffer.sample_chunks(run.token_chunk):
         x = buffer.data[part].to(run.device, non_blocking=True)
         y = out[part].to(run.device)
         shared = block.shared_output(block.ffn_norm(x))
