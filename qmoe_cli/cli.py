@@ -227,9 +227,9 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
         raise ValueError("--max-memory caps GPUs; it does not apply to --device cpu")
     texts = [(f"--prompt {i + 1}", t) for i, t in enumerate(prompts)] or _read_prompts(input_file)
     model = open_model(model_name)
-    tokenizer = load_tokenizer(model.tokenizer_dir)
     arch = model.weights.arch
-    suffix = len(arch.generation().prompt_suffix)
+    suffix = len(arch.generation().prompt_suffix)  # first: a family without generation says so
+    tokenizer = load_tokenizer(model.tokenizer_dir)
     parsed = [parse_prompt(text, tokenizer, where, model.window, arch.config.vocab_size, suffix)
               for where, text in texts]
     run_dtype = resolve_dtype(dtype, model.stored_dtype, run_devices[0])

@@ -60,6 +60,13 @@ def test_eval_equals_transformers(family, tmp_path: Path) -> None:
     assert abs(expected - math.log(VOCAB)) > 0.3
 
 
+def test_generate_is_a_one_line_error_for_decoder_families(family) -> None:
+    _, directory, _ = family
+    result = CliRunner().invoke(main, ["generate", "--model", str(directory), "--prompt", "w1 w2", "--device", "cpu"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith("error: qmoe generate does not support") and result.stderr.count("\n") == 1
+
+
 def _tokenizer_json(directory: Path) -> tokenizers.Tokenizer:
     """A word-level tokenizer.json over 60 words whose post-processor prepends <s> (as Mixtral's)."""
     words = [f"w{i}" for i in range(VOCAB - 4)]
@@ -109,6 +116,19 @@ class _Bank:
         return [self.experts[j] for j in ids]
 
 
+class _GroupedBank(_Bank):
+    """A bank with the grouped path (`ExpertBank.routed`), as packed checkpoints offer on a GPU:
+    every token through the one expert `index` names, here expert by expert with a mask."""
+
+    def routed(self, device, dtype):
+        def run(x, index):
+            y = torch.zeros_like(x)
+            for j, expert in enumerate(self.experts):
+                y[index == j] = expert(x[index == j])
+            return y
+        return run
+
+
 class _Block:
     """Norm, top-k softmax router and shared term of random weights: the runner's view of a block."""
 
@@ -130,12 +150,16 @@ class _Block:
         return x @ self.shared.T
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["loaded", "grouped"])
 @pytest.mark.parametrize("tokens, d, experts, k, chunk, group", [(97, 13, 5, 2, 16, 2), (1025, 8, 7, 3, 100, 3),
-                                                                  (31, 6, 4, 4, 7, 1)])
+                                                                  (31, 6, 4, 4, 7, 1), (40, 5, 3, 1, 9, 2)])
 def test_top_k_experts_equal_a_token_by_token_reference(tokens: int, d: int, experts: int, k: int, chunk: int,
-                                                        group: int) -> None:
+                                                        group: int, grouped: bool) -> None:
+    """Experts loaded group by group, or the grouped path (one pass per routing slot)."""
     torch.manual_seed(tokens)
     block = _Block(d, experts, k, seed=tokens)
+    if grouped:
+        block.experts = _GroupedBank(block.experts.experts)
     buffer = ListBuffer([tokens], d, torch.float32, pin=False)
     buffer.data.copy_(torch.randn(tokens, d))
     x = buffer.data.clone()
