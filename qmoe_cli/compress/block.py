@@ -42,7 +42,8 @@ plus codes (rank 0 receives all of them at ~1.6 bits a ternary weight, others se
 nothing grows with d_ff^2.
 
 Memory per rank: as one process (the runtime's block + one slice's weights and Hessians, one
-matrix's fp64 sums while they are built), plus the tokens of one round's slice: its experts'
+matrix's fp64 sums while they are built, the output buffer: this rank's tokens x d_model), plus
+the tokens of one round's slice (top-k: each token once per expert of the slice): its experts'
 routed tokens with their outputs, and this rank's own tokens of the round while they are sent;
 rank 0 also holds one round's packed codes (group_size x world_size experts) while it writes them.
 """
