@@ -338,13 +338,7 @@ def _causal_sample(record: _Tokens, vocab_size: int, window: int) -> Sample:
     if len(ids) < 2:
         raise QmoeError(f"{record.where}: input_ids has {len(ids)} token(s); a causal LM sample needs at least 2 "
                         f"(one to read, one to predict)")
-    if len(ids) > window:
-        raise QmoeError(f"{record.where}: input_ids has {len(ids)} tokens, the model's window is {window}; "
-                        f"shorten or drop the sample")
-    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
-    if bad is not None:
-        raise QmoeError(f"{record.where}: input_ids holds id {bad}, outside the model's vocabulary "
-                        f"[0, {vocab_size}); tokenize with the model's own tokenizer")
+    _check_ids(record.where, "input_ids", ids, vocab_size, window)
     return Sample(input_ids=ids[:-1], labels=ids[1:])
 
 
@@ -357,14 +351,19 @@ def _checked_sample(record: _Tokens, vocab_size: int, window: int) -> Sample:
         if not ids:
             raise QmoeError(f"{record.where}: {name} is empty; every sample needs at least one "
                             f"input and one label token (end labels with EOS, id 1 for T5)")
-        if len(ids) > window:
-            raise QmoeError(f"{record.where}: {name} has {len(ids)} tokens, the model's window is "
-                            f"{window}; shorten or drop the sample")
-        bad = next((i for i in ids if not 0 <= i < vocab_size), None)
-        if bad is not None:
-            raise QmoeError(f"{record.where}: {name} holds id {bad}, outside the model's vocabulary "
-                            f"[0, {vocab_size}); tokenize with the model's own tokenizer")
+        _check_ids(record.where, name, ids, vocab_size, window)
     return Sample(input_ids=record.input_ids, labels=record.labels)
+
+
+def _check_ids(where: str, name: str, ids: Sequence[int], vocab_size: int, window: int) -> None:
+    """A pre-tokenized sequence must fit the model's window and vocabulary (QmoeError naming it)."""
+    if len(ids) > window:
+        raise QmoeError(f"{where}: {name} has {len(ids)} tokens, the model's window is {window}; "
+                        f"shorten or drop the sample")
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise QmoeError(f"{where}: {name} holds id {bad}, outside the model's vocabulary "
+                        f"[0, {vocab_size}); tokenize with the model's own tokenizer")
 
 
 def _file_records(path: Path) -> Iterator[_Text | _Tokens]:
