@@ -140,3 +140,11 @@ def rope_theta(raw: dict[str, Any], default: float = 10000.0) -> float:
 
 def head_dim(raw: dict[str, Any]) -> int:
     return raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+
+
+def grouped_query_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The fields Mixtral, Qwen-MoE and OLMoE configs spell alike: sizes, grouped-query heads, top-k."""
+    return dict(vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_layers=raw["num_hidden_layers"],
+                num_heads=raw["num_attention_heads"],
+                num_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"], head_dim=head_dim(raw),
+                top_k=raw["num_experts_per_tok"], tie_word_embeddings=raw.get("tie_word_embeddings", False))

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import DecoderConfig, head_dim, rope_theta
+from .config import DecoderConfig, grouped_query_fields, rope_theta
 
 
 class MixtralConfig(DecoderConfig):
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> dict[str, Any]:
         return dict(
-            model_type="mixtral", vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-            num_layers=raw["num_hidden_layers"], num_heads=raw["num_attention_heads"],
-            num_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"], head_dim=head_dim(raw),
-            num_experts=raw["num_local_experts"], top_k=raw["num_experts_per_tok"],
+            grouped_query_fields(raw), model_type="mixtral", num_experts=raw["num_local_experts"],
             moe_intermediate_size=raw["intermediate_size"], sparse_layers=tuple(range(raw["num_hidden_layers"])),
             norm_topk_prob=True, rms_norm_eps=raw.get("rms_norm_eps", 1e-5), rope_theta=rope_theta(raw, 1e6),
-            sliding_window=raw.get("sliding_window"), tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            moe_module="block_sparse_moe", expert_matrices=("w1", "w3", "w2"),
+            sliding_window=raw.get("sliding_window"), moe_module="block_sparse_moe", expert_matrices=("w1", "w3", "w2"),
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import QmoeError
-from .config import DecoderConfig, head_dim, rope_theta
+from .config import DecoderConfig, grouped_query_fields, rope_theta
 
 
 def _common(raw: dict[str, Any]) -> dict[str, Any]:
@@ -17,14 +17,12 @@ def _common(raw: dict[str, Any]) -> dict[str, Any]:
     layers = raw["num_hidden_layers"]
     step, dense = raw.get("decoder_sparse_step", 1), set(raw.get("mlp_only_layers") or [])
     return dict(
-        model_type=raw["model_type"], vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-        num_layers=layers, num_heads=raw["num_attention_heads"],
-        num_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"], head_dim=head_dim(raw),
-        num_experts=raw.get("num_experts") or raw["num_local_experts"], top_k=raw["num_experts_per_tok"],
+        grouped_query_fields(raw), model_type=raw["model_type"],
+        num_experts=raw.get("num_experts") or raw["num_local_experts"],
         moe_intermediate_size=raw["moe_intermediate_size"], intermediate_size=raw.get("intermediate_size", 0),
         sparse_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
         norm_topk_prob=bool(raw.get("norm_topk_prob", False)), rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=rope_theta(raw), tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        rope_theta=rope_theta(raw),
     )
 
 
