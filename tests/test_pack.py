@@ -156,6 +156,24 @@ def test_structurally_bad_matrices_are_clean_errors(ternary_dirs, tmp_path: Path
     assert message in _cli("eval", "--model", str(bad), *EVAL, code=1).output
 
 
+@pytest.mark.parametrize("edit", [{"num_heads": 1}, {"vocab_size": 10}, {"d_kv": 3}])
+def test_a_resealed_config_edit_is_refused_by_the_dense_files_shapes(ternary_dirs, tmp_path: Path, edit) -> None:
+    """A config edited to other shapes, its checksum recomputed: the head and block files' headers
+    no longer match it, so opening the packed checkpoint is a one-line error (not a failure deep
+    in a block's load)."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ternary_dirs[1], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["config"].update(edit)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    output = _cli("eval", "--model", str(bad), *EVAL, code=1).output
+    assert output.startswith("error: ") and output.strip().count("\n") == 0, output
+    assert "but the manifest's config needs" in output and "Traceback" not in output
+
+
 def test_old_format_versions_are_refused_with_the_fix(ternary_dirs, tmp_path: Path) -> None:
     import shutil
 

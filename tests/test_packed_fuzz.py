@@ -13,26 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from fuzzing import check_outcome, mutate, outputs
 from test_compress import _calib, _model
 
 from qmoe_cli.cli import main
-from qmoe_cli.errors import QmoeError
-from qmoe_cli.formats.open import open_model
-from qmoe_cli.run.stream import RunConfig, streamed_losses
 
 CASES = 300
-RUN = RunConfig(device=torch.device("cpu"), dtype=torch.float32, progress=False)
-INPUTS = [[5, 9, 13, 21, 34, 1], [7, 11, 3, 1]]
-LABELS = [[8, 12, 1], [4, 6, 10, 1]]
-
-
-def _outputs(directory: Path) -> torch.Tensor:
-    model = open_model(str(directory))
-    try:
-        loss, _ = streamed_losses(model.weights, INPUTS, LABELS, RUN)
-    finally:
-        model.weights.close()
-    return loss
 
 
 @pytest.fixture(scope="module")
@@ -46,26 +32,8 @@ def packed(tmp_path_factory) -> Path:
     return root / "q-packed"
 
 
-def _mutate(path: Path, rnd: random.Random) -> str:
-    data = bytearray(path.read_bytes())
-    action = rnd.choices(["flip", "truncate", "extend"], weights=[7, 2, 1])[0]
-    if action == "flip":
-        at = rnd.randrange(len(data))
-        data[at] ^= 1 << rnd.randrange(8)
-        detail = f"flip byte {at}"
-    elif action == "truncate":
-        cut = rnd.randrange(len(data))
-        del data[cut:]
-        detail = f"truncate to {cut}"
-    else:
-        data += bytes(rnd.randrange(256) for _ in range(rnd.randint(1, 16)))
-        detail = "extend"
-    path.write_bytes(bytes(data))
-    return f"{path.name}: {detail}"
-
-
 def test_every_corruption_is_a_clean_error_or_harmless(packed: Path) -> None:
-    reference = _outputs(packed)
+    reference = outputs(packed)
     files = sorted(p for p in packed.rglob("*") if p.is_file())
     # weight the small, structured files up: the manifest and dictionary matter most
     weights = [8 if p.name == "manifest.json" else 4 if p.parent.name.startswith(("encoder", "decoder")) or
@@ -75,20 +43,13 @@ def test_every_corruption_is_a_clean_error_or_harmless(packed: Path) -> None:
     for case in range(CASES):
         path = rnd.choices(files, weights=weights)[0]
         original = path.read_bytes()
-        what = _mutate(path, rnd)
+        what = f"case {case} ({mutate(path, rnd)})"
         try:
-            output = _outputs(packed)
-        except QmoeError:
-            outcomes["error"] += 1
-        except Exception as exc:  # noqa: BLE001 - anything but a clean error fails the test
-            pytest.fail(f"case {case} ({what}): {type(exc).__name__}: {exc}")
-        else:
-            assert torch.equal(output, reference), f"case {case} ({what}) silently changed the model"
-            outcomes["harmless"] += 1
+            check_outcome(packed, reference, what, outcomes)
         finally:
             path.write_bytes(original)
     assert outcomes["error"] > CASES * 0.9, outcomes
-    assert torch.equal(_outputs(packed), reference)
+    assert torch.equal(outputs(packed), reference)
 
 
 def test_cli_reports_corruption_in_one_line(packed: Path) -> None:

@@ -17,8 +17,8 @@ from typing import Any, Iterator
 import pytest
 import torch
 from click.testing import CliRunner
+from fuzzing import check_outcome, mutate, outputs
 from test_compress import _calib, _model
-from test_packed_fuzz import _mutate, _outputs
 
 from qmoe_cli.cli import main
 from qmoe_cli.compress.pack import PackConfig, pack
@@ -39,20 +39,8 @@ def quantized(tmp_path_factory) -> Path:
     return root / "q"
 
 
-def _check(directory: Path, reference: torch.Tensor, what: str, outcomes: dict[str, int]) -> None:
-    try:
-        output = _outputs(directory)
-    except QmoeError:
-        outcomes["error"] += 1
-    except Exception as exc:  # noqa: BLE001 - anything but a clean error fails the test
-        pytest.fail(f"{what}: {type(exc).__name__}: {exc}")
-    else:
-        assert torch.equal(output, reference), f"{what} silently changed the model"
-        outcomes["harmless"] += 1
-
-
 def test_every_corruption_is_a_clean_error_or_harmless(quantized: Path) -> None:
-    reference = _outputs(quantized)
+    reference = outputs(quantized)
     files = sorted(p for p in quantized.rglob("*") if p.is_file())
     weights = [8 if p.name == "manifest.json" else 1 for p in files]
     rnd = random.Random(4321)
@@ -60,13 +48,13 @@ def test_every_corruption_is_a_clean_error_or_harmless(quantized: Path) -> None:
     for case in range(CASES):
         path = rnd.choices(files, weights=weights)[0]
         original = path.read_bytes()
-        what = f"case {case} ({_mutate(path, rnd)})"
+        what = f"case {case} ({mutate(path, rnd)})"
         try:
-            _check(quantized, reference, what, outcomes)
+            check_outcome(quantized, reference, what, outcomes)
         finally:
             path.write_bytes(original)
     assert outcomes["error"] > CASES * 0.9, outcomes
-    assert torch.equal(_outputs(quantized), reference)
+    assert torch.equal(outputs(quantized), reference)
 
 
 def _leaves(value: Any, path: tuple = ()) -> Iterator[tuple]:
@@ -91,7 +79,7 @@ def _edited(value: Any, rnd: random.Random) -> Any:
 
 def test_every_manifest_edit_is_a_clean_error_or_harmless(quantized: Path) -> None:
     """Values changed, replaced or removed anywhere in the manifest (its checksum left as is)."""
-    reference = _outputs(quantized)
+    reference = outputs(quantized)
     path = quantized / "manifest.json"
     original = path.read_text()
     rnd = random.Random(99)
@@ -110,7 +98,7 @@ def test_every_manifest_edit_is_a_clean_error_or_harmless(quantized: Path) -> No
             what = f"case {case} ({'.'.join(map(str, parents + [key]))} = {container[key]!r})"
         path.write_text(json.dumps(manifest, indent=2))
         try:
-            _check(quantized, reference, what, outcomes)
+            check_outcome(quantized, reference, what, outcomes)
         finally:
             path.write_text(original)
     assert outcomes["error"] > MANIFEST_EDITS * 0.9, outcomes
@@ -119,13 +107,13 @@ def test_every_manifest_edit_is_a_clean_error_or_harmless(quantized: Path) -> No
 def test_pack_refuses_corruption_or_packs_the_original(quantized: Path, tmp_path: Path) -> None:
     small = PackConfig(dictionary_size=512, max_pairs=4)  # a quick fit: what is tested is pack's reading
     packed = pack(quantized, tmp_path / "reference", small, lambda line: None).manifest
-    reference = _outputs(tmp_path / "reference")
+    reference = outputs(tmp_path / "reference")
     files = sorted(p for p in quantized.rglob("*.safetensors"))
     rnd = random.Random(7)
     for case in range(PACK_CASES):
         path = rnd.choice(files)
         original = path.read_bytes()
-        what = f"case {case} ({_mutate(path, rnd)})"
+        what = f"case {case} ({mutate(path, rnd)})"
         out = tmp_path / f"p{case}"
         try:
             manifest = pack(quantized, out, small, lambda line: None).manifest
@@ -134,7 +122,7 @@ def test_pack_refuses_corruption_or_packs_the_original(quantized: Path, tmp_path
         except Exception as exc:  # noqa: BLE001
             pytest.fail(f"{what}: {type(exc).__name__}: {exc}")
         else:
-            assert manifest["files"] == packed["files"] and torch.equal(_outputs(out), reference), what
+            assert manifest["files"] == packed["files"] and torch.equal(outputs(out), reference), what
             shutil.rmtree(out)
         finally:
             path.write_bytes(original)

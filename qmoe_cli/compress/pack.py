@@ -37,15 +37,7 @@ from ..files import atomic_directory, save_tensors_atomic, write_json_atomic
 from ..formats.hf import TOKENIZER_FILES
 from ..formats.integrity import file_record, manifest_digest
 from ..formats.packed import DICTIONARY_FILE, FORMAT_VERSION, KIND
-from ..formats.quantized import (
-    HEAD_FILE,
-    QuantizedExperts,
-    QuantizedWeights,
-    block_file,
-    expert_file,
-    expert_groups,
-    read_manifest,
-)
+from ..formats.quantized import HEAD_FILE, QuantizedExperts, QuantizedWeights, block_file, expert_file, expert_groups
 from ..formats.stats import LayerSize
 from ..locks import output_lock
 
@@ -112,7 +104,7 @@ def pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -
 def _pack(weights: QuantizedWeights, source: Path, out: Path, cfg: PackConfig,
           log: Callable[[str], None]) -> PackResult:
     start = time.perf_counter()
-    quantized = read_manifest(source)
+    quantized = weights.manifest
     if out.exists():
         raise QmoeError(f"--out {out}: already exists; choose another directory or remove it")
     spec = weights.spec

@@ -266,6 +266,7 @@ class PackedWeights(DenseTensorFiles):
         for name in self.manifest["files"]:  # tokenizer files: read by other code, so checked now
             if not name.endswith(".safetensors"):
                 self.verify_file(name)
+        self.check_dense_layout(self.manifest["files"])
         self.codebook = self._read_codebook() if self.spec.ternary else None
         self._masks: dict[torch.device, torch.Tensor] = {}
 

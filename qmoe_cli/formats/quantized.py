@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..arch import Architecture, architecture_from_config, resolve_name
+from ..arch import Architecture, ExpertBank, architecture_from_config, resolve_name
 from ..errors import QmoeError
 from ..files import read_json_object, write_json_atomic
 from ..kernels import round_once_linear
@@ -216,6 +216,9 @@ class DenseTensorFiles:
     def _open(self, name: str) -> SafetensorsFile:
         raise NotImplementedError
 
+    def experts(self, stack: str, index: int) -> ExpertBank:
+        raise NotImplementedError
+
     def _file_of(self, name: str) -> SafetensorsFile:
         """The open file that holds tensor `name` if the checkpoint has it."""
         file_name = dense_file(self.arch, name)
@@ -235,13 +238,44 @@ class DenseTensorFiles:
             file.close()
         self._files.clear()
 
+    def dense_files(self) -> list[str]:
+        """The files of the non-expert tensors: the head's, then every block's."""
+        return [HEAD_FILE] + [block_file(stack, i) for stack in self.arch.stacks
+                              for i in range(self.arch.num_blocks(stack))]
+
+    def check_dense_layout(self, files: dict[str, dict[str, Any]]) -> None:
+        """Every dense file is listed in `files` (the manifest's records) with its size, and holds
+        exactly the tensors (names, shapes, a floating dtype) the architecture needs, so a config
+        edited to other shapes is refused before anything runs. Reads file headers only."""
+        for name in self.dense_files():
+            check_listed(self.directory, files, name)
+        head = _header(self.directory / HEAD_FILE)
+        _check_entries(self.directory / HEAD_FILE, head, {
+            resolve_name(self.arch, name, head.__contains__, self.directory / HEAD_FILE): (None, shape)
+            for name, shape in self.arch.head_tensors().items()})
+        for stack in self.arch.stacks:
+            for i in range(self.arch.num_blocks(stack)):
+                path = self.directory / block_file(stack, i)
+                _check_entries(path, _header(path), self._block_entries(stack, i))
+
+    def _block_entries(self, stack: str, index: int) -> Expected:
+        """A block's non-expert tensors (checkpoint naming), from the architecture (built around
+        the checkpoint's bank, so no expert is a parameter)."""
+        bank = self.experts(stack, index) if self.arch.is_sparse(stack, index) else None
+        with torch.device("meta"):
+            block = self.arch.block(stack, index, bank)
+        prefix = self.arch.block_prefix(stack, index)
+        return {prefix + name: (None, tuple(t.shape)) for name, t in block.state_dict().items()}
+
 
 @dataclass
 class QuantizedWeights(DenseTensorFiles):
     """`ModelWeights` over a quantized directory (finished, or partial for --resume).
 
     `files` is the manifest's record of every file (shared with a running compression, which adds
-    to it); each file is verified against it once, before its first use.
+    to it); each file is verified against it once, before its first use. `manifest` is the checked
+    manifest a finished checkpoint was opened with (None for a running compression's partial), so
+    nothing reads the file again after the check.
     """
 
     directory: Path
@@ -249,6 +283,7 @@ class QuantizedWeights(DenseTensorFiles):
     spec: QuantSpec
     group_size: int  # experts per file under experts/
     files: dict[str, dict[str, Any]]
+    manifest: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._files: dict[str, SafetensorsFile] = {}
@@ -271,7 +306,7 @@ class QuantizedWeights(DenseTensorFiles):
                 raise ValueError(f"settings.group_size must be an integer >= 1, got {group_size!r}")
             weights = cls(directory, architecture_from_config(manifest["config"]),
                           QuantSpec(settings["bits"], settings.get("grid_group")), group_size,
-                          file_records(manifest, where))
+                          file_records(manifest, where), manifest)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise QmoeError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
         for name in weights.files:  # tokenizer files: read by other code, so checked now
@@ -296,44 +331,21 @@ class QuantizedWeights(DenseTensorFiles):
         their size (and no other tensor file is: a config with fewer blocks or experts is no
         smaller model), and hold exactly the tensors (names, dtypes, shapes) the architecture
         needs. Reads file headers only."""
-        names = [HEAD_FILE] + [block_file(stack, i) for stack in self.arch.stacks
-                               for i in range(self.arch.num_blocks(stack))]
-        names += [expert_file(stack, i, g) for stack, i in blocks
-                  for g in expert_groups(self.arch.num_experts, self.group_size)]
-        unexpected = sorted(set(n for n in self.files if n.endswith(".safetensors")) - set(names))
+        experts = [expert_file(stack, i, g) for stack, i in blocks
+                   for g in expert_groups(self.arch.num_experts, self.group_size)]
+        unexpected = sorted(set(n for n in self.files if n.endswith(".safetensors"))
+                            - set(self.dense_files()) - set(experts))
         if unexpected:
             raise QmoeError(f"{self.directory / unexpected[0]}: listed in the manifest but no part of the model its "
                             "config describes; the checkpoint is corrupt")
-        for name in names:
-            path = self.directory / name
-            if name not in self.files:
-                raise QmoeError(f"{path}: not listed in the manifest; the checkpoint is corrupt or incomplete")
-            if not path.is_file():
-                raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
-            if path.stat().st_size != self.files[name]["bytes"]:
-                raise QmoeError(f"{path}: checksum mismatch ({path.stat().st_size} bytes, the manifest says "
-                                f"{self.files[name]['bytes']}); the file is corrupt or truncated")
-        head = _header(self.directory / HEAD_FILE)
-        _check_entries(self.directory / HEAD_FILE, head, {
-            resolve_name(self.arch, name, head.__contains__, self.directory / HEAD_FILE): (None, shape)
-            for name, shape in self.arch.head_tensors().items()})
-        for stack in self.arch.stacks:
-            for i in range(self.arch.num_blocks(stack)):
-                path = self.directory / block_file(stack, i)
-                _check_entries(path, _header(path), self._block_entries(stack, i))
+        self.check_dense_layout(self.files)
+        for name in experts:
+            check_listed(self.directory, self.files, name)
         for stack, i in blocks:
             for g in expert_groups(self.arch.num_experts, self.group_size):
                 path = self.directory / expert_file(stack, i, g)
                 experts = range(g * self.group_size, min((g + 1) * self.group_size, self.arch.num_experts))
                 _check_entries(path, _header(path), expert_entries(self.arch, self.spec, experts))
-
-    def _block_entries(self, stack: str, index: int) -> Expected:
-        """A block's non-expert tensors (checkpoint naming), from the architecture."""
-        bank = self.experts(stack, index) if self.arch.is_sparse(stack, index) else None
-        with torch.device("meta"):
-            block = self.arch.block(stack, index, bank)
-        prefix = self.arch.block_prefix(stack, index)
-        return {prefix + name: (None, tuple(t.shape)) for name, t in block.state_dict().items()}
 
     def _open(self, name: str) -> SafetensorsFile:
         return self.open_verified(name)
@@ -351,6 +363,18 @@ class QuantizedWeights(DenseTensorFiles):
                 for name in self.arch.expert.matrices:
                     bank.stored(j, name)
             bank.close()
+
+
+def check_listed(directory: Path, files: dict[str, dict[str, Any]], name: str) -> None:
+    """File `name` is listed in the manifest's `files`, exists, and has the recorded size."""
+    path = directory / name
+    if name not in files:
+        raise QmoeError(f"{path}: not listed in the manifest; the checkpoint is corrupt or incomplete")
+    if not path.is_file():
+        raise QmoeError(f"{path}: missing; the checkpoint is incomplete")
+    if path.stat().st_size != files[name]["bytes"]:
+        raise QmoeError(f"{path}: checksum mismatch ({path.stat().st_size} bytes, the manifest says "
+                        f"{files[name]['bytes']}); the file is corrupt or truncated")
 
 
 def _header(path: Path) -> dict[str, TensorEntry]:
