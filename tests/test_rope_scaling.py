@@ -123,16 +123,40 @@ def test_config_spellings_read_as_transformers_reads_them(spelling: dict) -> Non
     assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
 
 
+# deepseek-ai/DeepSeek-V3's config.json (the fields the model reads; transformers 4 spelling).
+DEEPSEEK_V3 = {
+    "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "first_k_dense_replace": 3, "n_routed_experts": 256,
+    "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5, "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536,
+    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "max_position_embeddings": 163840, "rope_theta": 10000,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+}
+
+
+def test_full_size_deepseek_v3_equals_transformers() -> None:
+    """Its frequencies, attention factor and softmax scale (modules built on the meta device)."""
+    import transformers
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+    config = architecture_from_config(copy.deepcopy(DEEPSEEK_V3)).config
+    hf_config = transformers.DeepseekV3Config.from_dict(copy.deepcopy(DEEPSEEK_V3))
+    rotary = DeepseekV3RotaryEmbedding(hf_config)
+    with torch.device("meta"):
+        attention = DeepseekV3Attention(hf_config, 0)
+    inv_freq, attention_factor = inverse_frequencies(config.rope_theta, config.head_dim, config.rope_scaling)
+    assert torch.equal(inv_freq, rotary.inv_freq) and attention_factor == rotary.attention_scaling == 1.0
+    assert config.softmax_scale == attention.scaling == pytest.approx(192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+    assert not torch.equal(inv_freq, inverse_frequencies(config.rope_theta, config.head_dim, RopeScaling())[0])
+
+
 def test_manifest_round_trip_keeps_the_scaling() -> None:
-    raw = {"model_type": "deepseek_v3", "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
-           "intermediate_size": 16, "kv_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 6, "v_head_dim": 6,
-           "rope_scaling": {"type": "yarn", "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                            "original_max_position_embeddings": 4096}, "max_position_embeddings": 163840}
-    config = architecture_from_config(raw).config
+    config = architecture_from_config(copy.deepcopy(DEEPSEEK_V3)).config
     stored = json.loads(json.dumps(config.to_dict()))
+    assert stored["rope_scaling"]["rope_type"] == "yarn"
     assert architecture_from_config(stored).config == config
-    assert config.softmax_scale == pytest.approx(10 ** -0.5 * (0.1 * math.log(40) + 1) ** 2, rel=1e-15)
 
 
 @pytest.mark.parametrize("fields, message", [
