@@ -37,8 +37,8 @@ def _random_rope(kind: str, g: torch.Generator) -> dict:
 
     if kind == "default":
         return {"rope_type": "default"}
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": uniform(1.0, 40.0)}
+    if kind == "linear":  # DeepSeek's attention reads mscale_all_dim whatever the type
+        return {"rope_type": "linear", "factor": uniform(1.0, 40.0), "mscale_all_dim": uniform(0.5, 1.5)}
     if kind == "llama3":
         low = uniform(0.5, 2.0)
         return {"rope_type": "llama3", "factor": uniform(2.0, 32.0), "low_freq_factor": low,

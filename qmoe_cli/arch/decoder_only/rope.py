@@ -49,7 +49,7 @@ class RopeScaling:
     beta_fast: float = 32.0  # yarn: frequencies with more rotations over the original length are kept
     beta_slow: float = 1.0  # yarn: frequencies with fewer are divided by factor
     mscale: float | None = None  # yarn: attention factor = mscale(factor, mscale) / mscale(factor, mscale_all_dim)
-    mscale_all_dim: float | None = None  # also scales DeepSeek's MLA softmax by mscale(factor, this)^2
+    mscale_all_dim: float | None = None  # any scaled type: DeepSeek's MLA softmax times mscale(factor, this)^2
     truncate: bool = True  # yarn: ramp ends rounded outwards to whole dimensions
     low_freq_factor: float | None = None  # llama3
     high_freq_factor: float | None = None  # llama3
@@ -100,7 +100,8 @@ def rope_fields(raw: dict[str, Any], default_theta: float = 10000.0) -> dict[str
         return {"rope_theta": theta, "rope_scaling": RopeScaling()}
     if (params.get("partial_rotary_factor") or raw.get("partial_rotary_factor") or 1.0) != 1.0:
         raise QmoeError(f"config.json: partial_rotary_factor with rope type {kind!r} is not supported")
-    fields: dict[str, Any] = {"rope_type": kind}
+    # DeepSeek's attention reads mscale_all_dim under any scaled type; 0 counts as absent, as there.
+    fields: dict[str, Any] = {"rope_type": kind, "mscale_all_dim": _optional(params.get("mscale_all_dim") or None)}
     if kind in _WITH_ORIGINAL_LENGTH:
         fields["original_max_position_embeddings"] = (raw.get("original_max_position_embeddings")
                                                       or params.get("original_max_position_embeddings")
@@ -111,8 +112,7 @@ def rope_fields(raw: dict[str, Any], default_theta: float = 10000.0) -> dict[str
             factor = _need(raw, "max_position_embeddings", kind) / fields["original_max_position_embeddings"]
         fields.update(factor=float(factor), attention_factor=_optional(params.get("attention_factor")),
                       beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
-                      mscale=_optional(params.get("mscale") or None),  # 0 counts as absent, as in transformers
-                      mscale_all_dim=_optional(params.get("mscale_all_dim") or None),
+                      mscale=_optional(params.get("mscale") or None),
                       truncate=bool(params.get("truncate", True)))
     else:
         fields["factor"] = float(_need(params, "factor", kind))
