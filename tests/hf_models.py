@@ -83,13 +83,14 @@ DECODER_FAMILIES = {
 }
 
 
-def save_hf_decoder(directory: Path, family: str, seed: int = 0):
-    """Write a random decoder-only MoE of `family` with `save_pretrained`; returns the model."""
+def save_hf_decoder(directory: Path, family: str, seed: int = 0, config_override: dict | None = None):
+    """Write a random decoder-only MoE of `family` with `save_pretrained`; returns the model.
+    `config_override`: config arguments that replace or add to the family's tiny ones."""
     import transformers
 
     config_name, model_name, extra = DECODER_FAMILIES[family]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_name)(**{**_COMMON, **extra})
+    config = getattr(transformers, config_name)(**{**_COMMON, **extra, **(config_override or {})})
     model = getattr(transformers, model_name)(config).eval()
     with torch.no_grad():  # spread the routers so every expert gets tokens and top-k ties are rare
         for name, param in model.named_parameters():

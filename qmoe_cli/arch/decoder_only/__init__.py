@@ -1,8 +1,9 @@
 """Decoder-only MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) over shared layers.
 
-`config` (DecoderConfig, what the layers read), `layers` (attention, router, SwiGLU experts,
-the block), `family` (the `Architecture`), and one small file per family that turns its
-Hugging Face `config.json` into a DecoderConfig: what differs, and nothing else.
+`config` (DecoderConfig, what the layers read), `rope` (rotary frequencies, scaled for long
+context), `layers` (attention, router, SwiGLU experts, the block), `family` (the
+`Architecture`), and one small file per family that turns its Hugging Face `config.json` into a
+DecoderConfig: what differs, and nothing else.
 """
 
 from .deepseek_v3 import DeepseekV3Config

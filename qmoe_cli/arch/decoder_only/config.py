@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import QmoeError
+from .rope import RopeScaling
 
 # softmax_topk: softmax over all experts, then the top k (optionally renormalised);
 # sigmoid_group: DeepSeek-V3's sigmoid scores, top k among the best `topk_group` expert groups
@@ -53,6 +54,7 @@ class DecoderConfig:
     rope_interleave: bool = False  # rotary dims in (even, odd) pairs instead of two halves
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()  # long-context scaling of the rotary frequencies
     attention_bias: bool = False  # biases on q, k, v (Qwen2-MoE)
     qk_norm: str = "none"
     clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip, clip]
@@ -98,6 +100,15 @@ class DecoderConfig:
         if self.shared_expert_gate and not self.shared_expert_size:
             raise ValueError("DecoderConfig.shared_expert_gate needs a shared expert (shared_expert_size > 0)")
 
+    @property
+    def softmax_scale(self) -> float:
+        """The attention scores' scale: 1/sqrt(query-key width); MLA's also times mscale^2 under a
+        scaled RoPE with mscale_all_dim (DeepSeek's YaRN; grouped-query families have no such term)."""
+        if self.attention == "mla":
+            mscale = self.rope_scaling.softmax_mscale
+            return (self.qk_nope_head_dim + self.head_dim) ** -0.5 * mscale * mscale
+        return self.head_dim ** -0.5
+
     def is_sparse(self, index: int) -> bool:
         return index in self.sparse_layers
 
@@ -124,18 +135,9 @@ class DecoderConfig:
         for name in ("sparse_layers", "expert_matrices"):
             if name in fields:
                 fields[name] = tuple(fields[name])
+        if isinstance(fields.get("rope_scaling"), dict):  # as to_dict() wrote it
+            fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
         return cls(**fields)
-
-
-def rope_theta(raw: dict[str, Any], default: float = 10000.0) -> float:
-    """The RoPE base of a config in transformers 5 (`rope_parameters`) or 4 (`rope_theta`,
-    `rope_scaling`) form; QmoeError for scaled RoPE variants (YaRN, llama3, ...), not built."""
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise QmoeError(f"config.json: rope type {kind!r} is not supported (only unscaled RoPE)")
-    return float(params.get("rope_theta", raw.get("rope_theta", default)))
 
 
 def head_dim(raw: dict[str, Any]) -> int:

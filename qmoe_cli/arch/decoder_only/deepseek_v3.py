@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import DecoderConfig, rope_theta
+from .config import DecoderConfig
+from .rope import rope_fields
 
 
 class DeepseekV3Config(DecoderConfig):
@@ -25,7 +26,7 @@ class DeepseekV3Config(DecoderConfig):
             shared_expert_module="shared_experts", router="sigmoid_group",
             norm_topk_prob=bool(raw.get("norm_topk_prob", True)), n_group=raw.get("n_group") or 1,
             topk_group=raw.get("topk_group") or 1, routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6), rope_theta=rope_theta(raw),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6), **rope_fields(raw),
             attention_bias=raw.get("attention_bias", False), attention="mla", q_lora_rank=raw.get("q_lora_rank"),
             kv_lora_rank=raw["kv_lora_rank"], qk_nope_head_dim=raw["qk_nope_head_dim"], v_head_dim=raw["v_head_dim"],
             rope_interleave=bool(raw.get("rope_interleave", True)),

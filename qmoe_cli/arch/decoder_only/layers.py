@@ -17,6 +17,7 @@ from torch import nn
 
 from ..base import ExpertBank
 from .config import DecoderConfig
+from .rope import inverse_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -35,12 +36,12 @@ class RMSNorm(nn.Module):
 
 def rotary_tables(config: DecoderConfig, length: int, device: torch.device,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [length, head_dim] of positions 0..length-1 (angles in fp32, as HF computes them)."""
-    exponent = torch.arange(0, config.head_dim, 2, dtype=torch.int64, device=device).float() / config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** exponent)  # [head_dim / 2]
-    angles = torch.arange(length, device=device).float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([angles, angles], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """cos, sin [length, head_dim] of positions 0..length-1, scaled as `config.rope_scaling` says
+    and times its attention factor (angles in fp32, as HF computes them)."""
+    inv_freq, attention_factor = inverse_frequencies(config.rope_theta, config.head_dim, config.rope_scaling)
+    angles = torch.arange(length, device=device).float()[:, None] * inv_freq.to(device)[None, :]
+    emb = torch.cat([angles, angles], dim=-1)  # [length, head_dim] fp32
+    return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,7 @@ class Attention(nn.Module):
         v = v.view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
         groups = c.num_heads // c.num_kv_heads  # each key/value head serves `groups` query heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = torch.matmul(q, k.transpose(2, 3)).float() * c.head_dim ** -0.5 + bias  # [B, H, T, T] fp32
+        scores = torch.matmul(q, k.transpose(2, 3)).float() * c.softmax_scale + bias  # [B, H, T, T] fp32
         weights = torch.softmax(scores, dim=-1).to(v.dtype)
         out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out)
@@ -147,8 +148,7 @@ class LatentAttention(nn.Module):
         k_rot = rotate(k_rot.view(batch, 1, length, c.head_dim), cos, sin).expand(-1, c.num_heads, -1, -1)
         q = torch.cat([q_pass, rotate(q_rot, cos, sin)], dim=-1)
         k = torch.cat([k_pass, k_rot], dim=-1)
-        scale = (c.qk_nope_head_dim + c.head_dim) ** -0.5
-        scores = torch.matmul(q, k.transpose(2, 3)).float() * scale + bias  # [B, H, T, T] fp32
+        scores = torch.matmul(q, k.transpose(2, 3)).float() * c.softmax_scale + bias  # [B, H, T, T] fp32
         weights = torch.softmax(scores, dim=-1).to(v.dtype)
         out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out)

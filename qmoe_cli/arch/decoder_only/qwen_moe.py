@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import QmoeError
-from .config import DecoderConfig, grouped_query_fields, rope_theta
+from .config import DecoderConfig, grouped_query_fields
+from .rope import rope_fields
 
 
 def _common(raw: dict[str, Any]) -> dict[str, Any]:
@@ -22,7 +23,7 @@ def _common(raw: dict[str, Any]) -> dict[str, Any]:
         moe_intermediate_size=raw["moe_intermediate_size"], intermediate_size=raw.get("intermediate_size", 0),
         sparse_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
         norm_topk_prob=bool(raw.get("norm_topk_prob", False)), rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=rope_theta(raw),
+        **rope_fields(raw),
     )
 
 
