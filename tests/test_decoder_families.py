@@ -14,6 +14,7 @@ import pytest
 import tokenizers
 import torch
 from click.testing import CliRunner
+from conftest import fake_hub_datasets, wikitext_rows
 from hf_models import DECODER_FAMILIES, causal_lm_loss, save_hf_decoder
 from tokenizers import models, pre_tokenizers, processors
 
@@ -36,7 +37,7 @@ def _jsonl(path: Path, sequences: list[list[int]]) -> Path:
     return path
 
 
-def _eval(model: Path, data: Path) -> dict:
+def _eval(model: Path, data: Path | str) -> dict:
     result = CliRunner().invoke(main, ["eval", "--model", str(model), "--data", str(data), "--device", "cpu",
                                        "--json", "--samples", "1000"])
     assert result.exit_code == 0, result.output
@@ -93,6 +94,54 @@ def test_text_is_tokenized_with_the_model_tokenizer(family, tmp_path: Path) -> N
     report = _eval(model, data)
     assert report["loss"] == pytest.approx(causal_lm_loss(reference, ids), rel=1e-5)
     assert report["tokens"] == sum(len(s) - 1 for s in ids)
+
+
+def _word_rows(count: int, seed: int) -> list[str]:
+    """WikiText-like rows (headings, blank rows) of random words the word-level tokenizer knows."""
+    g = torch.Generator().manual_seed(seed)
+    return wikitext_rows([" ".join(f"w{i}" for i in torch.randint(0, VOCAB - 4, (40,), generator=g).tolist())
+                          for _ in range(count)])
+
+
+def test_wikitext2_is_evaluated_in_whole_windows(family, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--data wikitext2` (hub faked): the test split tokenized as one text and cut into
+    consecutive 512-token windows (the window without a preset), each one sample, as the
+    standard perplexity protocol does; the loss is transformers' over those windows."""
+    _, directory, reference = family
+    model = tmp_path / "model"
+    shutil.copytree(directory, model)
+    tok = _tokenizer_json(model)
+    rows = _word_rows(30, seed=4)
+    fake_hub_datasets(monkeypatch, {"test": rows})
+    ids = tok.encode("\n\n".join(rows)).ids
+    windows = [ids[i:i + 512] for i in range(0, len(ids) - 511, 512)]
+    assert len(windows) == 2 and len(ids) % 512 > 0  # a partial window at the end, left out
+    report = _eval(model, "wikitext2")
+    assert report["samples"] == 2 and report["tokens"] == 2 * 511
+    assert report["loss"] == pytest.approx(causal_lm_loss(reference, windows), rel=1e-5)
+
+
+def test_wikitext2_calibrates_on_seeded_random_windows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--calib wikitext2` compresses exactly as the same windows given as a pre-tokenized file:
+    random windows of the train split, drawn by --seed."""
+    from qmoe_cli.data.hub import random_windows
+
+    model = tmp_path / "model"
+    save_hf_decoder(model, "mixtral")
+    tok = _tokenizer_json(model)
+    rows = _word_rows(40, seed=5)
+    fake_hub_datasets(monkeypatch, {"train": rows})
+    ids = tok.encode("\n\n".join(rows)).ids
+    windows = [ids[a:b] for a, b in random_windows(len(ids), 512, 3, seed=2)]
+    calib = _jsonl(tmp_path / "windows.jsonl", windows)
+    outs = []
+    for source in ("wikitext2", str(calib)):
+        outs.append(tmp_path / Path(source).stem)
+        result = CliRunner().invoke(main, ["compress", "--model", str(model), "--calib", source, "--calib-samples", "3",
+                                           "--seed", "2", "--out", str(outs[-1]), "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    experts = {d: {k: v for k, v in _hashes(d).items() if k.startswith("experts/")} for d in outs}
+    assert experts[outs[0]] and experts[outs[0]] == experts[outs[1]]
 
 
 @pytest.mark.parametrize("rows, message", [
