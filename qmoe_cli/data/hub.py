@@ -7,7 +7,7 @@ about a second, and file data never needs it.
   validation shard 0 for evaluation); only the documents used are read.
 - `wikitext2`: `Salesforce/wikitext`, config `wikitext-2-raw-v1` (the raw text, no `<unk>`
   substitutions), downloaded whole and cached by `datasets` (train 36,718 rows, about 11 MB;
-  test 4,358 rows, about 1.3 MB), so a later run needs no network. Evaluation
+  test 4,358 rows, about 1.3 MB; with HF_DATASETS_OFFLINE=1 a later run reads the cache). Evaluation
   (`DataSpec.split` "validation") reads WikiText's *test* split, the usual perplexity benchmark;
   calibration ("train") its train split. WikiText's validation split is never read.
 
