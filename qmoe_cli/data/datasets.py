@@ -399,7 +399,7 @@ def _wikitext2_records(spec: DataSpec, tokenizer: Tokenizer | CausalTokenizer | 
     standard protocol's windows (`hub.py`), consecutive for evaluation, random (seeded by
     `spec.seed`) for calibration. Memory: the split's text and its tokenization, which
     `tokenizers` holds whole for a moment (~580 bytes a token: measured 1.45 GB at the peak for
-    2.5 M tokens, the size of the train split; the test split is about a seventh of that). One
+    2.5 M tokens, the size of the train split; the test split is about an eighth of that). One
     pass over the joined text is what the protocol defines: tokenizers that add a prefix space
     or BOS would cut pieces differently."""
     rows = wikitext2_rows(spec.split)
