@@ -1,6 +1,7 @@
-"""Decoder-only MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) against `transformers`:
-`qmoe eval` of the checkpoints `transformers` writes, causal-LM data, top-k routing, and
-`qmoe compress` / `pack` / `eval` through the same pipeline."""
+"""Decoder-only MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) against
+`transformers`: `qmoe eval` of the checkpoints `transformers` writes, causal-LM data (WikiText-2
+windows included), top-k routing, `qmoe compress` / `pack` / `eval` through the same pipeline,
+and `--resume` after a real SIGKILL."""
 
 from __future__ import annotations
 
