@@ -145,8 +145,9 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
 @main.command("eval")
 @click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
               help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")
-@click.option("--data", "data_sources", multiple=True, metavar="c4|FILE",
-              help="Dataset to evaluate on; repeat for several. Default: the model's (c4 for hub models).")
+@click.option("--data", "data_sources", multiple=True, metavar="c4|wikitext2|FILE",
+              help="Dataset to evaluate on (wikitext2: its test split); repeat for several. "
+                   "Default: the model's (c4 for hub models).")
 @click.option("--samples", type=click.IntRange(min=1), default=128, show_default=True,
               help="Samples per dataset (fewer if a file has fewer).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
@@ -298,7 +299,8 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
               help="Expert weight grid: ternary {min, 0, max} per row, or b-bit min-max per row.")
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
               help="gptq, or round-to-nearest on the same grid (the baseline).")
-@click.option("--calib", "calib_source", metavar="c4|FILE", help="Calibration data. Default: the model's (c4 for hub models).")
+@click.option("--calib", "calib_source", metavar="c4|wikitext2|FILE",
+              help="Calibration data (the named sets' train splits). Default: the model's (c4 for hub models).")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
               help="Calibration samples (a file with fewer is used whole, with a note).")
 @click.option("--group-size", type=int, default=16, show_default=True, help="Experts quantized per batched call.")
@@ -307,7 +309,8 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
 @click.option("--grid-group", type=int, default=None, help="Columns per grid (default: one grid per row).")
 @click.option("--token-cap", type=float, default=4.0, show_default=True,
               help="Hessian tokens per expert capped at this multiple of the mean.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Span-corruption seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Span-corruption seed; also picks wikitext2's calibration windows.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, callback=_output_dir,
               help="Output directory (default: ./NAME-METHOD-BITS). Never overwritten.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same settings into --out.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import random
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,33 @@ def tiny_sentences(count: int = 300, seed: int = 0) -> list[str]:
     """`count` random sentences of 4 to 12 TINY_WORDS."""
     rnd = random.Random(seed)
     return [" ".join(rnd.choice(TINY_WORDS) for _ in range(rnd.randint(4, 12))) for _ in range(count)]
+
+
+def fake_hub_datasets(monkeypatch: pytest.MonkeyPatch, splits: dict[str, list[str]] | Exception) -> list[tuple]:
+    """Put a `datasets` module in sys.modules whose `load_dataset(..., split=S)` returns the rows
+    `{"text": t}` of `splits[S]` (or raises `splits` when it is an exception), so the named-dataset
+    code runs as it does against the hub, without a network. Returns the calls, (args, kwargs)."""
+    calls: list[tuple] = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        if isinstance(splits, Exception):
+            raise splits
+        return [{"text": text} for text in splits[kwargs["split"]]]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def wikitext_rows(paragraphs: list[str], title: str = "Tiny Article") -> list[str]:
+    """`paragraphs` laid out as WikiText-2's raw rows are: a heading, blank rows between, each
+    row with a leading space and a trailing newline."""
+    rows = ["", f" = {title} = \n", ""]
+    for i, paragraph in enumerate(paragraphs):
+        if i and i % 3 == 0:
+            rows += [f" = = Section {i} = = \n", ""]
+        rows += [f" {paragraph} \n", ""]
+    return rows
 
 
 def write_tiny_tokenizer_json(directory: Path, sentinels: int = TINY_SENTINELS) -> Path:

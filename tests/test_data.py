@@ -1,4 +1,4 @@
-"""qmoe_cli.data.datasets: T5 noise mask, span corruption, file and C4 loading with their errors."""
+"""qmoe_cli.data.datasets: T5 noise mask, span corruption, file, C4 and WikiText-2 loading with their errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_sentences
+import tokenizers
+from conftest import TINY_WORDS, fake_hub_datasets, tiny_sentences, wikitext_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +23,8 @@ from qmoe_cli.data.datasets import (
     random_spans_noise_mask,
     span_corrupt,
 )
-from qmoe_cli.data.tokenizer import Tokenizer
+from qmoe_cli.data.hub import consecutive_windows, random_windows
+from qmoe_cli.data.tokenizer import CausalTokenizer, Tokenizer, load_causal_tokenizer
 from qmoe_cli.errors import QmoeError
 
 # --- noise mask -----------------------------------------------------------------------------
@@ -138,9 +140,12 @@ def test_config_validation() -> None:
         DataSpec("x.txt", split="test")
     with pytest.raises(ValueError, match=r"num_samples must be given for source 'c4'"):
         DataSpec("c4")
+    with pytest.raises(ValueError, match=r"num_samples must be given for source 'wikitext2'"):
+        DataSpec("wikitext2", split="train", objective="causal_lm")
     with pytest.raises(ValueError, match=r"Sample.labels must be a non-empty tuple"):
         Sample((1,), ())
     assert DataSpec("c4", num_samples=4).name == "c4"
+    assert DataSpec("wikitext2", num_samples=4).name == "wikitext2"
     assert DataSpec("/some/dir/eval.jsonl").name == "eval.jsonl"
 
 
@@ -311,6 +316,100 @@ def test_c4_stream_failure_and_success(monkeypatch: pytest.MonkeyPatch, tiny_tok
     assert [_reconstruct(s, tiny_tokenizer) for s in data.samples] == [tiny_tokenizer.encode(t) for t in texts[:3]]
 
 
+# --- WikiText-2 -------------------------------------------------------------------------------
+
+
+def test_windows_cut_the_tokens_exactly() -> None:
+    assert consecutive_windows(10, 3) == [(0, 3), (3, 6), (6, 9)]  # token 9 is a partial window: dropped
+    assert consecutive_windows(9, 3) == [(0, 3), (3, 6), (6, 9)]
+    assert consecutive_windows(2, 3) == [] and random_windows(2, 3, 5, seed=0) == []
+    assert consecutive_windows(3, 3) == [(0, 3)] and random_windows(3, 3, 4, seed=1) == [(0, 3)] * 4
+    windows = random_windows(1000, 64, 200, seed=7)
+    assert windows == random_windows(1000, 64, 200, seed=7) != random_windows(1000, 64, 200, seed=8)
+    assert len(windows) == 200 and all(0 <= a and b == a + 64 <= 1000 for a, b in windows)
+    starts = {a for a, _ in windows}
+    assert min(starts) < 100 and max(starts) > 836  # spread over the whole range [0, 936]
+
+
+def _causal_tokenizer(directory: Path) -> CausalTokenizer:
+    """TINY_WORDS plus <unk> and <s>, with a post-processor that prepends <s> as Mixtral's does."""
+    vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(TINY_WORDS)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    return load_causal_tokenizer(directory)
+
+
+def test_wikitext2_causal_windows_follow_the_standard_protocol(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    """Rows joined with blank lines, tokenized once (one BOS, at the start), cut into
+    consecutive windows of the window for evaluation, seeded random windows for calibration."""
+    tokenizer = _causal_tokenizer(tmp_path / "tok")
+    splits = {"test": wikitext_rows(tiny_sentences(40, seed=1)), "train": wikitext_rows(tiny_sentences(90, seed=2))}
+    calls = fake_hub_datasets(monkeypatch, splits)
+    ids = {split: tokenizer.backend.encode("\n\n".join(rows)).ids for split, rows in splits.items()}
+    assert ids["test"][0] == 1 and 1 not in ids["test"][1:] and 0 in ids["test"]  # headings' "=" are <unk>
+    window = 32
+    whole = len(ids["test"]) // window
+    data = load_samples(DataSpec("wikitext2", num_samples=1000, window=window, objective="causal_lm"), tokenizer)
+    assert calls[-1] == (("Salesforce/wikitext", "wikitext-2-raw-v1"), {"split": "test"})
+    assert data.name == "wikitext2" and data.short and len(data.samples) == whole > 5
+    for i, sample in enumerate(data.samples):
+        window_ids = tuple(ids["test"][i * window:(i + 1) * window])
+        assert sample == Sample(input_ids=window_ids[:-1], labels=window_ids[1:])
+    assert data.label_tokens == whole * (window - 1) and data.skipped_too_long == data.skipped_too_short == 0
+    first = load_samples(DataSpec("wikitext2", num_samples=3, window=window, objective="causal_lm"), tokenizer)
+    assert first.samples == data.samples[:3] and not first.short
+
+    spec = DataSpec("wikitext2", split="train", num_samples=6, seed=5, window=window, objective="causal_lm")
+    calib = load_samples(spec, tokenizer)
+    assert calls[-1] == (("Salesforce/wikitext", "wikitext-2-raw-v1"), {"split": "train"})
+    expected = [tuple(ids["train"][a:b]) for a, b in random_windows(len(ids["train"]), window, 6, seed=5)]
+    assert [s.input_ids + s.labels[-1:] for s in calib.samples] == expected
+    assert load_samples(spec, tokenizer) == calib
+    other = load_samples(DataSpec("wikitext2", split="train", num_samples=6, seed=6, window=window,
+                                  objective="causal_lm"), tokenizer)
+    assert other.samples != calib.samples
+
+
+def test_wikitext2_span_corruption_reads_paragraph_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         tiny_tokenizer: Tokenizer) -> None:
+    paragraphs = tiny_sentences(12, seed=3)
+    fake_hub_datasets(monkeypatch, {"test": wikitext_rows(paragraphs), "train": wikitext_rows(paragraphs[:5])})
+    data = load_samples(DataSpec("wikitext2", num_samples=100), tiny_tokenizer)
+    assert len(data.samples) == 12 and data.short  # headings and blank rows are no samples
+    assert [_reconstruct(s, tiny_tokenizer) for s in data.samples] == [tiny_tokenizer.encode(p) for p in paragraphs]
+    # The same texts from a file give the same samples: one span-corruption stream, one seed.
+    (tmp_path / "paragraphs.txt").write_text("\n".join(paragraphs))
+    assert data.samples == load_samples(DataSpec(str(tmp_path / "paragraphs.txt")), tiny_tokenizer).samples
+    calib = load_samples(DataSpec("wikitext2", split="train", num_samples=100), tiny_tokenizer)
+    assert [_reconstruct(s, tiny_tokenizer) for s in calib.samples] == [tiny_tokenizer.encode(p) for p in paragraphs[:5]]
+
+
+def test_wikitext2_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                       tiny_tokenizer: Tokenizer) -> None:
+    fake_hub_datasets(monkeypatch, ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub\nmore"))
+    with pytest.raises(QmoeError, match=r"could not download WikiText-2 \(Salesforce/wikitext, wikitext-2-raw-v1, "
+                                        r"test split\) from the Hugging Face hub \(ConnectionError: Couldn't reach"
+                                        r".*--data FILE for eval, --calib FILE for compress") as info:
+        load_samples(DataSpec("wikitext2", num_samples=2), tiny_tokenizer)
+    assert "\n" not in str(info.value)
+    with pytest.raises(QmoeError, match=r"WikiText-2 \(Salesforce/wikitext, wikitext-2-raw-v1, train split\)"):
+        load_samples(DataSpec("wikitext2", split="train", num_samples=2, objective="causal_lm"), tiny_tokenizer)
+    tokenizer = _causal_tokenizer(tmp_path / "tok")
+    fake_hub_datasets(monkeypatch, {"test": [" the fox \n", ""]})
+    with pytest.raises(QmoeError, match=r"^WikiText-2 test: 3 tokens, fewer than one window of 4$"):
+        load_samples(DataSpec("wikitext2", num_samples=2, window=4, objective="causal_lm"), tokenizer)
+    with pytest.raises(QmoeError, match=r"^WikiText-2 test: holds text but the model has no tokenizer"):
+        load_samples(DataSpec("wikitext2", num_samples=2, objective="causal_lm"), None, vocab_size=10)
+    fake_hub_datasets(monkeypatch, {"test": [" the fox ran over the big dog \n"]})
+    with pytest.raises(QmoeError, match=r"^WikiText-2 test window 1 \(tokens 0..3\): input_ids holds id \d+, "
+                                        r"outside the model's vocabulary \[0, 4\)"):
+        load_samples(DataSpec("wikitext2", num_samples=2, window=4, objective="causal_lm"), tokenizer, vocab_size=4)
+
+
 def test_spiece_tokenizer_samples(tmp_path: Path, tiny_spiece_dir: Path) -> None:
     """With a bare spiece.model the sentinels lie past the sp vocab; samples still round-trip."""
     from qmoe_cli.data.tokenizer import load_tokenizer
@@ -322,3 +421,49 @@ def test_spiece_tokenizer_samples(tmp_path: Path, tiny_spiece_dir: Path) -> None
     for text, sample in zip(texts, data.samples, strict=True):
         assert _reconstruct(sample, tokenizer) == tokenizer.encode(text)
         assert sample.labels[0] == tokenizer.sentinel_ids[0] == tokenizer.vocab_size - 1
+
+
+def _tiny_switch_paragraphs(count: int) -> list[str]:
+    """Paragraphs of tiny-switch's own validation texts, which its tokenizer knows."""
+    from qmoe_cli.resources import package_dir
+
+    rows = (json.loads(line)["text"] for line in (package_dir() / "assets/tiny-switch/validation.jsonl").open())
+    return [p for text in rows for p in text.split("\n") if p.strip()][:count]
+
+
+def test_tiny_switch_evaluates_and_calibrates_on_wikitext2(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--data wikitext2` / `--calib wikitext2` through the CLI (the hub faked): the paragraph
+    rows are the texts, so a .txt file of the same paragraphs gives the same numbers."""
+    from click.testing import CliRunner
+
+    from qmoe_cli.cli import main
+
+    paragraphs = _tiny_switch_paragraphs(24)
+    calls = fake_hub_datasets(monkeypatch, {"test": wikitext_rows(paragraphs), "train": wikitext_rows(paragraphs[4:])})
+    (tmp_path / "test.txt").write_text("\n".join(paragraphs))
+    (tmp_path / "train.txt").write_text("\n".join(paragraphs[4:]))
+
+    def run(*args: str) -> dict:
+        result = CliRunner().invoke(main, [*args, "--device", "cpu", "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    ours, file = (run("eval", "--model", "tiny-switch", "--data", d, "--samples", "16") for d in
+                  ("wikitext2", str(tmp_path / "test.txt")))
+    assert calls[0][1] == {"split": "test"}
+    assert ours["datasets"]["wikitext2"] == file["datasets"]["test.txt"] and ours["samples"] == 16
+    assert 0 < ours["loss"] < 3
+    ours, file = (run("compress", "--model", "tiny-switch", "--calib", d, "--calib-samples", "8", "--out",
+                      str(tmp_path / f"q-{Path(d).stem}")) for d in ("wikitext2", str(tmp_path / "train.txt")))
+    assert calls[-1][1] == {"split": "train"}
+    assert ours["calibration_loss"] == file["calibration_loss"] and ours["blocks"] == file["blocks"]
+    files = sorted((tmp_path / "q-wikitext2" / "experts").rglob("*.safetensors"))
+    assert files
+    for expert_file in files:
+        twin = tmp_path / "q-train" / expert_file.relative_to(tmp_path / "q-wikitext2")
+        assert expert_file.read_bytes() == twin.read_bytes()
+    offline = fake_hub_datasets(monkeypatch, OSError("[Errno 101] Network is unreachable"))
+    result = CliRunner().invoke(main, ["eval", "--model", "tiny-switch", "--data", "wikitext2", "--device", "cpu"])
+    assert offline and result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith("error: could not download WikiText-2 (Salesforce/wikitext, wikitext-2-raw-v1, "
+                                    "test split)") and result.stderr.count("\n") == 1

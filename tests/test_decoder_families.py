@@ -1,6 +1,7 @@
-"""Decoder-only MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) against `transformers`:
-`qmoe eval` of the checkpoints `transformers` writes, causal-LM data, top-k routing, and
-`qmoe compress` / `pack` / `eval` through the same pipeline."""
+"""Decoder-only MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) against
+`transformers`: `qmoe eval` of the checkpoints `transformers` writes, causal-LM data (WikiText-2
+windows included), top-k routing, `qmoe compress` / `pack` / `eval` through the same pipeline,
+and `--resume` after a real SIGKILL."""
 
 from __future__ import annotations
 
@@ -8,18 +9,23 @@ import hashlib
 import json
 import math
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import tokenizers
 import torch
 from click.testing import CliRunner
+from conftest import fake_hub_datasets, wikitext_rows
 from hf_models import DECODER_FAMILIES, causal_lm_loss, save_hf_decoder
 from tokenizers import models, pre_tokenizers, processors
 
 from qmoe_cli.cli import main
 from qmoe_cli.formats.open import open_model
-from qmoe_cli.formats.quantized import write_manifest
 from qmoe_cli.run.stream import ListBuffer, RunConfig, apply_experts, finish_sparse, route, streamed_states
 
 FAMILIES = sorted(DECODER_FAMILIES)
@@ -36,7 +42,7 @@ def _jsonl(path: Path, sequences: list[list[int]]) -> Path:
     return path
 
 
-def _eval(model: Path, data: Path) -> dict:
+def _eval(model: Path, data: Path | str) -> dict:
     result = CliRunner().invoke(main, ["eval", "--model", str(model), "--data", str(data), "--device", "cpu",
                                        "--json", "--samples", "1000"])
     assert result.exit_code == 0, result.output
@@ -93,6 +99,54 @@ def test_text_is_tokenized_with_the_model_tokenizer(family, tmp_path: Path) -> N
     report = _eval(model, data)
     assert report["loss"] == pytest.approx(causal_lm_loss(reference, ids), rel=1e-5)
     assert report["tokens"] == sum(len(s) - 1 for s in ids)
+
+
+def _word_rows(count: int, seed: int) -> list[str]:
+    """WikiText-like rows (headings, blank rows) of random words the word-level tokenizer knows."""
+    g = torch.Generator().manual_seed(seed)
+    return wikitext_rows([" ".join(f"w{i}" for i in torch.randint(0, VOCAB - 4, (40,), generator=g).tolist())
+                          for _ in range(count)])
+
+
+def test_wikitext2_is_evaluated_in_whole_windows(family, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--data wikitext2` (hub faked): the test split tokenized as one text and cut into
+    consecutive 512-token windows (the window without a preset), each one sample, as the
+    standard perplexity protocol does; the loss is transformers' over those windows."""
+    _, directory, reference = family
+    model = tmp_path / "model"
+    shutil.copytree(directory, model)
+    tok = _tokenizer_json(model)
+    rows = _word_rows(30, seed=4)
+    fake_hub_datasets(monkeypatch, {"test": rows})
+    ids = tok.encode("\n\n".join(rows)).ids
+    windows = [ids[i:i + 512] for i in range(0, len(ids) - 511, 512)]
+    assert len(windows) == 2 and len(ids) % 512 > 0  # a partial window at the end, left out
+    report = _eval(model, "wikitext2")
+    assert report["samples"] == 2 and report["tokens"] == 2 * 511
+    assert report["loss"] == pytest.approx(causal_lm_loss(reference, windows), rel=1e-5)
+
+
+def test_wikitext2_calibrates_on_seeded_random_windows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--calib wikitext2` compresses exactly as the same windows given as a pre-tokenized file:
+    random windows of the train split, drawn by --seed."""
+    from qmoe_cli.data.hub import random_windows
+
+    model = tmp_path / "model"
+    save_hf_decoder(model, "mixtral")
+    tok = _tokenizer_json(model)
+    rows = _word_rows(40, seed=5)
+    fake_hub_datasets(monkeypatch, {"train": rows})
+    ids = tok.encode("\n\n".join(rows)).ids
+    windows = [ids[a:b] for a, b in random_windows(len(ids), 512, 3, seed=2)]
+    calib = _jsonl(tmp_path / "windows.jsonl", windows)
+    outs = []
+    for source in ("wikitext2", str(calib)):
+        outs.append(tmp_path / Path(source).stem)
+        result = CliRunner().invoke(main, ["compress", "--model", str(model), "--calib", source, "--calib-samples", "3",
+                                           "--seed", "2", "--out", str(outs[-1]), "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    experts = {d: {k: v for k, v in _hashes(d).items() if k.startswith("experts/")} for d in outs}
+    assert experts[outs[0]] and experts[outs[0]] == experts[outs[1]]
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -230,30 +284,59 @@ def _hashes(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def _finished_blocks(partial: Path) -> int:
+    try:
+        return len(json.loads((partial / "manifest.json").read_text())["finished"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def _kill_after_a_finished_block(command: list[str], partial: Path) -> int:
+    """Run `command` and SIGKILL it once its partial manifest lists a finished sparse block;
+    returns how many were finished. Once the partial directory appears, the run goes on in
+    slices of ~2 ms between SIGSTOPs, at the lowest priority (so this process gets the CPU back
+    on time): a tiny model compresses a block in tens of milliseconds, and the kill must land
+    after the first one and before the last."""
+    victim = subprocess.Popen(["nice", "-n", "19", *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = psutil.Process(victim.pid)
+    deadline = time.monotonic() + 120
+    try:
+        while not partial.exists() and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)  # imports and calibration data: seconds, nothing written yet
+        while (finished := _finished_blocks(partial)) == 0 and time.monotonic() < deadline:
+            victim.send_signal(signal.SIGSTOP)
+            while victim.poll() is None and process.status() != psutil.STATUS_STOPPED:
+                time.sleep(0.0002)
+            assert victim.poll() is None, "the run ended before a block finished"
+            if _finished_blocks(partial):
+                continue
+            victim.send_signal(signal.SIGCONT)
+            time.sleep(0.002)
+        assert finished, "no sparse block finished in 120 s"
+    finally:
+        victim.kill()
+        victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    return finished
+
+
 @pytest.mark.slow
-def test_resume_replays_top_k_blocks_byte_identically(tmp_path: Path) -> None:
-    """A run stopped after its first sparse block (the partial directory a crash leaves then,
-    rebuilt from a finished run) resumes to the same bytes: the replayed block's top-k experts
-    and shared expert reproduce the hidden states the later blocks calibrate on."""
-    model = tmp_path / "model"
-    save_hf_decoder(model, "qwen2_moe")
+def test_resume_after_sigkill_is_byte_identical(family, tmp_path: Path) -> None:
+    """`qmoe compress` killed (SIGKILL, a real process) after its first sparse block, then
+    `--resume`: the checkpoint is byte-identical to an uninterrupted run's. The finished blocks
+    are replayed from their codes (top-k experts, shared experts, DeepSeek's dense first block
+    run as stored) to rebuild the hidden states the later blocks calibrate on."""
+    name, directory, _ = family
     calib = _jsonl(tmp_path / "calib.jsonl", _sequences(16, seed=2, lengths=(24, 17, 30)))
-    command = ["compress", "--model", str(model), "--calib", str(calib), "--device", "cpu", "--bits", "ternary"]
-    assert CliRunner().invoke(main, [*command, "--out", str(tmp_path / "straight")]).exit_code == 0
-    partial = tmp_path / ".resumed.partial"
-    shutil.copytree(tmp_path / "straight", partial)
-    manifest = json.loads((partial / "manifest.json").read_text())
-    first, *later = manifest["finished"]
-    assert later, "the model needs two sparse blocks"
-    for name in later:
-        stack, index = name.split(".")
-        removed = f"experts/{stack}-{int(index):03d}"
-        shutil.rmtree(partial / removed)
-        manifest["files"] = {f: record for f, record in manifest["files"].items() if not f.startswith(removed + "/")}
-    manifest.update(finished=[first], blocks={first: manifest["blocks"][first]}, complete=False)
-    del manifest["calibration_loss"]
-    write_manifest(partial, manifest)
-    resumed = CliRunner().invoke(main, [*command, "--out", str(tmp_path / "resumed"), "--resume"])
-    assert resumed.exit_code == 0, resumed.output
-    assert "resuming: 1 sparse blocks already done" in resumed.stderr
-    assert _hashes(tmp_path / "resumed") == _hashes(tmp_path / "straight")
+    command = [sys.executable, "-m", "qmoe_cli", "compress", "--model", str(directory), "--calib", str(calib),
+               "--device", "cpu", "--bits", "ternary", "--group-size", "2", "--threads", "1"]
+    straight = subprocess.run([*command, "--out", str(tmp_path / "straight")], capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    blocks = len(json.loads((tmp_path / "straight" / "manifest.json").read_text())["finished"])
+    out = tmp_path / "resumed"
+    finished = _kill_after_a_finished_block([*command, "--out", str(out)], tmp_path / ".resumed.partial")
+    assert 1 <= finished < blocks and not out.exists()
+    resumed = subprocess.run([*command, "--out", str(out), "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {finished} sparse blocks already done" in resumed.stderr
+    assert _hashes(out) == _hashes(tmp_path / "straight")

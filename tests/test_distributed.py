@@ -21,6 +21,7 @@ import psutil
 import pytest
 import torch
 from click.testing import CliRunner
+from hf_models import DECODER_FAMILIES, save_hf_decoder
 
 from qmoe_cli.cli import main
 from qmoe_cli.compress.distributed import (
@@ -244,14 +245,15 @@ def test_three_ranks_with_small_groups_write_what_one_process_writes(reference, 
 
 
 @pytest.mark.slow
-def test_two_ranks_compress_a_top_k_family_with_a_shared_expert_as_one_process_does(tmp_path: Path):
-    """Qwen2-MoE (top-2 of 4 SwiGLU experts, a gated shared expert, a dense block): a token goes
-    to both its experts' owners and their weighted outputs add up on its rank, gate and up are
-    quantized stacked, and the bytes still match one process's (rounds of 2 vs 1 experts)."""
-    from hf_models import save_hf_decoder
-
+@pytest.mark.parametrize("family", sorted(DECODER_FAMILIES))
+def test_two_ranks_compress_every_decoder_family_as_one_process_does(family: str, tmp_path: Path):
+    """Each decoder family (top-2 SwiGLU experts; Qwen2-MoE's gated shared expert and dense
+    block, DeepSeek-V3's dense first block, shared expert and sigmoid router with correction
+    bias over 8 grouped experts): a token goes to both its experts' owners and their weighted
+    outputs add up on its rank, gate and up are quantized stacked, and the bytes match one
+    process's (rounds of 2 vs 1 experts)."""
     model = tmp_path / "model"
-    save_hf_decoder(model, "qwen2_moe")
+    save_hf_decoder(model, family)
     g = torch.Generator().manual_seed(5)
     calib = tmp_path / "calib.jsonl"
     calib.write_text("".join(json.dumps({"input_ids": torch.randint(0, 64, (n,), generator=g).tolist()}) + "\n"

@@ -1,4 +1,5 @@
-"""Calibration and evaluation samples: C4 or a local file, turned into (input_ids, labels) pairs.
+"""Calibration and evaluation samples: a named dataset or a local file, turned into
+(input_ids, labels) pairs.
 
 Switch Transformers are T5-style encoder-decoders pretrained on span corruption, so a sample is
 an encoder input with some spans replaced by sentinels and the labels the decoder must produce
@@ -6,6 +7,8 @@ an encoder input with some spans replaced by sentinels and the labels the decode
 
 - `c4`: the English C4 shards the QMoE paper uses, streamed with `datasets` (train shard 0 for
   calibration, validation shard 0 for evaluation), tokenized and span-corrupted;
+- `wikitext2`: WikiText-2 (raw), its test split for evaluation and train split for calibration
+  (`hub.py`); for span corruption each paragraph row is one text;
 - `FILE.jsonl` of `{"text": ...}` lines, or `FILE.txt` with one sample per non-empty line:
   tokenized and span-corrupted with a fixed seed;
 - `FILE.jsonl` of `{"input_ids": [...], "labels": [...]}` lines: used exactly as given.
@@ -15,6 +18,8 @@ sources without span corruption: a text is tokenized as the model's `tokenizer.j
 (special tokens such as BOS included), and a pre-tokenized line is `{"input_ids": [...]}`, used
 exactly as given. A sequence of T tokens is the sample (inputs t[:-1], labels t[1:]): every
 position but the last predicts the next token, and the loss averages over those T - 1.
+WikiText-2 follows the standard perplexity protocol instead: the split tokenized as one text and
+cut into window-sized samples (`hub.py`).
 
 Like QMoE, texts whose corrupted input or labels would not fit the model's window are skipped
 rather than truncated (the large Switch models were not trained on clipped samples). Files are
@@ -34,15 +39,21 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QmoeError
+from .hub import (
+    C4,
+    NAMED,
+    SPLITS,
+    WIKITEXT2,
+    WIKITEXT2_JOIN,
+    WIKITEXT2_SPLITS,
+    article_lines,
+    c4_documents,
+    consecutive_windows,
+    random_windows,
+    wikitext2_rows,
+)
 from .tokenizer import CausalTokenizer, Tokenizer
 
-C4 = "c4"
-C4_REPO = "allenai/c4"
-C4_FILES = {  # split -> the one shard QMoE reads
-    "train": "en/c4-train.00000-of-01024.json.gz",
-    "validation": "en/c4-validation.00000-of-00008.json.gz",
-}
-SPLITS = tuple(C4_FILES)
 OBJECTIVES = ("span_corruption", "causal_lm")  # encoder-decoder (T5) samples, or next-token prediction
 FILE_SUFFIXES = (".jsonl", ".txt")
 
@@ -88,14 +99,16 @@ class SpanCorruption:
 class DataSpec:
     """Which samples to load: the source, how many, and how to corrupt text.
 
-    `source` is "c4" or a path to a .jsonl / .txt file (write ./c4 for a file named c4).
-    `split` picks the C4 shard (calibration reads "train", evaluation "validation"); files
-    ignore it. `window` is the model's longest input or label sequence, in tokens.
+    `source` is a named dataset ("c4", "wikitext2") or a path to a .jsonl / .txt file (write
+    ./c4 for a file named c4). `split` picks the named dataset's part (calibration reads
+    "train", evaluation "validation", which for WikiText-2 is its test split); files ignore it.
+    `window` is the model's longest input or label sequence, in tokens, and the length of each
+    WikiText-2 window of a causal LM.
     """
 
     source: str
     split: str = "validation"
-    num_samples: int | None = None  # None: every sample of a file; required for c4
+    num_samples: int | None = None  # None: every sample of a file; required for the named datasets
     seed: int = 0  # seeds span corruption; same seed, same samples
     window: int = 512  # Switch Transformers were trained with 512-token inputs
     corruption: SpanCorruption = field(default_factory=SpanCorruption)
@@ -103,14 +116,15 @@ class DataSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
-            raise ValueError(f"DataSpec.source must be 'c4' or a file path, got {self.source!r}")
+            raise ValueError(f"DataSpec.source must be one of {', '.join(NAMED)} or a file path, "
+                             f"got {self.source!r}")
         if self.split not in SPLITS:
             raise ValueError(f"DataSpec.split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.num_samples is not None and (not _is_int(self.num_samples) or self.num_samples < 1):
             raise ValueError(f"DataSpec.num_samples must be an integer >= 1 or None, got {self.num_samples!r}")
-        if self.num_samples is None and self.source == C4:
-            raise ValueError("DataSpec.num_samples must be given for source 'c4' (the stream is "
-                             "millions of documents); QMoE calibrates on 128 or more")
+        if self.num_samples is None and self.source in NAMED:
+            raise ValueError(f"DataSpec.num_samples must be given for source {self.source!r} (a named dataset "
+                             "holds more than a run needs); QMoE calibrates on 128 or more")
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"DataSpec.seed must be an integer >= 0, got {self.seed!r}")
         # An input needs at least one token plus EOS.
@@ -123,8 +137,8 @@ class DataSpec:
 
     @property
     def name(self) -> str:
-        """The dataset's name in reports: "c4" or the file name."""
-        return C4 if self.source == C4 else Path(self.source).name
+        """The dataset's name in reports: "c4", "wikitext2" or the file name."""
+        return self.source if self.source in NAMED else Path(self.source).name
 
 
 @dataclass(frozen=True)
@@ -274,12 +288,12 @@ def load_samples(spec: DataSpec, tokenizer: Tokenizer | CausalTokenizer | None,
     Deterministic for a given `spec.seed`: one numpy Generator seeded from it is consumed by
     the text samples in order (skipped texts consume none). Raises QmoeError for a missing or
     malformed file, a pre-tokenized sample longer than the window or with ids outside the
-    vocab, a source with no usable sample, or C4 that cannot be downloaded. A source with fewer
-    samples than requested is not an error: see `LoadedData.short`.
+    vocab, a source with no usable sample, or a named dataset that cannot be downloaded. A
+    source with fewer samples than requested is not an error: see `LoadedData.short`.
     """
     if tokenizer is None and vocab_size is None:
         raise ValueError("load_samples needs a tokenizer or a vocab_size to check ids against")
-    records = _c4_records(spec.split) if spec.source == C4 else _file_records(Path(spec.source))
+    records = _records(spec, tokenizer)
     with contextlib.closing(records):  # closes the file (or C4 stream) when we stop early
         samples, too_long, too_short = _collect(records, spec, tokenizer, vocab_size)
     if not samples:
@@ -304,8 +318,7 @@ def _collect(records: Iterable[_Text | _Tokens], spec: DataSpec, tokenizer: Toke
             samples.append(_checked_sample(record, bound, spec.window) if spec.objective == "span_corruption"
                            else _causal_sample(record, bound, spec.window))
         elif tokenizer is None:
-            raise QmoeError(f"{record.where}: holds text but the model has no tokenizer (tokenizer.json "
-                            "or spiece.model); add the model's tokenizer files or give pre-tokenized data")
+            raise _no_tokenizer(record.where)
         else:
             tokens = tokenizer.encode(record.text) if record.text.strip() else []
             if len(tokens) < 2:
@@ -327,6 +340,11 @@ def _collect(records: Iterable[_Text | _Tokens], spec: DataSpec, tokenizer: Toke
         if spec.num_samples is not None and len(samples) >= spec.num_samples:
             break  # before reading another line: stop streaming as soon as we have enough
     return samples, too_long, too_short
+
+
+def _no_tokenizer(where: str) -> QmoeError:
+    return QmoeError(f"{where}: holds text but the model has no tokenizer (tokenizer.json or spiece.model); "
+                     "add the model's tokenizer files or give pre-tokenized data")
 
 
 def _causal_sample(record: _Tokens, vocab_size: int, window: int) -> Sample:
@@ -366,19 +384,54 @@ def _check_ids(where: str, name: str, ids: Sequence[int], vocab_size: int, windo
                         f"[0, {vocab_size}); tokenize with the model's own tokenizer")
 
 
+def _records(spec: DataSpec, tokenizer: Tokenizer | CausalTokenizer | None) -> Iterator[_Text | _Tokens]:
+    """The records of `spec.source`, in order: a generator, so nothing is read before the first."""
+    if spec.source == C4:
+        yield from (_Text(where, text) for where, text in c4_documents(spec.split))
+    elif spec.source == WIKITEXT2:
+        yield from _wikitext2_records(spec, tokenizer)
+    else:
+        yield from _file_records(Path(spec.source))
+
+
+def _wikitext2_records(spec: DataSpec, tokenizer: Tokenizer | CausalTokenizer | None) -> Iterator[_Text | _Tokens]:
+    """WikiText-2 as samples: its paragraph rows as texts for span corruption; for a causal LM the
+    standard protocol's windows (`hub.py`), consecutive for evaluation, random (seeded by
+    `spec.seed`) for calibration. Memory: the split's text and its tokenization, which
+    `tokenizers` holds whole for a moment (~580 bytes a token: measured 1.45 GB at the peak for
+    2.5 M tokens, the size of the train split; the test split is about an eighth of that). One
+    pass over the joined text is what the protocol defines: tokenizers that add a prefix space
+    or BOS would cut pieces differently."""
+    rows = wikitext2_rows(spec.split)
+    name = f"WikiText-2 {WIKITEXT2_SPLITS[spec.split]}"
+    if spec.objective == "span_corruption":
+        yield from (_Text(f"{name} row {number}", text) for number, text in article_lines(rows))
+        return
+    if tokenizer is None:
+        raise _no_tokenizer(name)
+    ids = tokenizer.encode(WIKITEXT2_JOIN.join(rows))  # once: windows cut across rows and articles
+    windows = (consecutive_windows(len(ids), spec.window) if spec.split == "validation"
+               else random_windows(len(ids), spec.window, spec.num_samples, spec.seed))
+    if not windows:
+        raise QmoeError(f"{name}: {len(ids)} tokens, fewer than one window of {spec.window}")
+    for number, (start, end) in enumerate(windows, start=1):
+        yield _Tokens(f"{name} window {number} (tokens {start}..{end - 1})", tuple(ids[start:end]), None)
+
+
 def _file_records(path: Path) -> Iterator[_Text | _Tokens]:
     """The samples of a .jsonl or .txt file, streamed line by line (blank lines skipped)."""
     suffix = path.suffix.lower()
     if suffix not in FILE_SUFFIXES:
         raise QmoeError(f"{path}: unknown data file type {path.suffix or '(no extension)'!r}; use .jsonl "
                         f"({{\"text\": ...}} or {{\"input_ids\": [...], \"labels\": [...]}} per line) "
-                        f"or .txt (one sample per line), or 'c4'")
+                        f"or .txt (one sample per line), or a named dataset ({', '.join(NAMED)})")
     if path.is_dir():
         raise QmoeError(f"{path}: is a directory; give a .jsonl or .txt file")
     try:
         handle = path.open("rb")  # bytes: a decoding error can then name its exact line
     except FileNotFoundError:
-        raise QmoeError(f"{path}: data file not found; check the path, or use 'c4'") from None
+        raise QmoeError(f"{path}: data file not found; check the path, or use a named dataset "
+                        f"({', '.join(NAMED)})") from None
     except OSError as err:
         raise QmoeError(f"{path}: cannot open data file ({err.strerror})") from None
     with handle:
@@ -445,39 +498,6 @@ def _ids(where: str, name: str, value: object) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(type(i) is int and i >= 0 for i in value):
         raise QmoeError(f"{where}: {name} must be a list of integer token ids >= 0, got {json.dumps(value)[:60]}")
     return tuple(value)
-
-
-def _c4_records(split: str) -> Iterator[_Text]:
-    """C4 documents of one English shard, streamed from the Hugging Face hub."""
-    shard = C4_FILES[split]
-    rows = iter(_open_c4(shard, split))
-    number = 0
-    while True:
-        number += 1
-        try:
-            row = next(rows)
-        except StopIteration:
-            return
-        except Exception as err:  # network, hub and decompression errors have no common base
-            raise _c4_error(shard, err) from err
-        yield _Text(f"C4 {shard} document {number}", row["text"])
-
-
-def _open_c4(shard: str, split: str) -> Iterable[dict]:
-    import datasets  # slow import (~1 s); only C4 needs it
-
-    try:
-        return datasets.load_dataset(C4_REPO, data_files={split: shard}, split=split, streaming=True)
-    except Exception as err:  # see _c4_records
-        raise _c4_error(shard, err) from err
-
-
-def _c4_error(shard: str, err: Exception) -> QmoeError:
-    detail = str(err).strip().splitlines()
-    return QmoeError(
-        f"could not download C4 ({C4_REPO}, {shard}) from the Hugging Face hub "
-        f"({type(err).__name__}: {detail[0] if detail else 'no details'}); check the network, "
-        f"or pass a local .jsonl or .txt file (--data FILE for eval, --calib FILE for compress)")
 
 
 def _is_int(value: object) -> bool:
