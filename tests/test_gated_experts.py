@@ -12,6 +12,9 @@ held to the quantized checkpoint (bf16) and to the CPU (fp32).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -268,3 +271,43 @@ def test_packed_decoder_eval_on_the_gpu(decoder_checkpoints, bits: str) -> None:
     run = RunConfig(cuda, torch.float32, token_chunk=8, progress=False)
     loss, tokens = streamed_losses(weights, [s[:-1] for s in samples], [s[1:] for s in samples], run)  # as eval
     assert abs(float(loss.sum() / tokens.sum()) - cpu) <= 1e-5 * cpu
+
+
+# ------------------------------------------------------------------- scripts/bench_moe_block.py
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def test_bench_moe_block_parses_its_arguments_and_builds_its_experts(monkeypatch) -> None:
+    """What the benchmark does before it needs a GPU: its flags, and random experts whose bf16
+    weights (the baseline) are exactly what their dictionary-coded copies (packed) decode to."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_moe_block as bench
+
+    args = bench.parse_args(["--shapes", "qwen3", "--tokens", "1,8,32", "--repeats", "5"])
+    assert (args.shapes, args.tokens, args.repeats) == (["qwen3"], [1, 8, 32], 5)
+    for bad in (["--shapes", "gpt"], ["--tokens", "1,x"], ["--tokens", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.parse_args(bad)
+        assert exit_info.value.code == 2
+    for name in bench.SHAPES:  # the real shapes parse into architectures with gated experts
+        assert bench.architecture_from_config(bench.SHAPES[name]).expert.chain_activation == "silu_gated"
+    tiny = {**bench.SHAPES["qwen3"], "hidden_size": 40, "moe_intermediate_size": 24, "num_experts": 9,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 10}
+    arch = bench.architecture_from_config(tiny)
+    experts = bench.make_experts(arch, bench.fitted_book(0.9, 1024), 0.9, seed=1)
+    assert len(experts) == 9 and all(set(parts) == set(arch.expert.matrices) for parts in experts)
+    for parts in experts:
+        for part in parts.values():
+            coded = part.coded.dense(0, part.coded.rows)
+            assert torch.equal(part.dense(torch.device("cpu"), torch.float32), coded)
+            assert torch.equal(part.dense(torch.device("cpu"), torch.bfloat16), coded.bfloat16())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_bench_moe_block_without_a_gpu_is_a_one_line_error() -> None:
+    done = subprocess.run([sys.executable, str(SCRIPTS / "bench_moe_block.py"), "--tokens", "1"],
+                          env={**os.environ, "PYTHONPATH": str(SCRIPTS.parent)}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == "error: scripts/bench_moe_block.py needs a CUDA GPU (torch.cuda.is_available() is False)\n"
