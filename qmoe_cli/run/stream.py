@@ -147,8 +147,9 @@ def apply_experts(block: MoEBlock, bank: ExpertBank, buffer: ListBuffer, routing
                   out: torch.Tensor) -> None:
     """Run every routed token through its experts from `bank`; results add up in `out`. Where the
     bank has a grouped path on the device: all experts at once, chunk by chunk of tokens, all k
-    routing slots in one call, weighted and added in slot order; else ascending expert id (so a
-    token's outputs add up in that order), loading `run.group_size` at a time."""
+    routing slots in one call (its outputs [chunk, k, d] on the device), weighted and added in slot
+    order; else ascending expert id (so a token's outputs add up in that order), loading
+    `run.group_size` at a time."""
     routed = routed_experts(bank, run.device, run.dtype)
     if routed is not None:
         index, prob = routing.index.view(-1, routing.k), routing.prob.view(-1, routing.k)  # [N, k]
