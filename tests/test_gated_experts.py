@@ -206,6 +206,7 @@ def _jsonl(path: Path, count: int, seed: int) -> Path:
 def decoder_checkpoints(tmp_path_factory) -> dict:
     """A tiny Mixtral (top-2 of 4 SwiGLU experts) compressed with GPTQ at ternary and 2 bits, each
     quantized and packed; and validation data."""
+    pytest.importorskip("transformers", reason="transformers writes the tiny checkpoint")
     root = tmp_path_factory.mktemp("gated")
     save_hf_decoder(root / "model", "mixtral")
     calib = _jsonl(root / "calib.jsonl", 16, seed=2)
@@ -221,7 +222,7 @@ def decoder_checkpoints(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("bits", ["ternary", "2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_device_experts_of_a_packed_checkpoint_equal_its_cpu_experts(decoder_checkpoints, device, bits: str,
+def test_device_experts_of_a_packed_checkpoint_equal_its_cpu_experts(device, decoder_checkpoints, bits: str,
                                                                      dtype: torch.dtype) -> None:
     """Uploaded from the checkpoint (gate and up by the architecture's names, stacked), top-2 in
     one call, against the checkpoint's own CPU experts (`GatedMLP` over `PackedLinear`s) run token
