@@ -71,7 +71,8 @@ void launch_bitpacked_dense(const BitpackedWeights& w, int expert, void* out, Sc
 // stable) and tiles [n, 3] int32 (one per run of <= 32 tokens of one expert, then unused slots).
 void launch_route_plan(const int64_t* index, int n, int num_experts, int* order, int* tiles, cudaStream_t stream);
 
-// xt [cols, n] = x[order[p], c] for p < n: the tokens sorted by expert, one column per token.
+// xt [cols, n] = x[order[p], c] for p < n: the tokens sorted by expert, one column per token (a
+// token may appear at several positions: top-k, one per routing slot).
 void launch_gather_transpose(const void* x, const int* order, int n, int cols, void* xt, Scalar dtype,
                              cudaStream_t stream);
 

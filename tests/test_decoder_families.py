@@ -172,14 +172,20 @@ class _Bank:
 
 class _GroupedBank(_Bank):
     """A bank with the grouped path (`ExpertBank.routed`), as packed checkpoints offer on a GPU:
-    every token through the one expert `index` names, here expert by expert with a mask."""
+    x [N, d] and index [N] or [N, k] -> every token through each expert `index` names, [N, d] or
+    [N, k, d], here expert by expert with a mask. Counts its calls."""
+
+    calls = 0
 
     def routed(self, device, dtype):
         def run(x, index):
-            y = torch.zeros_like(x)
+            self.calls += 1
+            flat = index.reshape(-1)
+            xs = x.repeat_interleave(flat.numel() // x.shape[0], dim=0)  # one row per assignment
+            y = torch.zeros_like(xs)
             for j, expert in enumerate(self.experts):
-                y[index == j] = expert(x[index == j])
-            return y
+                y[flat == j] = expert(xs[flat == j])
+            return y.view(*index.shape, x.shape[1])
         return run
 
 
@@ -209,7 +215,7 @@ class _Block:
                                                                   (31, 6, 4, 4, 7, 1), (40, 5, 3, 1, 9, 2)])
 def test_top_k_experts_equal_a_token_by_token_reference(tokens: int, d: int, experts: int, k: int, chunk: int,
                                                         group: int, grouped: bool) -> None:
-    """Experts loaded group by group, or the grouped path (one pass per routing slot)."""
+    """Experts loaded group by group, or the grouped path (one call per token chunk, all k slots)."""
     torch.manual_seed(tokens)
     block = _Block(d, experts, k, seed=tokens)
     if grouped:
@@ -229,7 +235,29 @@ def test_top_k_experts_equal_a_token_by_token_reference(tokens: int, d: int, exp
         y = sum(weight[0, s] * block.experts.experts[int(index[0, s])](h) for s in range(k))
         expected[t] = (x[t:t + 1] + y + block.shared_output(h))[0]
     assert routing.k == k and sum(routing.count(j) for j in range(experts)) == tokens * k
+    assert not grouped or block.experts.calls == -(-tokens // chunk)
     torch.testing.assert_close(buffer.data, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grouped_top_1_adds_what_one_call_per_slot_added(dtype: torch.dtype) -> None:
+    """For k = 1 the grouped path gives the bytes it gave before top-k ran in one call:
+    out += routed(x, index) * weight, with a one-dimensional index."""
+    block = _Block(6, 4, 1, seed=3)
+    block.experts, block.router = _GroupedBank(block.experts.experts), block.router.to(dtype)
+    for expert in block.experts.experts:
+        expert.to(dtype)
+    buffer = ListBuffer([50], 6, dtype, pin=False)
+    buffer.data.copy_(torch.randn(50, 6))
+    run = RunConfig(torch.device("cpu"), dtype, token_chunk=16, progress=False)
+    routing = route(block, buffer, run)
+    out = torch.zeros_like(buffer.data)
+    apply_experts(block, block.experts, buffer, routing, run, out)
+    routed, before = block.experts.routed(run.device, dtype), torch.zeros_like(buffer.data)
+    for part in buffer.chunks(run.token_chunk):
+        x = block.ffn_norm(buffer.data[part])
+        before[part] += routed(x, routing.index[part]) * routing.prob[part].to(dtype)[:, None]
+    assert torch.equal(out, before)
 
 
 def _logits(model: Path, sequences: list[list[int]]) -> torch.Tensor:

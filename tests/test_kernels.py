@@ -185,7 +185,7 @@ def test_decode_dense_is_exact(gpu, rows: int, cols: int, dtype: torch.dtype) ->
 @pytest.mark.parametrize("bits,group", [(2, None), (2, 32), (3, None), (3, 48), (4, None), (4, 100), (8, None)])
 def test_bitpacked_dense_is_exact(gpu, bits: int, group: int | None) -> None:
     m = bitpacked_matrix(61, 257, bits, group, seed=bits)
-    w = DeviceBitpacked.upload([m, m], QuantSpec(str(bits), group), torch.device("cuda"))
+    w = DeviceBitpacked.upload([[m], [m]], QuantSpec(str(bits), group), torch.device("cuda"))  # two experts
     for dtype in FLOATS:
         assert torch.equal(w.dense(1, dtype).cpu(), m.dense(0, 61).to(dtype))
 
@@ -209,6 +209,9 @@ def test_gather_transpose(gpu, dtype: torch.dtype) -> None:
     x = _x(45, 1025, dtype, seed=1)
     order = torch.randperm(45, generator=torch.Generator().manual_seed(2)).to(torch.int32).cuda()
     assert torch.equal(ops.gather_transpose(x, order), x[order.long()].T)
+    # Top-k gathers a token once per routing slot: more positions than rows, rows repeated.
+    repeated = torch.randint(0, 45, (100,), generator=torch.Generator().manual_seed(3)).to(torch.int32).cuda()
+    assert torch.equal(ops.gather_transpose(x, repeated), x[repeated.long()].T)
 
 
 def _bank(spec: QuantSpec, experts: int, d: int, d_ff: int, seed: int):
@@ -226,9 +229,9 @@ def _device(spec: QuantSpec, first, second, threshold: int = ops.DENSE_TOKENS_TH
     cuda = torch.device("cuda", torch.cuda.current_device())
     if spec.ternary:
         masks = codebook_masks(first[0].book).to(cuda)
-        up = lambda ms: DeviceTernary.upload(ms, masks, cuda)  # noqa: E731
+        up = lambda ms: DeviceTernary.upload([[m] for m in ms], masks, cuda)  # noqa: E731
     else:
-        up = lambda ms: DeviceBitpacked.upload(ms, spec, cuda)  # noqa: E731
+        up = lambda ms: DeviceBitpacked.upload([[m] for m in ms], spec, cuda)  # noqa: E731
     return DeviceExperts(up(first), up(second), len(first), cuda, threshold)
 
 

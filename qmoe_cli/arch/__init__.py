@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import QmoeError
 from .base import (
+    CHAIN_ACTIVATIONS,
     Architecture,
     ExpertBank,
     ExpertShape,
@@ -47,6 +48,6 @@ def architecture_from_config(raw: dict[str, Any], overrides: dict[str, Any] | No
     return arch_class(config_class.from_hf_dict(raw, overrides))
 
 
-__all__ = ["Architecture", "ExpertBank", "ExpertShape", "GenerationSpec", "IncrementalStack", "MoEBlock",
+__all__ = ["CHAIN_ACTIVATIONS", "Architecture", "ExpertBank", "ExpertShape", "GenerationSpec", "IncrementalStack", "MoEBlock",
            "ModelWeights", "RoutedExperts", "StackCache", "StackContext", "TensorReader", "architecture_from_config",
            "resolve_name", "routed_experts"]

@@ -36,11 +36,12 @@ class ExpertBank(Protocol):
 
 
 class RoutedExperts(Protocol):
-    """All experts of a sparse block at once: each token through the expert it was routed to."""
+    """All experts of a sparse block at once: each token through the experts it was routed to."""
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Normalised x [N, d] (on the device, in the run dtype), index [N] int64 in [0, E) ->
-        expert outputs [N, d] in x's dtype (not yet scaled by the router probability)."""
+        """Normalised x [N, d] (on the device, in the run dtype), index [N] or [N, k] int64 in
+        [0, E) (top-k: k distinct experts per token, all run in this one call) -> expert outputs
+        [N, d] or [N, k, d] in x's dtype (not yet scaled by the router weights)."""
         ...
 
 
@@ -134,6 +135,13 @@ class GenerationSpec:
                 raise ValueError(f"GenerationSpec.{name} must be a token id >= 0, got {value!r}")
 
 
+# Expert structures the grouped GPU kernels run (`ExpertShape.chain_activation`), with their
+# number of inputs: "relu" is output(relu(inputs[0](x))) (Switch); "silu_gated" is
+# output(silu(inputs[0](x)) * inputs[1](x)) (SwiGLU: gate, up, then down), each input's output
+# rounded to the run dtype before the activation and the product (as separate linears give).
+CHAIN_ACTIVATIONS = {"relu": 1, "silu_gated": 2}
+
+
 @dataclass(frozen=True)
 class ExpertShape:
     """An expert feed-forward as the compressor sees it: its matrices in quantization order, each
@@ -144,8 +152,9 @@ class ExpertShape:
     shapes: Mapping[str, tuple[int, int]]  # name -> (rows, cols)
     hidden: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]  # (x [n, d], {input: W [r, d]}) -> [n, r]
     inputs: tuple[str, ...] = ()  # default: the first matrix alone
-    # The expert is matrices[1](act(matrices[0](x))) with this act ("relu"), which grouped GPU
-    # kernels can fuse; None for any other structure (e.g. gated), run per expert instead.
+    # How `hidden` combines the inputs' outputs, for the grouped GPU kernels (which compute all
+    # inputs of an expert in one launch, stacked by rows) to run it; None for any other
+    # structure, which runs expert by expert. See CHAIN_ACTIVATIONS.
     chain_activation: str | None = None
 
     def __post_init__(self) -> None:
@@ -153,6 +162,11 @@ class ExpertShape:
             object.__setattr__(self, "inputs", self.matrices[:1])
         if self.matrices != (*self.inputs, self.matrices[-1]):
             raise ValueError(f"ExpertShape.matrices {self.matrices} must be the inputs {self.inputs} and then one more")
+        act = self.chain_activation
+        if act is not None and CHAIN_ACTIVATIONS.get(act) != len(self.inputs):
+            wanted = ", ".join(f"{name!r} ({n} input{'s' * (n > 1)})" for name, n in CHAIN_ACTIVATIONS.items())
+            raise ValueError(f"ExpertShape.chain_activation {act!r} with {len(self.inputs)} inputs {self.inputs}: "
+                             f"must be None or one of {wanted}")
 
     @property
     def output(self) -> str:

@@ -207,8 +207,8 @@ class PackedExperts:
 
     def _device_unsupported(self) -> str | None:
         arch, spec, book = self.checkpoint.arch, self.checkpoint.spec, self.checkpoint.codebook
-        if arch.expert.chain_activation != "relu" or len(arch.expert.matrices) != 2:
-            return f"the GPU kernels run experts of the form wo(relu(wi(x))), not {arch.family}'s"
+        if arch.expert.chain_activation is None:
+            return f"the GPU kernels run ReLU and SwiGLU experts, not {arch.family}'s"
         if spec.ternary and spec.group_size is not None:
             return "the GPU kernels take one ternary grid per row, this checkpoint has one per " \
                    f"{spec.group_size} columns"

@@ -1,35 +1,42 @@
 """Packed experts resident on a GPU, still compressed, run by the grouped kernels (`qmoe_cli.kernels`).
 
-One `DeviceExperts` holds all experts of one sparse block on one CUDA device: per expert matrix
-the codewords of every expert back to back, each expert's row offsets and grids (ternary), or the
-bit-packed codes padded to whole 32-column chunks and the grids (b-bit); the dictionary's mask
-table is the checkpoint's one copy per device. A call runs every routed token of the block:
+One `DeviceExperts` holds all experts of one sparse block on one CUDA device as two device
+matrices per expert: `first`, the matrices applied to the expert's input stacked by rows (Switch:
+`wi`; SwiGLU: gate then up, 2 d_ff rows, so one launch computes both), and `second`, the one
+applied to the activation (`wo`, `down`). Per device matrix: the codewords of every expert back to
+back, each expert's row offsets and grids (ternary), or the bit-packed codes padded to whole
+32-column chunks and the grids (b-bit); the dictionary's mask table is the checkpoint's one copy
+per device. Rows are coded independently, so stacking is concatenation (`stack_ternary`,
+`stack_bitpacked`). A call runs every routed assignment of the block (top-k: all k experts of
+every token in one call; tokens are gathered per assignment, never copied k times):
 
-    few tokens (<= DENSE_TOKENS_THRESHOLD, so no expert can have more): route_plan sorts them by
-        expert on the device, gather_transpose lays them out one column per token, one launch of
-        the tile kernel for the first matrix (relu fused, output kept sorted and transposed) and
-        one for the second (scattering back to token order): four launches, no host sync, and
-        experts without tokens are never touched;
-    many tokens: one sync for the tokens per expert; experts up to the threshold still go through
-        the two tile launches, heavier ones are decoded one matrix at a time to a scratch matrix
-        in the run dtype and multiplied with tensor cores (`round_once_linear`), the scratch
-        dropped right after.
+    few tokens (<= DENSE_TOKENS_THRESHOLD, so no expert can have more, since a token's k experts
+        are distinct): route_plan sorts the assignments by expert on the device, gather_transpose
+        lays their tokens out one column each, one launch of the tile kernel for `first` (relu
+        fused, output kept sorted and transposed), the activation (silu(gate) * up for SwiGLU, in
+        the run dtype as the CPU path rounds it), one launch for `second` (scattering back to
+        assignment order): no host sync, and experts without tokens are never touched;
+    many tokens: one sync for the assignments per expert; experts up to the threshold still go
+        through the tile launches, heavier ones are decoded one device matrix at a time to a
+        scratch matrix in the run dtype and multiplied with tensor cores (`round_once_linear`),
+        the scratch dropped right after.
 
 Memory: the block's compressed experts (the same bytes as on disk, plus up to 4 bytes of padding
-per b-bit row), the activations of one call ([d_ff, tokens] in the run dtype), and at most one
-decoded matrix. Uploading concatenates on the device, so a block briefly needs twice its
-codewords there; the host holds one expert group file at a time.
+per b-bit row), the activations of one call ([rows of first, N * k] in the run dtype), and at
+most one decoded device matrix (for SwiGLU gate and up together: 2 d_ff x d_model). Uploading
+concatenates on the device, so a block briefly needs twice its codewords there; the host holds
+one expert group file at a time, plus one expert's stacked copy while it uploads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..arch import Architecture
+from ..arch import CHAIN_ACTIVATIONS, Architecture
 from ..kernels import (
                        DENSE_TOKENS_THRESHOLD,
                        MAX_PLAN_TOKENS,
@@ -46,6 +53,33 @@ from ..kernels import (
 from ..quant.grids import QuantSpec
 
 
+def stack_ternary(matrices: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`DictionaryMatrix`es of one width (one grid per row) as one coded matrix of all their rows,
+    in order: words [total] int16, offsets [rows + 1] int32, lo and hi [rows] fp32. Rows are coded
+    independently, so the codewords concatenate and each matrix's row offsets shift by the
+    codewords of the matrices before it."""
+    widths = {m.cols for m in matrices}
+    if len(widths) != 1:
+        raise ValueError(f"stacked matrices must have one width, got {sorted(widths)}")
+    starts = [0]
+    for m in matrices:
+        starts.append(starts[-1] + m.words.numel())
+    offsets = [m.offsets[:-1] + start for m, start in zip(matrices, starts)]
+    offsets.append(torch.tensor([starts[-1]], dtype=torch.int32))
+    return (torch.cat([m.words for m in matrices]), torch.cat(offsets).to(torch.int32),
+            torch.cat([m.lo[:, 0] for m in matrices]), torch.cat([m.hi[:, 0] for m in matrices]))
+
+
+def stack_bitpacked(matrices: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`BitpackedMatrix`es of one width and spec as one matrix of all their rows, in order: packed
+    [rows, row bytes] uint8, scale and zero [rows, groups] fp32 (rows are packed independently)."""
+    widths = {m.cols for m in matrices}
+    if len(widths) != 1:
+        raise ValueError(f"stacked matrices must have one width, got {sorted(widths)}")
+    return (torch.cat([m.packed for m in matrices]), torch.cat([m.grid_tensors["scale"] for m in matrices]),
+            torch.cat([m.grid_tensors["zero"] for m in matrices]))
+
+
 @dataclass(frozen=True)
 class DeviceTernary:
     """All experts' copies of one dictionary-coded matrix [rows, cols], on one device."""
@@ -59,14 +93,21 @@ class DeviceTernary:
     cols: int
 
     @classmethod
-    def upload(cls, matrices: list[Any], masks: torch.Tensor, device: torch.device) -> "DeviceTernary":
-        """From `DictionaryMatrix`es (one grid per row), in expert order."""
-        sizes = torch.tensor([m.words.numel() for m in matrices], dtype=torch.int64)
+    def upload(cls, experts: Sequence[Sequence[Any]], masks: torch.Tensor, device: torch.device) -> "DeviceTernary":
+        """From each expert's `DictionaryMatrix`es (one grid per row), stacked by rows
+        (`stack_ternary`), in expert order."""
+        words, offsets, lo, hi = [], [], [], []
+        for matrices in experts:  # one expert's stacked copy on the host at a time
+            for dst, t in zip((words, offsets, lo, hi), stack_ternary(matrices)):
+                dst.append(t.to(device))
+        sizes = torch.tensor([w.numel() for w in words], dtype=torch.int64)
         bases = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)[:-1]])
-        return cls(torch.cat([m.words.to(device) for m in matrices]), bases.to(device),
-                   torch.stack([m.offsets.to(device) for m in matrices]), masks,
-                   torch.stack([m.lo[:, 0].to(device) for m in matrices]),
-                   torch.stack([m.hi[:, 0].to(device) for m in matrices]), matrices[0].cols)
+        return cls(torch.cat(words), bases.to(device), torch.stack(offsets), masks, torch.stack(lo), torch.stack(hi),
+                   experts[0][0].cols)
+
+    @property
+    def rows(self) -> int:
+        return self.offsets.shape[1] - 1
 
     def tiles(self, xt: torch.Tensor, tiles: torch.Tensor, order: torch.Tensor | None, relu: bool,
               out_transposed: bool) -> torch.Tensor:
@@ -91,13 +132,20 @@ class DeviceBitpacked:
     cols: int
 
     @classmethod
-    def upload(cls, matrices: list[Any], spec: QuantSpec, device: torch.device) -> "DeviceBitpacked":
-        """From `BitpackedMatrix`es, in expert order."""
-        bits, cols = int(spec.bits), matrices[0].cols
-        return cls(torch.stack([device_bitpacked(m.packed.to(device), bits, cols) for m in matrices]),
-                   torch.stack([m.grid_tensors["scale"].to(device) for m in matrices]),
-                   torch.stack([m.grid_tensors["zero"].to(device) for m in matrices]),
-                   bits, spec.group_size or cols, cols)
+    def upload(cls, experts: Sequence[Sequence[Any]], spec: QuantSpec, device: torch.device) -> "DeviceBitpacked":
+        """From each expert's `BitpackedMatrix`es, stacked by rows (`stack_bitpacked`), in expert order."""
+        bits, cols = int(spec.bits), experts[0][0].cols
+        packed, scale, zero = [], [], []
+        for matrices in experts:
+            rows, s, z = stack_bitpacked(matrices)
+            packed.append(device_bitpacked(rows.to(device), bits, cols))
+            scale.append(s.to(device))
+            zero.append(z.to(device))
+        return cls(torch.stack(packed), torch.stack(scale), torch.stack(zero), bits, spec.group_size or cols, cols)
+
+    @property
+    def rows(self) -> int:
+        return self.packed.shape[1]
 
     def tiles(self, xt: torch.Tensor, tiles: torch.Tensor, order: torch.Tensor | None, relu: bool,
               out_transposed: bool) -> torch.Tensor:
@@ -113,37 +161,59 @@ DeviceMatrix = DeviceTernary | DeviceBitpacked
 
 
 class DeviceExperts:
-    """A sparse block's experts `second(relu(first(x)))`, compressed on one device (`RoutedExperts`)."""
+    """A sparse block's experts `second(act(first(x)))`, compressed on one device (`RoutedExperts`).
+
+    `activation` (`ExpertShape.chain_activation`): "relu" (first = wi, fused into its launch) or
+    "silu_gated" (first = gate and up stacked by rows, act(h) = silu(h[:d_ff]) * h[d_ff:]).
+    """
 
     def __init__(self, first: DeviceMatrix, second: DeviceMatrix, num_experts: int, device: torch.device,
-                 threshold: int = DENSE_TOKENS_THRESHOLD):
+                 threshold: int = DENSE_TOKENS_THRESHOLD, activation: str = "relu"):
         if not 1 <= threshold <= MAX_PLAN_TOKENS:
             raise ValueError(f"DeviceExperts threshold must be in 1..{MAX_PLAN_TOKENS}, got {threshold}")
+        if activation not in CHAIN_ACTIVATIONS:
+            raise ValueError(f"DeviceExperts activation must be one of {sorted(CHAIN_ACTIVATIONS)}, got {activation!r}")
+        hidden = CHAIN_ACTIVATIONS[activation] * second.cols
+        if first.rows != hidden or second.rows != first.cols:
+            raise ValueError(f"DeviceExperts: first [{first.rows}, {first.cols}] and second [{second.rows}, "
+                             f"{second.cols}] do not chain with {activation!r} (first must have {hidden} rows)")
         self.first, self.second, self.num_experts, self.device = first, second, num_experts, device
-        self.threshold = threshold
+        self.threshold, self.activation = threshold, activation
 
     @classmethod
     def upload(cls, arch: Architecture, spec: QuantSpec, matrices: Iterator[tuple[int, dict[str, Any]]],
                masks: torch.Tensor, device: torch.device) -> "DeviceExperts":
-        """From (expert, {name: DictionaryMatrix | BitpackedMatrix}) of every expert in order."""
-        names = arch.expert.matrices
-        by_name: dict[str, list[Any]] = {name: [] for name in names}
+        """From (expert, {name: DictionaryMatrix | BitpackedMatrix}) of every expert in order;
+        `arch.expert.chain_activation` must be set (see `CHAIN_ACTIVATIONS`)."""
+        shape = arch.expert
+        inputs: list[list[Any]] = []
+        outputs: list[list[Any]] = []
         for _, parts in matrices:
-            for name in names:
-                by_name[name].append(parts[name])
+            inputs.append([parts[name] for name in shape.inputs])
+            outputs.append([parts[shape.output]])
         if spec.ternary:
-            first, second = (DeviceTernary.upload(by_name[n], masks, device) for n in names)
+            first, second = (DeviceTernary.upload(m, masks, device) for m in (inputs, outputs))
         else:
-            first, second = (DeviceBitpacked.upload(by_name[n], spec, device) for n in names)
-        return cls(first, second, arch.num_experts, device)
+            first, second = (DeviceBitpacked.upload(m, spec, device) for m in (inputs, outputs))
+        return cls(first, second, arch.num_experts, device, activation=shape.chain_activation)
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """x [N, d] (fp32/bf16/fp16, on the device), index [N] int64 in [0, E) -> [N, d] in x's dtype."""
-        n = x.shape[0]
-        if n == 0:
+        """x [N, d] (fp32/bf16/fp16, on the device), index [N] or [N, k] int64 in [0, E) (k
+        distinct experts per token) -> [N, d] or [N, k, d] in x's dtype."""
+        if index.dim() == 1:
+            return self._assignments(x, index, 1)
+        n, k = index.shape
+        return self._assignments(x, index.reshape(-1), k).view(n, k, x.shape[1])
+
+    def _assignments(self, x: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+        """index [N * k]: assignment a is token a // k's -> outputs [N * k, d] by assignment."""
+        m = index.shape[0]
+        if m == 0:
             return x.new_empty(0, x.shape[1])
-        x = x.contiguous()
-        if n <= self.threshold:
+        x, index = x.contiguous(), index.contiguous()
+        # No expert gets more assignments than there are tokens (a token's k experts are distinct),
+        # so with at most `threshold` tokens every expert runs in the tiles and needs no count.
+        if x.shape[0] <= self.threshold and m <= MAX_PLAN_TOKENS:
             order, tiles = route_plan(index, self.num_experts)
             heavy: list[tuple[int, int, int]] = []
         else:
@@ -151,14 +221,26 @@ class DeviceExperts:
             order = torch.argsort(index, stable=True).to(torch.int32)
             host_tiles, heavy = host_plan(counts, self.threshold)
             tiles = host_tiles.to(self.device, non_blocking=True)
-        xt = gather_transpose(x, order)  # [d, N]: tokens sorted by expert, one column each
+        tokens = order if k == 1 else torch.div(order, k, rounding_mode="floor")  # [N * k] int32, by position
+        xt = gather_transpose(x, tokens)  # [d, N * k]: assignments sorted by expert, one column each
+        relu = self.activation == "relu"
         if tiles.shape[0]:
-            hidden = self.first.tiles(xt, tiles, None, relu=True, out_transposed=True)  # [d_ff, N], sorted
-            y = self.second.tiles(hidden, tiles, order, relu=False, out_transposed=False)  # [N, d], token order
+            hidden = self.first.tiles(xt, tiles, None, relu=relu, out_transposed=True)  # [rows of first, N k], sorted
+            if not relu:
+                hidden = self._activate(hidden, dim=0)  # [d_ff, N k]
+            y = self.second.tiles(hidden, tiles, order, relu=False, out_transposed=False)  # [N k, d], by assignment
         else:
-            y = x.new_empty(n, x.shape[1])
+            y = x.new_empty(m, x.shape[1])
         for expert, begin, count in heavy:
-            tokens = order[begin:begin + count].long()
-            h = F.relu(round_once_linear(x.index_select(0, tokens), self.first.dense(expert, x.dtype)))
-            y.index_copy_(0, tokens, round_once_linear(h, self.second.dense(expert, x.dtype)))
+            assignments = order[begin:begin + count].long()
+            h = round_once_linear(x.index_select(0, assignments // k), self.first.dense(expert, x.dtype))
+            h = self._activate(h, dim=1)  # [count, d_ff]
+            y.index_copy_(0, assignments, round_once_linear(h, self.second.dense(expert, x.dtype)))
         return y
+
+    def _activate(self, h: torch.Tensor, dim: int) -> torch.Tensor:
+        """The activation on first's outputs (rounded to the run dtype), along `dim` (its rows)."""
+        if self.activation == "relu":
+            return F.relu(h)
+        gate, up = h.chunk(2, dim=dim)
+        return F.silu(gate) * up  # each rounded to the run dtype, as GatedMLP over separate linears

@@ -10,7 +10,7 @@ and layouts in `kernels/decode_matmul.h`; x and the outputs are fp32, bf16 or fp
     qmoe::ternary_dense(words, bases?, offsets, masks, lo, hi, expert, cols, dtype) -> [rows, cols]
     qmoe::bitpacked_dense(packed, scale, zero, bits, group_cols, cols, expert, dtype) -> [rows, cols]
     qmoe::route_plan(index, num_experts) -> (order [n] int32, tiles [n, 3] int32)
-    qmoe::gather_transpose(x [n, cols], order [n]) -> xt [cols, n]
+    qmoe::gather_transpose(x [N, cols], order [n]) -> xt [cols, n]
 
 A *tile* is up to 32 tokens of one expert; the tile ops compute every row of the expert's matrix
 for those tokens in one launch over all tiles, so a sparse block costs one launch per expert
@@ -284,7 +284,8 @@ def host_plan(counts: list[int], threshold: int) -> tuple[torch.Tensor, list[tup
 
 
 def gather_transpose(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """x [n, cols] -> [cols, n] with column p = x[order[p]] (order [n] int32), on the GPU."""
+    """x [N, cols] -> [cols, n] with column p = x[order[p]] (order [n] int32, any n: a row may be
+    gathered several times), on the GPU."""
     return torch.ops.qmoe.gather_transpose(x, order)
 
 

@@ -146,17 +146,19 @@ def expert_output(block: MoEBlock, expert: nn.Module, x: torch.Tensor, weights: 
 def apply_experts(block: MoEBlock, bank: ExpertBank, buffer: ListBuffer, routing: Routing, run: RunConfig,
                   out: torch.Tensor) -> None:
     """Run every routed token through its experts from `bank`; results add up in `out`. Where the
-    bank has a grouped path on the device: all experts at once, chunk by chunk of tokens, one
-    pass per routing slot; else ascending expert id (so a token's outputs add up in that order),
-    loading `run.group_size` at a time."""
+    bank has a grouped path on the device: all experts at once, chunk by chunk of tokens, all k
+    routing slots in one call (its outputs [chunk, k, d] on the device), weighted and added in slot
+    order; else ascending expert id (so a token's outputs add up in that order), loading
+    `run.group_size` at a time."""
     routed = routed_experts(bank, run.device, run.dtype)
     if routed is not None:
         index, prob = routing.index.view(-1, routing.k), routing.prob.view(-1, routing.k)  # [N, k]
         for part in buffer.chunks(run.token_chunk):
             x = block.ffn_norm(buffer.data[part].to(run.device, non_blocking=True))
+            y = routed(x, index[part].to(run.device))  # [n, k, d]
+            weight = prob[part].to(run.device, x.dtype)  # [n, k]
             for slot in range(routing.k):
-                y = routed(x, index[part, slot].to(run.device)) * prob[part, slot].to(run.device, x.dtype)[:, None]
-                out[part] += y.to(out.device, out.dtype)
+                out[part] += (y[:, slot] * weight[:, slot, None]).to(out.device, out.dtype)
         return
     active = [j for j in range(bank.num_experts) if routing.count(j)]
     for first in range(0, len(active), run.group_size):

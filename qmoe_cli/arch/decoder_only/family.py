@@ -52,7 +52,8 @@ class DecoderArchitecture:
         gate, up, down = c.expert_matrices
         d, ff = c.hidden_size, c.moe_intermediate_size
         shapes = {gate: (ff, d), up: (ff, d), down: (d, ff)}
-        object.__setattr__(self, "expert", ExpertShape((gate, up, down), shapes, _swiglu_hidden, inputs=(gate, up)))
+        object.__setattr__(self, "expert", ExpertShape((gate, up, down), shapes, _swiglu_hidden, inputs=(gate, up),
+                                                        chain_activation="silu_gated"))
 
     @property
     def family(self) -> str:
