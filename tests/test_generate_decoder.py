@@ -112,6 +112,21 @@ def test_greedy_tokens_equal_transformers_and_padding_changes_nothing(family) ->
         assert ours == theirs[:end]
 
 
+def test_a_prefill_in_chunks_generates_the_same_tokens(family, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long prompt batches are prefilled PREFILL_TOKENS at a time: one position per call (2 // 3
+    prompts, at least 1) gives the tokens of one call over the whole batch."""
+    from qmoe_cli.run import generate
+
+    _, directory, _ = family
+    weights = open_model(str(directory)).weights
+    model = load_resident(weights, None, [CPU], torch.float32)
+    prompts = _random_ids((4, 13, 8), seed=3)
+    stops = [set(weights.arch.generation().eos_tokens)] * 3
+    whole = generate_ids(model, prompts, stops, GenerateConfig(max_new_tokens=5))
+    monkeypatch.setattr(generate, "PREFILL_TOKENS", 2)
+    assert generate_ids(model, prompts, stops, GenerateConfig(max_new_tokens=5)) == whole
+
+
 def test_cache_bytes_are_what_the_cache_holds_and_what_placement_plans(family) -> None:
     """`cache_bytes` (what placement reserves per block) equals the bytes the cache allocates
     for a prompt batch plus its new tokens; the plan counts the whole sequence's cache."""
