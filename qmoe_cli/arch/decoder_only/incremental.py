@@ -66,12 +66,28 @@ class DecoderStackCache:
     positions: torch.Tensor  # [B, max_length] int64: a slot's rotary position in its sequence
     cos: torch.Tensor  # [max_length, rot], rows by position
     sin: torch.Tensor
+    window: int | None  # sliding window (keys this many slots back and more are masked)
     blocks: dict[int, _BlockCache] = field(default_factory=dict)
     _steps: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def length(self, index: int) -> int:
         entry = self.blocks.get(index)
         return 0 if entry is None else entry.length
+
+    def step(self, first: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, t, rot] of slots [first, first + t)'s positions and the bias
+        [B, 1, t, first + t] fp32 (causal, windowed, padding masked) on `device`, built once per
+        step and device (every block of the step shares them)."""
+        key = (device, first, t)
+        if key not in self._steps:
+            if len(self._steps) > 8:  # keeps a handful: one per device of the current step
+                self._steps.clear()
+            slots = self.positions[:, first:first + t]  # [B, t]
+            cos, sin = self.cos[slots][:, None], self.sin[slots][:, None]
+            bias = causal_bias(first + t, self.window, self.key_mask.device, first)[None, None]
+            bias = bias.masked_fill(~self.key_mask[:, None, None, :first + t], torch.finfo(torch.float32).min)
+            self._steps[key] = (cos.to(device), sin.to(device), bias.to(device))
+        return self._steps[key]
 
     def extend(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write block `index`'s keys k [B, KV, t, dk] and values v [B, KV, t, dv] after its cached
@@ -109,26 +125,9 @@ class DecoderIncrementalStack:
         # Real tokens before a slot; padding slots get 0 (any position would do: they are masked).
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         cos, sin = rotary_tables(self.config, max_length, self.device, self.dtype)
-        return DecoderStackCache(max_length, mask, positions, cos, sin)
+        return DecoderStackCache(max_length, mask, positions, cos, sin, self.config.sliding_window)
 
     def attend(self, block: DecoderBlock, index: int, x: torch.Tensor, cache: DecoderStackCache) -> torch.Tensor:
         """x [B, t, d] at slots [L, L + t) of block `index` -> [B, t, d] (see IncrementalStack)."""
-        first = cache.length(index)
-        cos, sin, bias = self._step(cache, first, x.shape[1], x.device)
+        cos, sin, bias = cache.step(cache.length(index), x.shape[1], x.device)
         return block.attend(x, cos, sin, bias, lambda k, v: cache.extend(index, k, v))
-
-    def _step(self, cache: DecoderStackCache, first: int, t: int,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """cos, sin [B, 1, t, rot] of the new slots' positions and the bias [B, 1, t, first + t]
-        fp32 (causal, windowed, padding masked), memoized per device for the current step."""
-        key = (device, first, t)
-        if key not in cache._steps:
-            if len(cache._steps) > 8:  # keeps a handful: one per device of the current step
-                cache._steps.clear()
-            slots = cache.positions[:, first:first + t]  # [B, t]
-            cos, sin = cache.cos[slots][:, None], cache.sin[slots][:, None]
-            bias = causal_bias(first + t, self.config.sliding_window, self.device, first)[None, None]
-            padding = ~cache.key_mask[:, None, None, :first + t]  # [B, 1, 1, first + t]
-            bias = bias.masked_fill(padding, torch.finfo(torch.float32).min)
-            cache._steps[key] = (cos.to(device), sin.to(device), bias.to(device))
-        return cache._steps[key]
