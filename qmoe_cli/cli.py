@@ -233,7 +233,7 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
     spec = arch.generation()
     suffix = len(spec.prompt_suffix)
     window = spec.max_positions or model.window
-    if spec.prompt_stack is None:  # a causal LM continues plain text
+    if arch.objective == "causal_lm":  # continues plain text (its GenerationSpec has no prompt stack)
         tokenizer = load_causal_tokenizer(model.tokenizer_dir)
         parsed = [parse_continuation_prompt(text, tokenizer, where, window, arch.config.vocab_size)
                   for where, text in texts]
