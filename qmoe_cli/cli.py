@@ -186,7 +186,8 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
 @click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
               help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory (original, quantized, packed).")
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="A prompt with spans to fill marked <extra_id_0>, <extra_id_1>, ...; repeat for several.")
+              help="A prompt: text to continue (decoder-only models), or text with spans to fill marked "
+                   "<extra_id_0>, <extra_id_1>, ... (Switch); repeat for several.")
 @click.option("--input", "input_file", type=click.Path(path_type=Path), default=None, metavar="FILE.jsonl",
               help='Prompts, one JSON object a line: {"prompt": TEXT} (or "text").')
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Most tokens generated per prompt.")
@@ -206,11 +207,12 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
 def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path | None, max_new_tokens: int,
                      greedy: bool, temperature: float | None, top_p: float | None, seed: int | None, batch_size: int,
                      devices: tuple[str, ...], max_memory: tuple[str, ...], dtype: str, as_json: bool) -> None:
-    """Fill the marked spans of prompts (T5 span filling) with a model of any kind, on CPU or GPUs."""
-    from .data.tokenizer import load_tokenizer
+    """Continue text prompts (decoder-only models) or fill the marked spans of prompts (T5 span
+    filling), with a model of any kind, on CPU or GPUs."""
+    from .data.tokenizer import load_causal_tokenizer, load_tokenizer
     from .formats.open import open_model
     from .run.evaluate import resolve_dtype
-    from .run.generate import GenerateConfig, generate, parse_prompt
+    from .run.generate import GenerateConfig, generate, parse_continuation_prompt, parse_prompt
     from .run.placement import device_budgets, parse_bytes, plan_model
     from .run.resident import load_resident
 
@@ -229,10 +231,17 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
     texts = [(f"--prompt {i + 1}", t) for i, t in enumerate(prompts)] or _read_prompts(input_file)
     model = open_model(model_name)
     arch = model.weights.arch
-    suffix = len(arch.generation().prompt_suffix)  # first: a family without generation says so
-    tokenizer = load_tokenizer(model.tokenizer_dir)
-    parsed = [parse_prompt(text, tokenizer, where, model.window, arch.config.vocab_size, suffix)
-              for where, text in texts]
+    spec = arch.generation()
+    suffix = len(spec.prompt_suffix)
+    window = spec.max_positions or model.window
+    if arch.objective == "causal_lm":  # continues plain text (its GenerationSpec has no prompt stack)
+        tokenizer = load_causal_tokenizer(model.tokenizer_dir)
+        parsed = [parse_continuation_prompt(text, tokenizer, where, window, arch.config.vocab_size)
+                  for where, text in texts]
+    else:
+        tokenizer = load_tokenizer(model.tokenizer_dir)
+        parsed = [parse_prompt(text, tokenizer, where, window, arch.config.vocab_size, suffix)
+                  for where, text in texts]
     run_dtype = resolve_dtype(dtype, model.stored_dtype, run_devices[0])
     placement = None
     if run_devices[0].type == "cuda":
@@ -244,11 +253,11 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
     resident = load_resident(model.weights, placement, run_devices, run_dtype)
     outputs = generate(resident, parsed, tokenizer, cfg)
     if as_json:
-        click.echo(json.dumps({"model": model_name, "kind": model.kind, "outputs": [
-            {"prompt": o.prompt, "text": o.text, "spans": o.spans, "tokens": o.tokens} for o in outputs]}))
+        click.echo(json.dumps({"model": model_name, "kind": model.kind, "outputs": [o.to_json() for o in outputs]}))
         return
     for i, o in enumerate(outputs):
-        click.echo(f"[{i + 1}] {o.prompt}\n    -> {o.text}\n    filled: {o.filled()}")
+        filled = "" if o.spans is None else f"\n    filled: {o.filled()}"
+        click.echo(f"[{i + 1}] {o.prompt}\n    -> {o.text}{filled}")
 
 
 def resolve_devices(names: tuple[str, ...]) -> list[Any]:

@@ -112,3 +112,17 @@ def causal_lm_loss(model, sequences: list[list[int]]) -> float:
             total += model(input_ids=ids, labels=ids).loss.double().item() * (len(seq) - 1)
             count += len(seq) - 1
     return total / count
+
+
+def write_causal_tokenizer_json(directory: Path, vocab_size: int = 64):
+    """A word-level `tokenizer.json` in `directory` over words w0, w1, ... (ids 4 on) after <unk>,
+    <s>, </s>, <pad> (0-3), whose post-processor prepends <s> (as Mixtral's); returns it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = [f"w{i}" for i in range(vocab_size - 4)]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(directory / "tokenizer.json"))
+    return tok

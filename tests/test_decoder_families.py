@@ -17,12 +17,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-import tokenizers
 import torch
 from click.testing import CliRunner
 from conftest import fake_hub_datasets, wikitext_rows
-from hf_models import DECODER_FAMILIES, causal_lm_loss, save_hf_decoder
-from tokenizers import models, pre_tokenizers, processors
+from hf_models import DECODER_FAMILIES, causal_lm_loss, save_hf_decoder, write_causal_tokenizer_json
 
 from qmoe_cli.cli import main
 from qmoe_cli.formats.open import open_model
@@ -66,31 +64,13 @@ def test_eval_equals_transformers(family, tmp_path: Path) -> None:
     assert abs(expected - math.log(VOCAB)) > 0.3
 
 
-def test_generate_is_a_one_line_error_for_decoder_families(family) -> None:
-    _, directory, _ = family
-    result = CliRunner().invoke(main, ["generate", "--model", str(directory), "--prompt", "w1 w2", "--device", "cpu"])
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.stderr.startswith("error: qmoe generate does not support") and result.stderr.count("\n") == 1
-
-
-def _tokenizer_json(directory: Path) -> tokenizers.Tokenizer:
-    """A word-level tokenizer.json over 60 words whose post-processor prepends <s> (as Mixtral's)."""
-    words = [f"w{i}" for i in range(VOCAB - 4)]
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.save(str(directory / "tokenizer.json"))
-    return tok
-
-
 def test_text_is_tokenized_with_the_model_tokenizer(family, tmp_path: Path) -> None:
     name, directory, reference = family
     model = tmp_path / "model"
     model.mkdir()
     for f in directory.iterdir():
         (model / f.name).write_bytes(f.read_bytes())
-    tok = _tokenizer_json(model)
+    tok = write_causal_tokenizer_json(model)
     texts = ["w1 w5 w9 w2", "w40 w3", "w7 w7 w7 w8 w30 w31 w32", "w59"]
     data = tmp_path / "text.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -115,7 +95,7 @@ def test_wikitext2_is_evaluated_in_whole_windows(family, monkeypatch: pytest.Mon
     _, directory, reference = family
     model = tmp_path / "model"
     shutil.copytree(directory, model)
-    tok = _tokenizer_json(model)
+    tok = write_causal_tokenizer_json(model, VOCAB)
     rows = _word_rows(30, seed=4)
     fake_hub_datasets(monkeypatch, {"test": rows})
     ids = tok.encode("\n\n".join(rows)).ids
@@ -133,7 +113,7 @@ def test_wikitext2_calibrates_on_seeded_random_windows(monkeypatch: pytest.Monke
 
     model = tmp_path / "model"
     save_hf_decoder(model, "mixtral")
-    tok = _tokenizer_json(model)
+    tok = write_causal_tokenizer_json(model, VOCAB)
     rows = _word_rows(40, seed=5)
     fake_hub_datasets(monkeypatch, {"train": rows})
     ids = tok.encode("\n\n".join(rows)).ids

@@ -105,7 +105,9 @@ class IncrementalStack(Protocol):
     def new_cache(self, batch: int, max_length: int, key_mask: torch.Tensor | None = None,
                   memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> StackCache:
         """An empty cache for `batch` sequences of up to `max_length` positions. key_mask [B, T0]
-        bool (True = real token) masks the first call's keys (a padded prompt); memory [B, S, d]
+        bool (True = real token) masks the keys of the first T0 positions (a padded prompt); a
+        stack with positional encodings counts a sequence's positions from its first real token,
+        so a left-padded prompt computes as it would alone; memory [B, S, d]
         with memory_mask [B, S] bool is what cross-attention reads (None: no cross-attention)."""
         ...
 
@@ -117,22 +119,34 @@ class IncrementalStack(Protocol):
 
 @dataclass(frozen=True)
 class GenerationSpec:
-    """How a family generates: which stack reads the prompt once, which runs token by token."""
+    """How a family generates: which stack reads the prompt once, which runs token by token.
+
+    Encoder-decoder (T5): the prompt stack encodes the prompt, the output stack starts from
+    `start_token`. Decoder-only: no prompt stack and no start token; the output stack reads the
+    prompt itself (left-padded with `pad_token` in a batch) and continues it.
+    """
 
     prompt_stack: str | None  # run once over the prompt ("encoder"); None for decoder-only families
     output_stack: str  # run one position at a time with a cache ("decoder")
-    start_token: int  # the output stack's first input
-    eos_token: int
+    start_token: int | None  # the output stack's first input; None for decoder-only families
+    eos_tokens: tuple[int, ...]  # a sequence stops at any of them (none: only at the length limit)
     pad_token: int
     prompt_suffix: tuple[int, ...]  # appended to every prompt (T5: EOS, as its tokenizer does)
+    max_positions: int | None = None  # longest sequence the model's positions cover (None: the preset's window)
 
     def __post_init__(self) -> None:
         if self.prompt_stack == self.output_stack:
             raise ValueError(f"GenerationSpec: the prompt and output stacks must differ, got {self.output_stack!r} twice")
-        for name in ("start_token", "eos_token", "pad_token"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"GenerationSpec.{name} must be a token id >= 0, got {value!r}")
+        if (self.prompt_stack is None) != (self.start_token is None):
+            raise ValueError("GenerationSpec: a start token goes with a prompt stack (encoder-decoder), and neither "
+                             f"with decoder-only; got prompt_stack {self.prompt_stack!r}, start_token {self.start_token!r}")
+        ids = {"start_token": () if self.start_token is None else (self.start_token,),
+               "eos_tokens": self.eos_tokens, "pad_token": (self.pad_token,)}
+        for name, values in ids.items():
+            if any(not isinstance(v, int) or v < 0 for v in values):
+                raise ValueError(f"GenerationSpec.{name} must be token ids >= 0, got {getattr(self, name)!r}")
+        if self.max_positions is not None and self.max_positions < 1:
+            raise ValueError(f"GenerationSpec.max_positions must be >= 1 or None, got {self.max_positions!r}")
 
 
 # Expert structures the grouped GPU kernels run (`ExpertShape.chain_activation`), with their

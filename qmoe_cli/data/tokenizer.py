@@ -163,6 +163,10 @@ class CausalTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=True).ids
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids` as the tokenizer's decoder writes it, special tokens kept visible."""
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
 
 def load_causal_tokenizer(model_dir: Path) -> CausalTokenizer:
     """The `tokenizer.json` of a decoder-only model in `model_dir`; QmoeError when missing or unreadable."""

@@ -1,18 +1,28 @@
-"""`qmoe generate`: T5-style span filling with a resident model and a decoding cache.
+"""`qmoe generate`: span filling (T5) or continuation (decoder-only) with a resident model and
+a decoding cache; the architecture's `generation()` says which.
 
-A prompt marks the spans to fill with sentinels in order (`The <extra_id_0> walks in
-<extra_id_1> park`); the model answers `<extra_id_0> dog <extra_id_1> the <extra_id_2>`. Prompts
-run in batches: the prompt stack (encoder) once over the padded batch, then the output stack
-(decoder) one token per step with its cache (self-attention keys/values per block, the prompt's
-cross-attention keys/values computed once). A sequence stops at EOS, at the sentinel after its
-prompt's last one (every span closed), or after `max_new_tokens`; the batch stops when all have.
-Greedy decoding takes the most likely token; sampling draws from the temperature-scaled
-distribution cut to its top-p nucleus with a seeded CPU generator (same tokens on any device
-given the same logits). The family-specific parts come from the `Architecture`
-(`generation()`, `incremental_stack`).
+Span filling: a prompt marks the spans to fill with sentinels in order (`The <extra_id_0> walks
+in <extra_id_1> park`); the model answers `<extra_id_0> dog <extra_id_1> the <extra_id_2>`. The
+prompt stack (encoder) runs once over the padded batch, then the output stack (decoder) one token
+per step with its cache (self-attention keys/values per block, the prompt's cross-attention
+keys/values computed once). A sequence stops at EOS, at the sentinel after its prompt's last
+one (every span closed), or after `max_new_tokens`.
+
+Continuation (causal LM): a prompt is plain text, tokenized as the model's tokenizer does it
+(special tokens such as BOS included). The batch is left-padded; the decoder runs over the whole
+padded batch once (prefill, filling the cache, in chunks of at most `PREFILL_TOKENS` tokens),
+then one token per step. A sequence stops at any of the model's EOS ids or after
+`max_new_tokens`.
+
+Either way the batch stops when every sequence has. Greedy decoding takes the most likely token;
+sampling draws from the temperature-scaled distribution cut to its top-p nucleus with a seeded
+CPU generator (same tokens on any device given the same logits). The family-specific parts come
+from the `Architecture` (`generation()`, `incremental_stack`).
 
 Memory: the model as `ResidentModel` holds it, plus per batch the decoding caches
-(`Architecture.cache_bytes`) and one step's activations.
+(`Architecture.cache_bytes`) and one step's activations; a prefill chunk's attention scores
+are at most PREFILL_TOKENS x heads x prompt length fp32 values, as much as `qmoe eval` spends
+on one sample of that many tokens.
 """
 
 from __future__ import annotations
@@ -23,12 +33,13 @@ from typing import Sequence
 
 import torch
 
-from ..arch import Architecture
-from ..data.tokenizer import Tokenizer, sentinel_token
+from ..arch import Architecture, StackCache
+from ..data.tokenizer import CausalTokenizer, Tokenizer, sentinel_token
 from ..errors import QmoeError
 from .resident import ResidentModel
 
 _SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
+PREFILL_TOKENS = 2048  # prompt tokens (over the batch) per prefill call: bounds its attention scores
 
 
 @dataclass(frozen=True)
@@ -68,13 +79,18 @@ class Prompt:
 @dataclass(frozen=True)
 class Output:
     prompt: str
-    text: str  # the generated tokens decoded, sentinels visible (EOS and padding left out)
-    spans: list[str | None]  # per prompt sentinel, the filled span (None: the model never opened it)
+    text: str  # the generated tokens decoded (span filling: sentinels visible, EOS and padding left out)
+    spans: list[str | None] | None  # span filling: per sentinel, its span (None: never opened); else None
     tokens: list[int]  # generated ids, the stopping token included
 
     def filled(self) -> str:
         """The prompt with each sentinel replaced by its span (kept where the span is missing)."""
         return _SENTINEL_RE.sub(lambda m: _fill(self.spans, int(m.group(1)), m.group(0)), self.prompt)
+
+    def to_json(self) -> dict:
+        """{"prompt", "text", "spans", "tokens"}; no "spans" for a continuation."""
+        spans = {} if self.spans is None else {"spans": self.spans}
+        return {"prompt": self.prompt, "text": self.text, **spans, "tokens": self.tokens}
 
 
 def _fill(spans: list[str | None], index: int, sentinel: str) -> str:
@@ -119,10 +135,31 @@ def parse_prompt(text: str, tokenizer: Tokenizer, where: str, window: int, vocab
     return Prompt(text, tuple(ids), len(numbers))
 
 
+def parse_continuation_prompt(text: str, tokenizer: CausalTokenizer, where: str, window: int,
+                              vocab_size: int) -> Prompt:
+    """Tokenize a causal LM's prompt as its tokenizer does (special tokens included).
+
+    QmoeError naming `where` for: no text, more tokens than the model's window, or an id outside
+    the model's vocabulary.
+    """
+    if not text.strip():
+        raise QmoeError(f"{where}: the prompt is empty")
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise QmoeError(f"{where}: the prompt has no tokens")
+    if len(ids) > window:
+        raise QmoeError(f"{where}: {len(ids)} tokens, longer than the model's window of {window}")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise QmoeError(f"{where}: token id {bad[0]} is outside the model's vocabulary of {vocab_size}")
+    return Prompt(text, tuple(ids), 0)
+
+
 def stop_tokens(arch: Architecture, sentinel_ids: Sequence[int], prompt: Prompt) -> set[int]:
     """EOS, and the sentinel that closes the prompt's last span (when the tokenizer has one)."""
-    stops = {arch.generation().eos_token}
-    if prompt.sentinels < len(sentinel_ids):
+    spec = arch.generation()
+    stops = set(spec.eos_tokens)
+    if spec.prompt_stack is not None and prompt.sentinels < len(sentinel_ids):
         stops.add(sentinel_ids[prompt.sentinels])
     return stops
 
@@ -133,7 +170,7 @@ def encode_prompts(model: ResidentModel, prompts: Sequence[Sequence[int]]) -> tu
     and its mask [B, S] bool (True = a real token), on the model's first device."""
     spec = model.weights.arch.generation()
     if spec.prompt_stack is None:
-        raise QmoeError(f"{model.weights.arch.family}: generation without a prompt stack is not supported yet")
+        raise ValueError(f"{model.weights.arch.family} has no prompt stack: its prompts are prefilled (`prefill`)")
     rows = [list(p) + list(spec.prompt_suffix) for p in prompts]
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), spec.pad_token, dtype=torch.long)
@@ -148,29 +185,56 @@ def encode_prompts(model: ResidentModel, prompts: Sequence[Sequence[int]]) -> tu
 
 
 @torch.no_grad()
+def prefill(model: ResidentModel, prompts: Sequence[Sequence[int]],
+            max_new_tokens: int) -> tuple[StackCache, torch.Tensor]:
+    """Decoder-only: the output stack over the left-padded batch, in chunks of positions (all
+    sequences together) -> its cache (room for `max_new_tokens` more positions) and the final
+    states of every prompt's last token [B, d] on the first device."""
+    spec = model.weights.arch.generation()
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), spec.pad_token, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.bool)
+    for b, prompt in enumerate(prompts):
+        ids[b, length - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[b, length - len(prompt):] = True
+    output = spec.output_stack
+    cache = model.stacks[output].new_cache(len(prompts), length + max_new_tokens, key_mask=mask)
+    chunk = max(1, PREFILL_TOKENS // len(prompts))
+    for first in range(0, length, chunk):
+        hidden = model.run_stack(output, model.embed(output, ids[:, first:first + chunk]), cache)
+    return cache, hidden[:, -1]
+
+
+@torch.no_grad()
 def generate_ids(model: ResidentModel, prompts: Sequence[Sequence[int]], stops: Sequence[set[int]],
                  config: GenerateConfig, generator: torch.Generator | None = None) -> list[list[int]]:
     """Generated ids per prompt (one batch; the stopping token included). Step logits come from
-    the cached decoder; `generator` (CPU) draws the samples when not greedy."""
+    the cached output stack; `generator` (CPU) draws the samples when not greedy."""
     spec = model.weights.arch.generation()
-    memory, mask = encode_prompts(model, prompts)
     batch = len(prompts)
     output = spec.output_stack
-    cache = model.stacks[output].new_cache(batch, config.max_new_tokens, memory=memory, memory_mask=mask)
-    last = torch.full((batch, 1), spec.start_token, dtype=torch.long)
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:  # [B, 1] int64 -> last final states [B, d]
+        return model.run_stack(output, model.embed(output, tokens), cache)[:, -1]
+
+    if spec.prompt_stack is None:
+        cache, hidden = prefill(model, prompts, config.max_new_tokens)
+    else:
+        memory, mask = encode_prompts(model, prompts)
+        cache = model.stacks[output].new_cache(batch, config.max_new_tokens, memory=memory, memory_mask=mask)
+        hidden = step(torch.full((batch, 1), spec.start_token, dtype=torch.long))
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
-    for _ in range(config.max_new_tokens):
-        hidden = model.run_stack(output, model.embed(output, last), cache)  # [B, 1, d]
-        logits = model.logits(hidden[:, -1])  # [B, vocab] fp32
-        chosen = choose(logits, config, generator).tolist()
+    for count in range(1, config.max_new_tokens + 1):
+        chosen = choose(model.logits(hidden), config, generator).tolist()  # logits [B, vocab] fp32
         for b, token in enumerate(chosen):
             if not done[b]:
                 generated[b].append(token)
                 done[b] = token in stops[b]
-        if all(done):
+        if all(done) or count == config.max_new_tokens:
             break
-        last = torch.tensor([[spec.pad_token if done[b] else chosen[b]] for b in range(batch)], dtype=torch.long)
+        hidden = step(torch.tensor([[spec.pad_token if done[b] else chosen[b]] for b in range(batch)],
+                                   dtype=torch.long))
     model.finish()
     return generated
 
@@ -190,7 +254,7 @@ def choose(logits: torch.Tensor, config: GenerateConfig, generator: torch.Genera
 
 
 def describe(tokens: Sequence[int], prompt: Prompt, tokenizer: Tokenizer, arch: Architecture) -> Output:
-    """Decoded text and the spans of one prompt's generated tokens."""
+    """Decoded text and the spans of one prompt's generated tokens (span filling)."""
     spec = arch.generation()
     sentinel_index = {s: i for i, s in enumerate(tokenizer.sentinel_ids)}
     spans: list[list[int] | None] = [None] * prompt.sentinels
@@ -200,24 +264,34 @@ def describe(tokens: Sequence[int], prompt: Prompt, tokenizer: Tokenizer, arch: 
             current = sentinel_index[token]
             if current < prompt.sentinels:
                 spans[current] = []
-        elif token == spec.eos_token:
+        elif token in spec.eos_tokens:
             break
         elif current is not None and current < prompt.sentinels:
             spans[current].append(token)
-    visible = [t for t in tokens if t not in (spec.eos_token, spec.pad_token)]
+    visible = [t for t in tokens if t not in (*spec.eos_tokens, spec.pad_token)]
     return Output(prompt=prompt.text, text=tokenizer.decode(visible).strip(),
                   spans=[None if s is None else tokenizer.decode(s).strip() for s in spans], tokens=list(tokens))
 
 
-def generate(model: ResidentModel, prompts: Sequence[Prompt], tokenizer: Tokenizer,
+def describe_continuation(tokens: Sequence[int], prompt: Prompt, tokenizer: CausalTokenizer,
+                          arch: Architecture) -> Output:
+    """The continuation's text: every generated token but a final EOS, decoded as the tokenizer
+    does (special tokens kept)."""
+    ended = bool(tokens) and tokens[-1] in arch.generation().eos_tokens
+    return Output(prompt=prompt.text, text=tokenizer.decode(tokens[:-1] if ended else tokens), spans=None,
+                  tokens=list(tokens))
+
+
+def generate(model: ResidentModel, prompts: Sequence[Prompt], tokenizer: Tokenizer | CausalTokenizer,
              config: GenerateConfig) -> list[Output]:
-    """Fill the spans of every prompt, `config.batch_size` prompts at a time."""
+    """Fill the spans of (or continue) every prompt, `config.batch_size` prompts at a time."""
     arch = model.weights.arch
+    explain = describe_continuation if arch.generation().prompt_stack is None else describe
     generator = None if config.greedy else torch.Generator().manual_seed(config.seed)
     outputs = []
     for first in range(0, len(prompts), config.batch_size):
         batch = prompts[first:first + config.batch_size]
         stops = [stop_tokens(arch, tokenizer.sentinel_ids, p) for p in batch]
         ids = generate_ids(model, [p.ids for p in batch], stops, config, generator)
-        outputs.extend(describe(t, p, tokenizer, arch) for t, p in zip(ids, batch))
+        outputs.extend(explain(t, p, tokenizer, arch) for t, p in zip(ids, batch))
     return outputs

@@ -181,15 +181,19 @@ class _NoExperts:
 def plan_model(weights: ModelWeights, budgets: Mapping[str, int], dtype: torch.dtype, batch: int,
                max_new_tokens: int, prompt_length: int) -> Placement:
     """The placement of a whole model for generating `max_new_tokens` for batches of `batch`
-    prompts of up to `prompt_length` tokens (embeddings and head go to the first device first)."""
+    prompts of up to `prompt_length` tokens (embeddings and head go to the first device first).
+    A decoder-only model caches prompt and output in one cache; an encoder-decoder caches the
+    output and, for cross-attention, the prompt."""
     arch = weights.arch
     spec = arch.generation()
+    cached, memory = ((max_new_tokens, prompt_length) if spec.prompt_stack is not None
+                      else (prompt_length + max_new_tokens, 0))
     size = torch.empty((), dtype=dtype).element_size()
     head = sum(_numel(weights, name) for name in arch.head_tensors()) * size
     first = next(iter(budgets))
     budgets = {**budgets, first: max(0, budgets[first] - head)}
     needs = [BlockNeed(f"{stack}.{i}", block_bytes(weights, stack, i, dtype),
-                       arch.cache_bytes(stack, batch, max_new_tokens, prompt_length, dtype),
+                       arch.cache_bytes(stack, batch, cached, memory, dtype),
                        max_new_tokens if stack == spec.output_stack else 1)
              for stack in arch.stacks for i in range(arch.num_blocks(stack))]
     placement = plan_placement(needs, budgets)

@@ -62,6 +62,9 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     moe_module: str = "mlp"  # the block's MoE submodule name in checkpoints
     expert_matrices: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    eos_token_ids: tuple[int, ...] = ()  # generation stops at any of them (none: only at the length limit)
+    pad_token_id: int | None = None  # fills a padded prompt batch (None: the first EOS, else 0)
+    max_position_embeddings: int | None = None  # longest sequence the model was built for (None: unknown)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -97,6 +100,14 @@ class DecoderConfig:
         if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"DecoderConfig: {self.num_experts} experts in n_group {self.n_group} groups with "
                              f"topk_group {self.topk_group}: groups must divide the experts and 1 <= topk_group <= n_group")
+        pad = () if self.pad_token_id is None else (self.pad_token_id,)
+        for name, ids in (("eos_token_ids", self.eos_token_ids), ("pad_token_id", pad)):
+            if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(f"DecoderConfig.{name} must hold token ids in [0, {self.vocab_size}), "
+                                 f"got {getattr(self, name)!r}")
+        if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
+            raise ValueError(f"DecoderConfig.max_position_embeddings must be >= 1 or None, "
+                             f"got {self.max_position_embeddings!r}")
         if self.shared_expert_gate and not self.shared_expert_size:
             raise ValueError("DecoderConfig.shared_expert_gate needs a shared expert (shared_expert_size > 0)")
 
@@ -132,7 +143,7 @@ class DecoderConfig:
                 fields = cls.parse(merged)
             except KeyError as exc:
                 raise QmoeError(f"config.json lacks {exc.args[0]}: not a {merged.get('model_type')} config") from None
-        for name in ("sparse_layers", "expert_matrices"):
+        for name in ("sparse_layers", "expert_matrices", "eos_token_ids"):
             if name in fields:
                 fields[name] = tuple(fields[name])
         if isinstance(fields.get("rope_scaling"), dict):  # as to_dict() wrote it
@@ -140,13 +151,24 @@ class DecoderConfig:
         return cls(**fields)
 
 
+def generation_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The fields every family spells alike that only generation reads: EOS (`eos_token_id`, an
+    id, a list of ids or absent), padding and the position limit."""
+    eos = raw.get("eos_token_id")
+    eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    return dict(eos_token_ids=eos, pad_token_id=raw.get("pad_token_id"),
+                max_position_embeddings=raw.get("max_position_embeddings"))
+
+
 def head_dim(raw: dict[str, Any]) -> int:
     return raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
 
 
 def grouped_query_fields(raw: dict[str, Any]) -> dict[str, Any]:
-    """The fields Mixtral, Qwen-MoE and OLMoE configs spell alike: sizes, grouped-query heads, top-k."""
+    """The fields Mixtral, Qwen-MoE and OLMoE configs spell alike: sizes, grouped-query heads, top-k,
+    and the generation fields."""
     return dict(vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_layers=raw["num_hidden_layers"],
                 num_heads=raw["num_attention_heads"],
                 num_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"], head_dim=head_dim(raw),
-                top_k=raw["num_experts_per_tok"], tie_word_embeddings=raw.get("tie_word_embeddings", False))
+                top_k=raw["num_experts_per_tok"], tie_word_embeddings=raw.get("tie_word_embeddings", False),
+                **generation_fields(raw))

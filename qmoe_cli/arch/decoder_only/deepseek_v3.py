@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import DecoderConfig
+from .config import DecoderConfig, generation_fields
 from .rope import rope_fields
 
 
@@ -30,5 +30,5 @@ class DeepseekV3Config(DecoderConfig):
             attention_bias=raw.get("attention_bias", False), attention="mla", q_lora_rank=raw.get("q_lora_rank"),
             kv_lora_rank=raw["kv_lora_rank"], qk_nope_head_dim=raw["qk_nope_head_dim"], v_head_dim=raw["v_head_dim"],
             rope_interleave=bool(raw.get("rope_interleave", True)),
-            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False), **generation_fields(raw),
         )

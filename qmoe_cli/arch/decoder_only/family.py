@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import QmoeError
-from ..base import ExpertBank, ExpertShape, GenerationSpec, IncrementalStack, TensorReader
+from ..base import ExpertBank, ExpertShape, GenerationSpec, TensorReader
 from .config import DecoderConfig
+from .incremental import DecoderIncrementalStack, cache_bytes
 from .layers import DecoderBlock, GatedMLP, RMSNorm, causal_bias, rotary_tables
 
 STACK = "decoder"
@@ -122,17 +122,19 @@ class DecoderArchitecture:
     def make_expert(self, parts: Mapping[str, torch.Tensor | nn.Module]) -> GatedMLP:
         return GatedMLP.from_parts(self.config.expert_matrices, dict(parts))
 
-    # `qmoe generate` (KV-cached incremental decoding) is implemented for Switch only so far.
     def generation(self) -> GenerationSpec:
-        raise self._no_generation()
+        """A causal LM continues its prompt: no prompt stack, no start token, no suffix; stops at
+        any of the config's `eos_token_id`s; pads with `pad_token_id`, else the first EOS, else 0
+        (padding is masked, so any id does)."""
+        c = self.config
+        pad = c.pad_token_id if c.pad_token_id is not None else (c.eos_token_ids or (0,))[0]
+        return GenerationSpec(prompt_stack=None, output_stack=STACK, start_token=None, eos_tokens=c.eos_token_ids,
+                              pad_token=pad, prompt_suffix=(), max_positions=c.max_position_embeddings)
 
     def incremental_stack(self, stack: str, read: TensorReader, device: torch.device,
-                          dtype: torch.dtype) -> IncrementalStack:
-        raise self._no_generation()
+                          dtype: torch.dtype) -> DecoderIncrementalStack:
+        return DecoderIncrementalStack(self.config, device, dtype)
 
     def cache_bytes(self, stack: str, batch: int, length: int, memory_length: int, dtype: torch.dtype) -> int:
-        raise self._no_generation()
-
-    def _no_generation(self) -> QmoeError:
-        return QmoeError(f"qmoe generate does not support {self.family} models yet (Switch Transformers only); "
-                         "qmoe eval, compress and pack do")
+        """The prompt and the generated tokens share one cache of `length` positions (no memory)."""
+        return cache_bytes(self.config, batch, length, dtype)

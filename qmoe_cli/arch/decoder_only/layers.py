@@ -11,6 +11,8 @@ over a flat token buffer.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,17 +60,63 @@ def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
 
 
-def causal_bias(length: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """Additive mask [T, T] fp32: 0 where key <= query (and within `window`), else -inf-like."""
-    query = torch.arange(length, device=device)[:, None]
+def causal_bias(length: int, window: int | None, device: torch.device, first: int = 0) -> torch.Tensor:
+    """Additive mask [T - first, T] fp32 of queries first..T-1 over keys 0..T-1: 0 where key <=
+    query (and within `window`), else -inf-like (finite, so a row with every key masked, a
+    padding query, stays a number)."""
+    query = torch.arange(first, length, device=device)[:, None]
     key = torch.arange(length, device=device)[None, :]
     allowed = key <= query
     if window is not None:
         allowed &= query - key < window
-    return torch.zeros(length, length, device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return torch.zeros(length - first, length, device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-class Attention(nn.Module):
+# Keys/values of the new positions [B, KV, t, *] -> those of every position so far (a cache).
+ExtendKeys = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Softmax attention of grouped queries: q [B, H, t, dk], k [B, KV, S, dk], v [B, KV, S, dv]
+    (H a multiple of KV; query head h reads key/value head h // (H / KV), as transformers'
+    `repeat_kv`), bias broadcastable to [B, H, t, S] fp32 -> [B, t, H * dv]. Scores and softmax
+    in fp32. The query heads of one key/value head are stacked into one matrix instead of the
+    keys being repeated per query head: a decoding cache is read in place, never copied."""
+    batch, heads, length, _ = q.shape
+    kv_heads = k.shape[1]
+    rows = heads // kv_heads * length
+    scores = torch.matmul(q.reshape(batch, kv_heads, rows, -1), k.transpose(2, 3))  # [B, KV, g * t, S]
+    scores = scores.float().view(batch, heads, length, -1) * scale + bias
+    weights = torch.softmax(scores, dim=-1).to(v.dtype).view(batch, kv_heads, rows, -1)
+    out = torch.matmul(weights, v).view(batch, heads, length, -1)  # [B, H, t, dv]
+    return out.transpose(1, 2).reshape(batch, length, -1)
+
+
+class SelfAttention(nn.Module):
+    """What both attentions share: project the new positions to rotated queries, keys and values
+    (`project`, per family), let a cache prepend the earlier positions' keys and values
+    (`extend`), attend (`scaled_attention`) and project out (`o_proj`). The streamed runner
+    (whole samples) and the decoding cache run this one implementation."""
+
+    config: DecoderConfig
+    o_proj: nn.Linear
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                extend: ExtendKeys | None = None) -> torch.Tensor:
+        """x [B, t, d]; cos, sin [t, rot] or [B, 1, t, rot] (per sequence positions); bias [t, S]
+        or [B, 1, t, S] fp32 over the S keys (S = t without `extend`) -> [B, t, d]."""
+        q, k, v = self.project(x, cos, sin)
+        if extend is not None:
+            k, v = extend(k, v)
+        return self.o_proj(scaled_attention(q, k, v, bias, self.config.softmax_scale))
+
+
+class Attention(SelfAttention):
     """Grouped-query self-attention with rotary positions, optional q/k norms and qkv clipping."""
 
     def __init__(self, config: DecoderConfig):
@@ -87,8 +135,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.num_heads * c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim, c.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d]; cos, sin [T, hd]; bias [T, T] fp32 -> [B, T, d]."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, t, d] -> q [B, H, t, hd], k and v [B, KV, t, hd]: q and k normed (`qk_norm`),
+        clipped (`clip_qkv`) and rotated to their positions."""
         c = self.config
         batch, length = x.shape[:2]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -100,20 +150,15 @@ class Attention(nn.Module):
         k = k.view(batch, length, c.num_kv_heads, c.head_dim)
         if c.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)  # [B, H|KV, T, hd]
-        v = v.view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        groups = c.num_heads // c.num_kv_heads  # each key/value head serves `groups` query heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = torch.matmul(q, k.transpose(2, 3)).float() * c.softmax_scale + bias  # [B, H, T, T] fp32
-        weights = torch.softmax(scores, dim=-1).to(v.dtype)
-        out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, -1)
-        return self.o_proj(out)
+        q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)  # [B, H|KV, t, hd]
+        return q, k, v.view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
 
 
-class LatentAttention(nn.Module):
+class LatentAttention(SelfAttention):
     """DeepSeek's multi-head latent attention (MLA): queries through an optional low-rank
     bottleneck, keys and values expanded per head from one normalised latent, and a rotary key
-    part shared by all heads. Runs in the expanded form (no latent KV cache: whole sequences)."""
+    part shared by all heads. Runs in the expanded form: per head keys and values (what a
+    decoding cache holds), not the latent."""
 
     _LATENT_EPS = 1e-6  # the latents' RMSNorms use transformers' default, not rms_norm_eps
 
@@ -134,24 +179,21 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = nn.Linear(c.num_heads * c.v_head_dim, c.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d]; cos, sin [T, rope]; bias [T, T] fp32 -> [B, T, d]."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, t, d] -> q and k [B, H, t, nope + rope] (rotary part rotated), v [B, H, t, v]."""
         c = self.config
         batch, length = x.shape[:2]
         rotate = _rotate_interleaved if c.rope_interleave else _rotate
         q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(batch, length, c.num_heads, -1).transpose(1, 2)  # [B, H, T, nope + rope]
+        q = q.view(batch, length, c.num_heads, -1).transpose(1, 2)  # [B, H, t, nope + rope]
         q_pass, q_rot = q.split([c.qk_nope_head_dim, c.head_dim], dim=-1)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.head_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(batch, length, c.num_heads, -1).transpose(1, 2)
-        k_pass, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)  # [B, H, T, nope], [B, H, T, v]
+        k_pass, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)  # [B, H, t, nope], [B, H, t, v]
         k_rot = rotate(k_rot.view(batch, 1, length, c.head_dim), cos, sin).expand(-1, c.num_heads, -1, -1)
         q = torch.cat([q_pass, rotate(q_rot, cos, sin)], dim=-1)
-        k = torch.cat([k_pass, k_rot], dim=-1)
-        scores = torch.matmul(q, k.transpose(2, 3)).float() * c.softmax_scale + bias  # [B, H, T, T] fp32
-        weights = torch.softmax(scores, dim=-1).to(v.dtype)
-        out = torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, -1)
-        return self.o_proj(out)
+        return q, torch.cat([k_pass, k_rot], dim=-1), v
 
 
 class GatedMLP(nn.Module):
@@ -253,9 +295,10 @@ class DecoderBlock(nn.Module):
     def moe(self) -> SparseMoE:
         return getattr(self, self.config.moe_module)
 
-    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d] -> x + attention(norm(x)), [B, T, d]."""
-        return x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+               extend: ExtendKeys | None = None) -> torch.Tensor:
+        """x [B, t, d] -> x + attention(norm(x)), [B, t, d] (see `SelfAttention.forward`)."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, bias, extend)
 
     def ffn_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.post_attention_layernorm(x)

@@ -138,7 +138,7 @@ class SwitchArchitecture:
     def generation(self) -> GenerationSpec:
         c = self.config
         return GenerationSpec(prompt_stack="encoder", output_stack="decoder", start_token=c.decoder_start_token_id,
-                              eos_token=c.eos_token_id, pad_token=c.pad_token_id, prompt_suffix=(c.eos_token_id,))
+                              eos_tokens=(c.eos_token_id,), pad_token=c.pad_token_id, prompt_suffix=(c.eos_token_id,))
 
     def incremental_stack(self, stack: str, read: TensorReader, device: torch.device,
                           dtype: torch.dtype) -> SwitchIncrementalStack:

@@ -1,0 +1,133 @@
+"""Incremental decoding for decoder-only families: batched self-attention with a key/value cache.
+
+A batch of prompts of different lengths is left-padded to one length; `new_cache` takes the
+padding as a key mask. Each sequence counts its rotary positions from its first real token
+(position = real tokens before it, as transformers derives `position_ids` from the attention
+mask), so a padded prompt computes what it computes alone: its padding keys are masked and its
+positions are its own. The sliding window (Mixtral) is a window over cache slots, which is the
+same as over positions because padding comes first.
+
+What is cached per block is what `SelfAttention.project` returns and `scaled_attention` reads,
+so the cached path runs the streamed runner's own attention code (`DecoderBlock.attend` with an
+`extend` that appends to the cache):
+- grouped-query attention: keys and values per key/value head, after q/k norms, clipping and
+  rotation: 2 x KV heads x head_dim values per position;
+- multi-head latent attention (DeepSeek): the *expanded* per-head keys (no-rope part and the
+  shared rotary part) and values, H x (qk_nope + rope + v_head_dim) values per position, not the
+  compressed latent (kv_lora_rank + rope). That is the simplest correct choice: no
+  re-expansion of every cached latent per step and no second, weight-absorbed formulation of
+  the attention to keep equal to the first; the price is memory (DeepSeek-V3 at full size: 128
+  x 320 = 40960 values per position and block instead of 576).
+
+Cache tensors are preallocated to `max_length` positions on the device of the block that fills
+them (its first `attend`), and filled a call at a time. The step's rotary rows and mask are
+built once per step and device, not per block.
+
+Memory: per block, batch x max_length x `cache_width(config)` values in the model dtype
+(`cache_bytes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import DecoderConfig
+from .layers import DecoderBlock, causal_bias, rotary_tables
+
+
+def cache_width(config: DecoderConfig) -> int:
+    """Values one block caches per position (keys and values together; see the module docstring)."""
+    c = config
+    if c.attention == "mla":
+        return c.num_heads * (c.qk_nope_head_dim + c.head_dim + c.v_head_dim)
+    return 2 * c.num_kv_heads * c.head_dim
+
+
+def cache_bytes(config: DecoderConfig, batch: int, length: int, dtype: torch.dtype) -> int:
+    """Bytes one block's cache holds for `batch` sequences of `length` positions."""
+    return batch * length * cache_width(config) * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class _BlockCache:
+    keys: torch.Tensor  # [B, KV, max_length, dk], filled up to `length` (MLA: KV = H)
+    values: torch.Tensor  # [B, KV, max_length, dv]
+    length: int = 0
+
+
+@dataclass
+class DecoderStackCache:
+    """The decoder's state for a batch of sequences (see the module docstring)."""
+
+    max_length: int
+    key_mask: torch.Tensor  # [B, max_length] bool, True = a real token (padding is False)
+    positions: torch.Tensor  # [B, max_length] int64: a slot's rotary position in its sequence
+    cos: torch.Tensor  # [max_length, rot], rows by position
+    sin: torch.Tensor
+    window: int | None  # sliding window (keys this many slots back and more are masked)
+    blocks: dict[int, _BlockCache] = field(default_factory=dict)
+    _steps: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def length(self, index: int) -> int:
+        entry = self.blocks.get(index)
+        return 0 if entry is None else entry.length
+
+    def step(self, first: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, t, rot] of slots [first, first + t)'s positions and the bias
+        [B, 1, t, first + t] fp32 (causal, windowed, padding masked) on `device`, built once per
+        step and device (every block of the step shares them)."""
+        key = (device, first, t)
+        if key not in self._steps:
+            if len(self._steps) > 8:  # keeps a handful: one per device of the current step
+                self._steps.clear()
+            slots = self.positions[:, first:first + t]  # [B, t]
+            cos, sin = self.cos[slots][:, None], self.sin[slots][:, None]
+            bias = causal_bias(first + t, self.window, self.key_mask.device, first)[None, None]
+            bias = bias.masked_fill(~self.key_mask[:, None, None, :first + t], torch.finfo(torch.float32).min)
+            self._steps[key] = (cos.to(device), sin.to(device), bias.to(device))
+        return self._steps[key]
+
+    def extend(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write block `index`'s keys k [B, KV, t, dk] and values v [B, KV, t, dv] after its cached
+        positions -> all its keys and values so far ([B, KV, L + t, *], views of the cache)."""
+        entry = self.blocks.get(index)
+        if entry is None:
+            shape = (k.shape[0], k.shape[1], self.max_length)
+            entry = self.blocks[index] = _BlockCache(k.new_empty(*shape, k.shape[3]), v.new_empty(*shape, v.shape[3]))
+        first, t = entry.length, k.shape[2]
+        if first + t > self.max_length:
+            raise ValueError(f"decoding past the cache's {self.max_length} positions (at {first} + {t})")
+        entry.keys[:, :, first:first + t] = k
+        entry.values[:, :, first:first + t] = v
+        entry.length = first + t
+        return entry.keys[:, :, :first + t], entry.values[:, :, :first + t]
+
+
+@dataclass(frozen=True)
+class DecoderIncrementalStack:
+    """`IncrementalStack` of a decoder-only model: causal, cached, positions per sequence."""
+
+    config: DecoderConfig
+    device: torch.device  # where the cache's masks and rotary tables live (the model's first device)
+    dtype: torch.dtype
+
+    def new_cache(self, batch: int, max_length: int, key_mask: torch.Tensor | None = None,
+                  memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> DecoderStackCache:
+        if max_length < 1 or batch < 1:
+            raise ValueError(f"a decoding cache needs batch >= 1 and max_length >= 1, got {batch}, {max_length}")
+        if memory is not None:
+            raise ValueError("a decoder-only stack reads no memory (it has no cross-attention)")
+        mask = torch.ones(batch, max_length, dtype=torch.bool, device=self.device)
+        if key_mask is not None:
+            mask[:, :key_mask.shape[1]] = key_mask.to(self.device, torch.bool)
+        # Real tokens before a slot; padding slots get 0 (any position would do: they are masked).
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        cos, sin = rotary_tables(self.config, max_length, self.device, self.dtype)
+        return DecoderStackCache(max_length, mask, positions, cos, sin, self.config.sliding_window)
+
+    def attend(self, block: DecoderBlock, index: int, x: torch.Tensor, cache: DecoderStackCache) -> torch.Tensor:
+        """x [B, t, d] at slots [L, L + t) of block `index` -> [B, t, d] (see IncrementalStack)."""
+        cos, sin, bias = cache.step(cache.length(index), x.shape[1], x.device)
+        return block.attend(x, cos, sin, bias, lambda k, v: cache.extend(index, k, v))
