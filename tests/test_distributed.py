@@ -247,7 +247,8 @@ def test_three_ranks_with_small_groups_write_what_one_process_writes(reference, 
 def test_two_ranks_compress_a_top_k_family_with_a_shared_expert_as_one_process_does(tmp_path: Path):
     """Qwen2-MoE (top-2 of 4 SwiGLU experts, a gated shared expert, a dense block): a token goes
     to both its experts' owners and their weighted outputs add up on its rank, gate and up are
-    quantized stacked, and the bytes still match one process's (rounds of 2 vs 1 experts)."""
+    quantized stacked, the shared expert on rank 0 from both ranks' Hessian sums, and the bytes
+    still match one process's (rounds of 2 vs 1 experts)."""
     from hf_models import save_hf_decoder
 
     model = tmp_path / "model"
@@ -261,6 +262,7 @@ def test_two_ranks_compress_a_top_k_family_with_a_shared_expert_as_one_process_d
     procs = _ranks(2, tmp_path / "two", *flags)
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    assert (tmp_path / "one/experts/decoder-000/shared.safetensors").is_file()  # quantized: its Hessians reduced
     _assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
 
 
