@@ -318,8 +318,9 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
 @click.option("--grid-group", type=int, default=None, help="Columns per grid (default: one grid per row).")
 @click.option("--token-cap", type=float, default=4.0, show_default=True,
               help="Hessian tokens per expert capped at this multiple of the mean.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Span-corruption seed; also picks wikitext2's calibration windows.")
+@click.option("--shared-experts", type=click.Choice(["quantize", "keep"]), default="quantize", show_default=True,
+              help="Shared experts (Qwen2-MoE, DeepSeek): quantized like routed ones, or kept as stored.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Span-corruption seed; also picks wikitext2's calibration windows.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, callback=_output_dir,
               help="Output directory (default: ./NAME-METHOD-BITS). Never overwritten.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same settings into --out.")
@@ -334,7 +335,7 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
 @handle_errors
 def compress_command(model_name: str, bits: str, method: str, calib_source: str | None, calib_samples: int,
                      group_size: int, damp: float, act_order: bool, grid_group: int | None, token_cap: float,
-                     seed: int, out_dir: Path | None, resume: bool, then_pack: bool, device: str,
+                     shared_experts: str, seed: int, out_dir: Path | None, resume: bool, then_pack: bool, device: str,
                      distributed: bool, dist_timeout: float, threads: int | None, as_json: bool) -> None:
     """Quantize every expert with batched GPTQ, streaming the model block by block.
 
@@ -349,7 +350,7 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
     from .run.stream import RunConfig
 
     cfg = CompressConfig(bits=bits, method=method, group_size=group_size, damp=damp, act_order=act_order,
-                         grid_group=grid_group, token_cap=token_cap)
+                         grid_group=grid_group, token_cap=token_cap, shared_experts=shared_experts)
     dist_cfg = DistConfig(timeout_s=dist_timeout)
     threads = _use_threads(threads)
     comm = click.get_current_context().with_resource(process_group(dist_cfg, resolve_device(device), distributed))

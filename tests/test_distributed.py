@@ -251,7 +251,7 @@ def test_two_ranks_compress_every_decoder_family_as_one_process_does(family: str
     block, DeepSeek-V3's dense first block, shared expert and sigmoid router with correction
     bias over 8 grouped experts): a token goes to both its experts' owners and their weighted
     outputs add up on its rank, gate and up are quantized stacked, and the bytes match one
-    process's (rounds of 2 vs 1 experts)."""
+    process's (rounds of 2 vs 1 experts); shared experts quantized on rank 0 from both ranks' Hessian sums."""
     model = tmp_path / "model"
     save_hf_decoder(model, family)
     g = torch.Generator().manual_seed(5)
@@ -263,6 +263,7 @@ def test_two_ranks_compress_every_decoder_family_as_one_process_does(family: str
     procs = _ranks(2, tmp_path / "two", *flags)
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    assert (tmp_path / "one/experts/decoder-000/shared.safetensors").is_file()  # quantized: its Hessians reduced
     _assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
 
 

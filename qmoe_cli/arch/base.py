@@ -26,6 +26,11 @@ class ExpertBank(Protocol):
     A bank may also offer `routed(device, dtype) -> RoutedExperts | None` (see `routed_experts`):
     all of a block's experts on the device at once, run over every routed token together (the
     packed checkpoint's GPU path). Callers prefer it when it returns a value, else `load`.
+
+    A bank of a compressed checkpoint may hold the block's shared expert too: it then says
+    `stores_shared = True` (see `bank_stores_shared`) and offers `shared(device, dtype) ->
+    {matrix: module}` (names of `Architecture.shared_expert`), and a block built around it has no
+    parameters of its own for the shared expert: `load_block` hands it these modules.
     """
 
     num_experts: int
@@ -51,6 +56,11 @@ def routed_experts(bank: ExpertBank, device: torch.device, dtype: torch.dtype) -
     return None if routed is None else routed(device, dtype)
 
 
+def bank_stores_shared(bank: ExpertBank | None) -> bool:
+    """Whether `bank` holds its block's shared expert (compressed), not the block's parameters."""
+    return bool(getattr(bank, "stores_shared", False))
+
+
 class MoEBlock(Protocol):
     """One block as the runner drives it: attention (through a `StackContext`), then a dense or
     sparse feed-forward over a flat token buffer."""
@@ -69,6 +79,13 @@ class MoEBlock(Protocol):
 
     def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
         """Normalised x [N, d] -> what the block's shared experts add [N, d]; None without any."""
+        ...
+
+    def use_shared(self, parts: Mapping[str, torch.Tensor | nn.Module]) -> None:
+        """Compute the shared expert from now on with `parts` (by `Architecture.shared_expert`
+        names: weights [rows, cols], used without a copy, or modules such as decode-matmuls): a
+        compressed checkpoint's, or the compressor's quantized ones. Only blocks of families with
+        a shared expert are asked."""
         ...
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,6 +215,9 @@ class Architecture(Protocol):
     num_experts: int
     d_model: int
     expert: ExpertShape
+    # The sparse blocks' shared expert, which every token passes (Qwen2-MoE, DeepSeek), described
+    # as a routed one so it is quantized alike; None for families without one.
+    shared_expert: ExpertShape | None
 
     def num_blocks(self, stack: str) -> int: ...
 
@@ -217,6 +237,10 @@ class Architecture(Protocol):
 
     def expert_tensor(self, stack: str, index: int, expert: int, matrix: str) -> str:
         """Checkpoint name of one expert matrix of a sparse block."""
+        ...
+
+    def shared_tensor(self, stack: str, index: int, matrix: str) -> str:
+        """Checkpoint name of one shared expert matrix of a sparse block (families with one)."""
         ...
 
     def head_tensors(self) -> dict[str, tuple[int, ...]]:

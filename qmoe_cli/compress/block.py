@@ -25,16 +25,27 @@ rank order is global sample order). For a sparse block:
    buffer; once every expert has run, `finish_sparse` adds that buffer (and any shared experts'
    output) to the hidden states;
 5. owners send their slices' codes (packed to ~log2(levels) bits, `wire.py`), grids and GPTQ
-   statistics to rank 0, which writes the group files and the block's statistics.
+   statistics to rank 0, which writes the group files and the block's statistics;
+6. the block's shared expert (families with one, `--shared-experts quantize`), which every token
+   passes: each rank sums `hessian_sum` over its own usable tokens (sentinels left out, no token
+   cap: the cap bounds what a routed expert gathers, and a running fp64 sum gathers nothing), the
+   sums are reduced onto rank 0, which quantizes gate and up in one GPTQ call and broadcasts
+   their codes; every rank then sums the Hessian of the quantized activation for down the same
+   way; rank 0 quantizes down, broadcasts it and writes `shared.safetensors`, and every rank's
+   block computes its shared output with the quantized matrices (`MoEBlock.use_shared`).
 
 A block finished before a `--resume` is replayed through the same steps 2 and 4: rank 0 reads its
-codes and sends each owner its slice (packed), instead of steps 3 and 5. With one process every
-collective is the identity and nothing is packed.
+codes and sends each owner its slice (packed), instead of steps 3 and 5, and broadcasts the
+shared expert's codes instead of step 6. With one process every collective is the identity and
+nothing is packed.
 
 Why the result does not depend on the number of ranks: every expert's arithmetic happens on one
 rank, on the tokens one process would give it, in the same order and the same chunks; token
 selection follows global order; and each expert's GPTQ is independent of which experts share
-its batch. Only the rank doing the arithmetic changes.
+its batch. Only the rank doing the arithmetic changes. The shared expert's Hessians are the
+exception: they are sums over every token, added up across ranks, which `hessian_sum` makes equal
+to one process's within fp64 rounding, far below the fp32 Hessian GPTQ receives (the 2-rank test
+holds its bytes equal); its GPTQ runs on rank 0 alone.
 
 Communication per block and rank (README, "Distributed compression"): the rank's tokens routed
 to other ranks' experts, there and back (tokens x d_model x dtype size, shrinking as 1/ranks),
@@ -46,6 +57,8 @@ matrix's fp64 sums while they are built, the output buffer: this rank's tokens x
 the tokens of one round's slice (top-k: each token once per expert of the slice): its experts'
 routed tokens with their outputs, and this rank's own tokens of the round while they are sent;
 rank 0 also holds one round's packed codes (group_size x world_size experts) while it writes them.
+The shared expert adds its quantized matrices on every rank, and on rank 0 its original weights
+and two fp64 Hessian sums (d_model^2 and width^2) while it is quantized.
 """
 
 from __future__ import annotations
@@ -59,10 +72,19 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from ..arch import Architecture, MoEBlock
+from ..arch import Architecture, ExpertShape, MoEBlock, TensorReader
 from ..files import save_tensors_atomic
 from ..formats.integrity import file_record
-from ..formats.quantized import QuantizedExperts, QuantizedWeights, expert_file, write_manifest
+from ..formats.quantized import (
+    SHARED,
+    GridLinear,
+    QuantizedExperts,
+    QuantizedWeights,
+    expert_file,
+    member_prefix,
+    shared_file,
+    write_manifest,
+)
 from ..quant.gptq import GPTQResult, experts_per_batch, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
 from ..quant.grids import Grid, IntGrid, QuantSpec, TernaryGrid, dequantize
 from ..run.stream import ListBuffer, Routing, RunConfig, expert_output, finish_sparse, route
@@ -81,9 +103,9 @@ class BlockStats:
     tokens_min: int
     tokens_median: int
     tokens_max: int
-    error: float  # sum over experts and matrices of the GPTQ objective 1/2 tr(dW H dW^T)
+    error: float  # sum over experts (the shared one too) and matrices of the GPTQ objective 1/2 tr(dW H dW^T)
     fallbacks: int  # expert matrices rounded to nearest (no tokens or Hessian not PD)
-    zero_fraction: float  # share of expert weights quantized to exactly 0
+    zero_fraction: float  # share of expert weights (shared expert's included) quantized to exactly 0
 
 
 @dataclass(frozen=True)
@@ -171,14 +193,17 @@ class ExpertCompressor:
     """The runtime's sparse-block hook: quantize a block's experts across the ranks of `comm`
     and propagate every rank's tokens through them; rank 0 writes files and manifest."""
 
-    def __init__(self, cfg: CompressConfig, arch: Architecture, partial: Path, skip: dict[str, torch.Tensor],
-                 manifest: dict, log: Callable[[str], None], comm: Comm):
-        self.cfg, self.arch, self.partial, self.skip, self.log, self.comm = cfg, arch, partial, skip, log, comm
+    def __init__(self, cfg: CompressConfig, arch: Architecture, read: TensorReader, partial: Path,
+                 skip: dict[str, torch.Tensor], manifest: dict, log: Callable[[str], None], comm: Comm):
+        self.cfg, self.arch, self.read, self.partial, self.skip, self.log, self.comm = \
+            cfg, arch, read, partial, skip, log, comm  # read: the source checkpoint's tensors
         self.manifest = manifest  # written by rank 0 only; the others read `finished`
         self.root = comm.rank == 0
+        self.shared = arch.shared_expert if cfg.shared_experts == "quantize" else None  # None: kept as stored
         self.saved = None
         if self.root:  # files written so far, checked against the manifest before a resumed run reads them
-            self.saved = QuantizedWeights(partial, arch, cfg.spec, cfg.group_size, manifest["files"])
+            self.saved = QuantizedWeights(partial, arch, cfg.spec, cfg.group_size, manifest["files"],
+                                          self.shared is not None)
             self.saved.check_layout([(s, i) for s, i in arch.sparse_blocks() if f"{s}.{i}" in manifest["finished"]])
 
     def close(self) -> None:
@@ -192,6 +217,8 @@ class ExpertCompressor:
         if name in self.manifest["finished"]:
             with self.comm.phase(name):
                 self._replay(stack, index, block, buffer, routing, run, out)
+                if self.shared is not None:
+                    self._use_shared(block, self._shared_from_root(self._stored_shared(stack, index)), run)
             finish_sparse(block, buffer, out, run)
             return
         started = time.perf_counter()
@@ -251,6 +278,8 @@ class ExpertCompressor:
             encoded, stats = self._solve_slice(block, slices[self.comm.rank], arrivals, plan, run)
             self._return_outputs(block, buffer, routing, slices, arrivals, encoded, run, out)
             self._collect(slices, encoded, stats, tally)
+        if self.shared is not None:
+            self._quantize_shared(stack, index, block, buffer, run, tally)
         counts = sorted(plan.routed.tolist())
         return BlockStats(f"{stack}.{index}", counts[0], counts[len(counts) // 2], counts[-1],
                           math.fsum(tally.errors), tally.fallbacks, tally.zeros / max(1, tally.total))
@@ -312,18 +341,13 @@ class ExpertCompressor:
         # The input matrices share the input's Hessian: one call, stacked by rows [n, sum rows, d].
         wi = self._solve(torch.stack([torch.cat([getattr(e, m).weight for m in shape.inputs]) for e in weights]),
                          inputs, used)
-        bounds = [0]
-        for m in shape.inputs:
-            bounds.append(bounds[-1] + shape.shapes[m][0])
-        rows = {m: slice(a, b) for m, a, b in zip(shape.inputs, bounds, bounds[1:])}
+        rows = _input_rows(shape)
         hidden = [shape.hidden(x, {m: wi.q[e, r] for m, r in rows.items()})  # the output's inputs, from quantized inputs
                   for e, x in enumerate(inputs)]
         wo = self._solve(torch.stack([getattr(e, shape.output).weight for e in weights]), hidden, used)
         stats = torch.stack([torch.stack([r.error.double(), r.fallback.double(), (r.q == 0).sum((1, 2)).double()], 1)
                              for r in (wi, wo)], 2).cpu()  # [n, STATS, 2]
-        split = [Encoded(wi.codes[:, r].contiguous(), wi.grid.map(lambda t, r=r: t[:, r].contiguous()))
-                 for r in rows.values()]
-        return [*split, Encoded(wo.codes, wo.grid)], stats
+        return [*_split_inputs(shape, wi), Encoded(wo.codes, wo.grid)], stats
 
     def _solve(self, w: torch.Tensor, features: list[torch.Tensor], used: torch.Tensor) -> GPTQResult:
         """w [n, rows, cols] fp32; features: each expert's Hessian inputs [n_j, cols] (unused by
@@ -333,7 +357,97 @@ class ExpertCompressor:
         sums = w.new_empty((len(features), w.shape[-1], w.shape[-1]), dtype=torch.float64)  # [n, cols, cols]
         for e, x in enumerate(features):
             sums[e] = hessian_sum(x)
+        return self._solve_sums(w, sums, used)
+
+    def _solve_sums(self, w: torch.Tensor, sums: torch.Tensor | None, used: torch.Tensor) -> GPTQResult:
+        """w [n, rows, cols] fp32; sums [n, cols, cols] fp64 from `hessian_sum` (None for rtn);
+        used [n] int64: tokens in each sum."""
+        if self.cfg.method != "gptq":
+            return rtn_quantize(w, self.cfg.spec)
         return gptq_quantize(w, hessian_from_sum(sums, used), self.cfg.gptq)
+
+    # --- step 6: the shared expert, every token's ------------------------------------------
+
+    def _quantize_shared(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, run: RunConfig,
+                         tally: "_Tally") -> None:
+        """Quantize the block's shared expert on rank 0 from every rank's tokens, write it, and
+        make every rank's block use it."""
+        shape, spec = self.shared, self.cfg.spec
+        usable = ~self.skip[stack]  # [N] bool: this rank's tokens that enter the Hessians
+        weights = ({m: self.read(self.arch.shared_tensor(stack, index, m), torch.float32, run.device)
+                    for m in shape.matrices} if self.root else None)  # each [rows, cols] fp32
+        first = self._shared_hessian(block, buffer, usable, run, lambda x: x)
+        wi = (self._solve_sums(torch.cat([weights[m] for m in shape.inputs])[None], *first)
+              if self.root else None)
+        inputs = self._shared_from_root(_split_inputs(shape, wi) if self.root else None, shape.inputs)
+        q = {m: enc.values(spec)[0].to(run.device) for m, enc in zip(shape.inputs, inputs)}  # [rows, d] fp32
+        second = self._shared_hessian(block, buffer, usable, run, lambda x: shape.hidden(x, q))
+        wo = self._solve_sums(weights[shape.output][None], *second) if self.root else None
+        [output] = self._shared_from_root([Encoded(wo.codes, wo.grid)] if self.root else None, (shape.output,))
+        encoded = [*inputs, output]
+        self._use_shared(block, encoded, run)
+        if not self.root:
+            return
+        tensors = {}
+        for m, enc in zip(shape.matrices, encoded):
+            tensors[f"{member_prefix(SHARED)}{m}.codes"] = enc.codes[0].cpu()
+            tensors.update({f"{member_prefix(SHARED)}{m}.{f}": t[0].cpu() for f, t in enc.grid.tensors().items()})
+        name = shared_file(stack, index)
+        save_tensors_atomic(tensors, self.partial / name)
+        self.manifest["files"][name] = file_record(self.partial / name)
+        tally.errors.extend([float(wi.error[0]), float(wo.error[0])])
+        tally.fallbacks += int(wi.fallback.sum()) + int(wo.fallback.sum())
+        tally.zeros += int((wi.q == 0).sum()) + int((wo.q == 0).sum())
+        tally.total += sum(rows * cols for rows, cols in shape.shapes.values())
+
+    def _shared_hessian(self, block: MoEBlock, buffer: ListBuffer, usable: torch.Tensor, run: RunConfig,
+                        features: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(sum [1, cols, cols] fp64 of `hessian_sum(features(norm(x)))` over every rank's usable
+        tokens, tokens [1] int64) on rank 0; (None, tokens) elsewhere, and for rtn (no sums).
+        Sample by sample in token chunks, the unit that is the same however samples are sharded."""
+        if self.cfg.method != "gptq":
+            return None, torch.zeros(1, dtype=torch.int64)
+        total, count = None, torch.zeros(1, dtype=torch.float64, device=self.comm.device)
+        for part in buffer.sample_chunks(run.token_chunk):
+            keep = usable[part]
+            x = block.ffn_norm(buffer.data[part][keep].to(run.device)).float()  # [n, d] fp32
+            h = hessian_sum(features(x))  # [cols, cols] fp64
+            total = h if total is None else total + h
+            count += int(keep.sum())
+        assert total is not None, "every rank holds a sample (`pipeline._shard`)"
+        total = self.comm.reduce_sum(total.to(self.comm.device), 0, "shared expert Hessian")
+        count = self.comm.reduce_sum(count, 0, "shared expert Hessian tokens")
+        return (total[None].to(run.device) if self.root else None), count.long().cpu()
+
+    def _shared_from_root(self, encoded: list[Encoded] | None,
+                          names: Sequence[str] | None = None) -> list[Encoded]:
+        """Rank 0's `encoded` shared expert matrices `names` (default: all), on every rank."""
+        names = self.shared.matrices if names is None else names
+        if self.comm.world_size == 1:
+            return encoded
+        spec, shapes = self.cfg.spec, self.shared.shapes
+        specs = [s for m in names for s in Encoded.wire_specs(1, *shapes[m], spec)]
+        tensors = [t for enc in encoded for t in enc.wire(spec)] if self.root else None
+        bundle = self.comm.broadcast_bundle(tensors, specs, 0, "shared expert codes")
+        if self.root:
+            return encoded
+        return [Encoded.from_wire(bundle[3 * i:3 * i + 3], 1, *shapes[m], spec) for i, m in enumerate(names)]
+
+    def _stored_shared(self, stack: str, index: int) -> list[Encoded] | None:
+        """Rank 0: a finished block's shared expert matrices, read back (None elsewhere)."""
+        if not self.root:
+            return None
+        bank = self.saved.experts(stack, index)
+        try:
+            return [Encoded.stored(bank, [SHARED], m) for m in self.shared.matrices]
+        finally:
+            bank.close()
+
+    def _use_shared(self, block: MoEBlock, encoded: list[Encoded], run: RunConfig) -> None:
+        """The block computes its shared expert with these quantized matrices (all of them, in
+        order), as loading the quantized checkpoint will (`GridLinear`)."""
+        block.use_shared({m: GridLinear(enc.values(self.cfg.spec)[0].to(device=run.device, dtype=run.dtype))
+                          for m, enc in zip(self.shared.matrices, encoded)})
 
     # --- step 4: tokens through the quantized experts, and back -----------------------------
 
@@ -409,6 +523,20 @@ class ExpertCompressor:
         if self.root:
             return bundle
         return [Encoded.from_wire(bundle[3 * i:3 * i + 3], len(ids), *shapes[m], spec) for i, m in enumerate(matrices)]
+
+
+def _input_rows(shape: ExpertShape) -> dict[str, slice]:
+    """Each input matrix's rows in the inputs stacked by rows (as one GPTQ call takes them)."""
+    bounds = [0]
+    for m in shape.inputs:
+        bounds.append(bounds[-1] + shape.shapes[m][0])
+    return {m: slice(a, b) for m, a, b in zip(shape.inputs, bounds, bounds[1:])}
+
+
+def _split_inputs(shape: ExpertShape, stacked: GPTQResult) -> list[Encoded]:
+    """The stacked input matrices' codes and grids [n, sum rows, ...] -> one Encoded per input."""
+    return [Encoded(stacked.codes[:, r].contiguous(), stacked.grid.map(lambda t, r=r: t[:, r].contiguous()))
+            for r in _input_rows(shape).values()]
 
 
 def _empty_encoded(rows: int, cols: int, spec: QuantSpec, device: torch.device) -> Encoded:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
+from ..arch import Architecture
+from ..formats.quantized import SHARED_MODES
 from ..quant.gptq import GPTQConfig
 from ..quant.grids import QuantSpec
 
@@ -22,15 +25,29 @@ class CompressConfig:
     act_order: bool = False
     grid_group: int | None = None  # columns per grid; None: one grid per row (QMoE)
     token_cap: float = 4.0  # an expert's Hessian uses at most token_cap x mean tokens/expert
+    # Shared experts (families with one): quantized like routed ones, or kept as stored. Left out
+    # of the settings of a model without one (`settings_of`), whose output it does not change.
+    shared_experts: str = "quantize"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.shared_experts not in SHARED_MODES:
+            raise ValueError(f"--shared-experts must be one of {', '.join(SHARED_MODES)}, got {self.shared_experts!r}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"--group-size must be an integer >= 1, got {self.group_size!r}")
         if not self.token_cap > 0:
             raise ValueError(f"--token-cap must be > 0, got {self.token_cap!r}")
         self.gptq  # validates bits, damp, block_size, grid_group
+
+    def settings_of(self, arch: Architecture) -> dict[str, Any]:
+        """The settings as the manifest and the fingerprint record them for `arch`: all of them,
+        but `shared_experts` only where the model has shared experts (so a Switch run's output is
+        what it was before the setting existed)."""
+        settings = asdict(self)
+        if arch.shared_expert is None:
+            del settings["shared_experts"]
+        return settings
 
     @property
     def spec(self) -> QuantSpec:

@@ -7,8 +7,9 @@ once, plus the sample: one pass encodes each group, decodes it again to check th
 is lossless, counts its symbols exactly (for the entropy statistics) and writes one file per
 expert group, while a pool of threads hashes finished files (sha256 releases the GIL).
 Sampling costs little rate: the symbol frequencies of matrices of one model barely differ
-(measured in the README). b-bit experts are bit-packed. Non-expert weights and the tokenizer
-are copied byte for byte.
+(measured in the README). b-bit experts are bit-packed. A block's quantized shared expert is
+coded like its routed experts, with the same dictionary, into its own file (and counted in the
+statistics). Non-expert weights and the tokenizer are copied byte for byte.
 
 Memory: one expert group's codes and its encoding at a time (plus the dictionary, ~3 MB, and
 one sampled matrix while counting): independent of the number of experts and blocks.
@@ -37,9 +38,21 @@ from ..files import atomic_directory, save_tensors_atomic, write_json_atomic
 from ..formats.hf import TOKENIZER_FILES
 from ..formats.integrity import file_record, manifest_digest
 from ..formats.packed import DICTIONARY_FILE, FORMAT_VERSION, KIND
-from ..formats.quantized import HEAD_FILE, QuantizedExperts, QuantizedWeights, block_file, expert_file, expert_groups
+from ..formats.quantized import (
+    HEAD_FILE,
+    SHARED,
+    QuantizedExperts,
+    QuantizedWeights,
+    block_file,
+    expert_file,
+    expert_groups,
+    member_prefix,
+    member_shape,
+    shared_file,
+)
 from ..formats.stats import LayerSize
 from ..locks import output_lock
+from ..quant.grids import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -126,10 +139,14 @@ def _pack(weights: QuantizedWeights, source: Path, out: Path, cfg: PackConfig,
         else:
             book, codec = None, {"type": "bitpack", "bits": int(spec.bits)}
         for stack, i in tqdm(blocks, desc="packing", unit="block", disable=not cfg.progress):
-            for group in expert_groups(weights.arch.num_experts, weights.group_size):
-                tensors, wide = _pack_group(reader, stack, i, group, book, layers[f"{stack}.{i}"])
-                save_tensors_atomic(tensors, tmp / expert_file(stack, i, group))
-                written(expert_file(stack, i, group))
+            files = [(expert_file(stack, i, group), reader.group(stack, i, group))
+                     for group in expert_groups(weights.arch.num_experts, weights.group_size)]
+            if weights.shared:
+                files.append((shared_file(stack, i), reader.shared(stack, i)))
+            for name, matrices in files:
+                tensors, wide = _pack_matrices(matrices, f"{stack}.{i}", spec, book, layers[f"{stack}.{i}"])
+                save_tensors_atomic(tensors, tmp / name)
+                written(name)
                 wide_grids += wide
         for name in _copy_dense(tmp, weights):
             written(name)
@@ -159,17 +176,26 @@ def sample_matrices(blocks: list[tuple[str, int]], num_experts: int, names: tupl
 
 def _fit(reader: "_Reader", blocks: list[tuple[str, int]], cfg: PackConfig,
          log: Callable[[str], None]) -> tuple[Codebook, dict[str, Any]]:
-    """Count the pair symbols of the sampled matrices; fit the dictionary to them."""
+    """Count the pair symbols of the sampled matrices; fit the dictionary to them.
+
+    A quantized shared expert is sampled as one more expert of its block (member `num_experts`,
+    its matrices in turn by position): its share of the sample is near its share of the weights
+    when it is as much wider than a routed expert as it has more weights (Qwen2-MoE: 4x)."""
     arch = reader.weights.arch
-    sample = sample_matrices(blocks, arch.num_experts, arch.expert.matrices, cfg.sample_matrices)
+    members = arch.num_experts + (1 if reader.weights.shared else 0)
+    sample = sample_matrices(blocks, members, arch.expert.matrices, cfg.sample_matrices)
     total = torch.zeros(NUM_SYMBOLS, dtype=torch.int64)
     for stack, i, j, name in tqdm(sample, desc="counting symbols", unit="matrix", disable=not cfg.progress):
+        if j == arch.num_experts:
+            shared = member_shape(arch, SHARED).matrices
+            j, name = SHARED, shared[arch.expert.matrices.index(name) % len(shared)]
         codes = reader.matrix(stack, i, j, name)["codes"]
         total += torch.bincount(pair_symbols(codes).flatten(), minlength=NUM_SYMBOLS)
     probs = (total.double() / total.sum()).tolist()
     book = Codebook.from_sequences(fit_dictionary(probs, cfg.dictionary), cfg.max_pairs)
     _, pairs_per_word = parse_statistics(book, probs)
-    of = len(blocks) * arch.num_experts * len(arch.expert.matrices)
+    of = len(blocks) * (arch.num_experts * len(arch.expert.matrices)
+                        + (len(member_shape(arch, SHARED).matrices) if reader.weights.shared else 0))
     log(f"dictionary: {book.size} codewords of up to {book.max_len} pairs, fitted to {int(total.sum())} pairs of "
         f"{len(sample)} of {of} expert matrices ({probs[4]:.1%} zero pairs); expected {8 / pairs_per_word:.4f} "
         f"bits/weight")
@@ -186,7 +212,7 @@ class _Reader:
         self._bank: QuantizedExperts | None = None
         self._block: tuple[str, int] | None = None
 
-    def _read(self, stack: str, i: int, j: int, name: str) -> dict[str, torch.Tensor]:
+    def _read(self, stack: str, i: int, j: int | str, name: str) -> dict[str, torch.Tensor]:
         if self._block != (stack, i):
             self.close()
             self._bank, self._block = self.weights.experts(stack, i), (stack, i)
@@ -194,8 +220,8 @@ class _Reader:
         self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
         return tensors
 
-    def matrix(self, stack: str, i: int, j: int, name: str) -> dict[str, torch.Tensor]:
-        """One matrix's codes and grid (sampling)."""
+    def matrix(self, stack: str, i: int, j: int | str, name: str) -> dict[str, torch.Tensor]:
+        """One matrix's codes and grid (sampling); j: an expert, or `SHARED`."""
         return self._read(stack, i, j, name)
 
     def group(self, stack: str, i: int, group: int) -> Iterator[tuple[int, str, dict[str, torch.Tensor]]]:
@@ -205,24 +231,30 @@ class _Reader:
             for name in self.weights.arch.expert.matrices:
                 yield j, name, self._read(stack, i, j, name)
 
+    def shared(self, stack: str, i: int) -> Iterator[tuple[str, str, dict[str, torch.Tensor]]]:
+        """(`SHARED`, matrix name, its codes and grid) over a block's shared expert file."""
+        for name in member_shape(self.weights.arch, SHARED).matrices:
+            yield SHARED, name, self._read(stack, i, SHARED, name)
+
     def close(self) -> None:
         if self._bank is not None:
             self._bank.close()
         self._bank = self._block = None
 
 
-def _pack_group(reader: _Reader, stack: str, i: int, group: int, book: Codebook | None,
-                layer: LayerSize) -> tuple[dict[str, torch.Tensor], int]:
-    """Encode one expert group, checking each matrix decodes back to its codes; counts its
-    symbols into `layer`. Returns the group file's tensors and how many matrices keep fp32 grids."""
+def _pack_matrices(matrices: Iterator[tuple[int | str, str, dict[str, torch.Tensor]]], block: str, spec: QuantSpec,
+                   book: Codebook | None, layer: LayerSize) -> tuple[dict[str, torch.Tensor], int]:
+    """Encode one file's matrices ((expert or `SHARED`, name, codes and grid), from `_Reader`),
+    checking each decodes back to its codes; counts their symbols into `layer`. Returns the
+    file's tensors and how many matrices keep fp32 grids."""
     out: dict[str, torch.Tensor] = {}
     wide = 0
-    for j, name, tensors in reader.group(stack, i, group):
-        codes, prefix = tensors.pop("codes"), f"expert_{j}.{name}."
+    for j, name, tensors in matrices:
+        codes, prefix = tensors.pop("codes"), f"{member_prefix(j)}{name}."
         if book is not None:
             words, offsets = encode_matrix(codes, book)
             if not torch.equal(decode_matrix(words, offsets, book, codes.shape[1]), codes):
-                raise QmoeError(f"{stack}.{i} expert {j} {name}: the codec's round trip is not lossless (a bug)")
+                raise QmoeError(f"{block} {prefix[:-1]}: the codec's round trip is not lossless (a bug)")
             encoded = {"words": words}  # offsets are implied by the codeword lengths
             code_bytes = 2 * words.numel()
             counts = torch.bincount(pair_symbols(codes).flatten(), minlength=NUM_SYMBOLS)
@@ -232,10 +264,10 @@ def _pack_group(reader: _Reader, stack: str, i: int, group: int, book: Codebook 
             else:
                 wide += 1
         else:
-            bits = int(reader.weights.spec.bits)
+            bits = int(spec.bits)
             packed = pack_bits(codes, bits)
             if not torch.equal(unpack_bits(packed, bits, codes.shape[1]), codes):
-                raise QmoeError(f"{stack}.{i} expert {j} {name}: bit-packing is not lossless (a bug)")
+                raise QmoeError(f"{block} {prefix[:-1]}: bit-packing is not lossless (a bug)")
             encoded = {"packed": packed}
             code_bytes = packed.numel()
             counts = torch.bincount(codes.flatten().long(), minlength=1 << bits)

@@ -6,7 +6,8 @@ experts gather each expert's calibration tokens (at most `token_cap` x the mean 
 sentinel positions excluded as in the paper), build Hessians, quantize `wi` and then `wo` (its
 Hessian from the *quantized* `wi`'s activations) in one batched call each, and run all the
 expert's tokens through the quantized expert so the next block is calibrated on what the
-compressed model computes.
+compressed model computes. A block's shared expert (families with one) is quantized the same way
+from every token, unless `shared_experts` is "keep".
 
 Distributed (`torchrun`): every rank loads the same calibration data and keeps a contiguous
 shard of the samples; dense parts run locally on each shard, sparse blocks cooperate through
@@ -32,7 +33,6 @@ import hashlib
 import json
 import shutil
 from contextlib import ExitStack
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -64,8 +64,8 @@ from .distributed import Comm, shard_bounds
 
 def fingerprint(model: OpenModel, calib: LoadedData, cfg: CompressConfig) -> str:
     """Hash of everything that determines the output: settings, model config, calibration."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"settings": asdict(cfg), "config": model.weights.arch.config.to_dict(),
+    h, arch = hashlib.sha256(), model.weights.arch
+    h.update(json.dumps({"settings": cfg.settings_of(arch), "config": arch.config.to_dict(),
                          "source": model.label}, sort_keys=True).encode())
     for sample in calib.samples:
         h.update(json.dumps([sample.input_ids, sample.labels]).encode())
@@ -91,8 +91,8 @@ def compress(model: OpenModel, calib: LoadedData, cfg: CompressConfig, out: Path
             manifest = comm.on_root(lambda: _open_partial(model, cfg, out, resume, digest, log, held),
                                     "starting the run")
             arch = model.weights.arch
-            hook = ExpertCompressor(cfg, arch, temporary_name(out), _sentinel_masks(samples, arch, sentinel_ids),
-                                    manifest, log, comm)
+            hook = ExpertCompressor(cfg, arch, model.weights.tensor, temporary_name(out),
+                                    _sentinel_masks(samples, arch, sentinel_ids), manifest, log, comm)
             loss_sum, tokens = streamed_losses(model.weights, [s.input_ids for s in samples],
                                                [s.labels for s in samples], run, sparse_hook=hook)
             hook.close()
@@ -177,7 +177,7 @@ def _start(model: OpenModel, cfg: CompressConfig, digest: str, partial: Path) ->
     partial.mkdir(parents=True)
     arch = model.weights.arch
     manifest = {"kind": KIND, "format_version": FORMAT_VERSION, "source": model.label, "window": model.window,
-                "settings": {**asdict(cfg)}, "config": arch.config.to_dict(), "fingerprint": digest,
+                "settings": cfg.settings_of(arch), "config": arch.config.to_dict(), "fingerprint": digest,
                 "finished": [], "blocks": {}, "complete": False, "files": {}}
     for name in TOKENIZER_FILES:
         if (model.tokenizer_dir / name).is_file():
@@ -186,8 +186,8 @@ def _start(model: OpenModel, cfg: CompressConfig, digest: str, partial: Path) ->
     save_tensors_atomic({n: model.weights.tensor(n, None, torch.device("cpu")) for n in head}, partial / HEAD_FILE)
     for stack in arch.stacks:
         for i in range(arch.num_blocks(stack)):
-            with torch.device("meta"):
-                names = list(arch.block(stack, i, _NoExperts()).state_dict())
+            with torch.device("meta"):  # a quantized shared expert goes to its own file (`ExpertCompressor`)
+                names = list(arch.block(stack, i, _NoExperts(cfg.shared_experts == "quantize")).state_dict())
             prefix = arch.block_prefix(stack, i)
             tensors = {prefix + n: model.weights.tensor(prefix + n, None, torch.device("cpu")) for n in names}
             save_tensors_atomic(tensors, partial / block_file(stack, i))
@@ -200,6 +200,9 @@ class _NoExperts:
     """Stands in for a bank when only a block's non-expert parameter names are wanted."""
 
     num_experts = 0
+
+    def __init__(self, stores_shared: bool):
+        self.stores_shared = stores_shared
 
 
 def _sentinel_masks(samples: Sequence[Sample], arch: Architecture,

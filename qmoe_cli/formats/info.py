@@ -49,12 +49,15 @@ def checkpoint_info(directory: Path, verify: bool = False) -> dict[str, Any]:
 
 
 def _quantized_sizes(weights: quantized.QuantizedWeights) -> dict[str, Any]:
-    """Bytes of the stored uint8 codes and grids per sparse block, from the file headers."""
+    """Bytes of the stored uint8 codes and grids per sparse block (its shared expert's
+    included), from the file headers."""
     layers, total = [], LayerSize()
     for stack, i in weights.arch.sparse_blocks():
         layer = LayerSize()
-        for group in quantized.expert_groups(weights.arch.num_experts, weights.group_size):
-            path = weights.directory / quantized.expert_file(stack, i, group)
+        names = [quantized.expert_file(stack, i, group)
+                 for group in quantized.expert_groups(weights.arch.num_experts, weights.group_size)]
+        for name in names + ([quantized.shared_file(stack, i)] if weights.shared else []):
+            path = weights.directory / name
             if not path.is_file():
                 raise QmoeError(f"{path}: missing; the quantized checkpoint is incomplete")
             file = SafetensorsFile(path)
@@ -76,4 +79,7 @@ def _verify(weights: packed.PackedWeights) -> None:
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # sha256 releases the GIL
         list(pool.map(weights.verify_file, weights.manifest["files"]))
     for stack, i in weights.arch.sparse_blocks():
-        weights.experts(stack, i).load(range(weights.arch.num_experts), torch.device("cpu"), torch.float32)
+        bank = weights.experts(stack, i)
+        bank.load(range(weights.arch.num_experts), torch.device("cpu"), torch.float32)
+        if bank.stores_shared:
+            bank.shared(torch.device("cpu"), torch.float32)

@@ -17,6 +17,9 @@ Layout of a packed directory (safetensors + JSON, never pickle):
                  checkpoint quantized before they were)
         b-bit:   `expert_{j}.{m}.packed` [rows, ceil(cols * b / 8)] uint8,
                  `.scale` / `.zero` [rows, groups] fp32
+    experts/{stack}-{i:03d}/shared.safetensors   the block's shared expert where the quantized
+        checkpoint stores it quantized (`settings.shared_experts`): `shared.{m}.*` as above,
+        coded with the same dictionary
 
 Per row of a 768-wide ternary matrix that is 32 bits of grid (0.04 bits/weight) where version 1
 spent 96 (int32 offset, fp32 grids). In memory a `DictionaryMatrix` is as before: int32 offsets,
@@ -49,7 +52,17 @@ from ..kernels import codebook_masks, kernel_library, round_once_linear
 from ..quant.grids import QuantSpec, dequantize
 from .integrity import manifest_digest, verify_file
 from .packed_cuda import DeviceExperts
-from .quantized import DenseTensorFiles, expert_file, grid_from_tensors, read_manifest
+from .quantized import (
+    SHARED,
+    DenseTensorFiles,
+    expert_file,
+    grid_from_tensors,
+    member_prefix,
+    member_shape,
+    read_manifest,
+    shared_file,
+    stores_shared,
+)
 from .safetensors_io import SafetensorsFile
 
 FORMAT_VERSION = 2  # 2: no stored offsets, bf16 ternary grids
@@ -160,12 +173,26 @@ class PackedLinear(nn.Module):
 
 class PackedExperts:
     """The experts of one sparse block of a packed checkpoint; one group file read at a time,
-    verified against the manifest before use."""
+    verified against the manifest before use. Its shared expert too where the checkpoint
+    stores it (`stores_shared`)."""
 
     def __init__(self, checkpoint: "PackedWeights", stack: str, index: int):
         self.checkpoint, self.stack, self.index = checkpoint, stack, index
         self.num_experts = checkpoint.arch.num_experts
+        self.stores_shared = checkpoint.shared
         self._device: DeviceExperts | None = None
+
+    def shared(self, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
+        """The shared expert's matrices as `PackedLinear`s (only if `stores_shared`). Their codes
+        stay on the CPU, which decodes them on every device: the grouped GPU kernels take routed
+        experts only (one expert every token passes is a dense-sized product; a GPU path for it
+        is not built)."""
+        file = self.checkpoint.open_verified(shared_file(self.stack, self.index))
+        try:
+            return {m: PackedLinear(self._matrix(file, SHARED, m))
+                    for m in member_shape(self.checkpoint.arch, SHARED).matrices}
+        finally:
+            file.close()
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
         """Experts `ids` as modules decoding on the fly (compressed tensors stay on the CPU)."""
@@ -216,15 +243,17 @@ class PackedExperts:
             return f"the GPU kernels decode codewords of up to 14 pairs, this dictionary has {int(book.lengths.max())}"
         return None
 
-    def _matrix(self, file: SafetensorsFile, j: int, name: str) -> DictionaryMatrix | BitpackedMatrix:
+    def _matrix(self, file: SafetensorsFile, j: int | str, name: str) -> DictionaryMatrix | BitpackedMatrix:
+        """Matrix `name` of expert `j` (or `SHARED`) of open file `file`, validated."""
         spec = self.checkpoint.spec
-        rows, cols = self.checkpoint.arch.expert.shapes[name]
+        rows, cols = member_shape(self.checkpoint.arch, j).shapes[name]
         fields = ("words", "lo", "hi") if spec.ternary else ("packed", "scale", "zero")
-        where = f"{file.path} expert_{j}.{name}"
-        missing = [f for f in fields if f"expert_{j}.{name}.{f}" not in file.entries]
+        prefix = f"{member_prefix(j)}{name}."
+        where = f"{file.path} {prefix[:-1]}"
+        missing = [f for f in fields if prefix + f not in file.entries]
         if missing:
             raise QmoeError(f"{where}: missing {', '.join(missing)}; the checkpoint is corrupt")
-        tensors = {f: file.read(f"expert_{j}.{name}.{f}") for f in fields}
+        tensors = {f: file.read(prefix + f) for f in fields}
         if not spec.ternary:
             return BitpackedMatrix(tensors, rows, cols, spec, where)
         return DictionaryMatrix(_stored_ternary(tensors, self.checkpoint.codebook, rows, cols, where),
@@ -260,6 +289,7 @@ class PackedWeights(DenseTensorFiles):
     arch: Architecture
     spec: QuantSpec
     group_size: int
+    shared: bool  # the sparse blocks' shared experts are stored packed (`shared_file`)
 
     def __post_init__(self) -> None:
         self._files: dict[str, SafetensorsFile] = {}
@@ -295,7 +325,7 @@ class PackedWeights(DenseTensorFiles):
             settings = manifest["settings"]
             arch = architecture_from_config(manifest["config"])
             return cls(directory, manifest, arch, QuantSpec(settings["bits"], settings.get("grid_group")),
-                       settings["group_size"])
+                       settings["group_size"], stores_shared(arch, settings))
         except (KeyError, TypeError, ValueError) as exc:
             raise QmoeError(f"{where}: malformed manifest ({exc})") from None
 

@@ -16,6 +16,12 @@ Layout of a quantized directory (all safetensors + JSON, never pickle):
                                 (`lo`/`hi` for ternary, `scale`/`zero` for integer grids;
                                 [rows, groups] fp32). One file per group, so neither writing nor
                                 reading ever holds a whole block's codes (52 GB for switch-c2048).
+    experts/{stack}-{i:03d}/shared.safetensors  the block's shared expert (families with one,
+                                `settings.shared_experts` "quantize"): `shared.{matrix}.codes` and
+                                its grid, as a routed expert's; its weights are then not in the
+                                block file (a gate beside it, Qwen's `shared_expert_gate`, is).
+                                Checkpoints whose settings lack `shared_experts` (written before
+                                shared experts were quantized) keep them as stored, in the block file.
 
 Safety, as for packed checkpoints: opening checks the manifest's checksum, then every file the
 architecture needs is listed with its size, and every tensor header (names, dtypes, shapes)
@@ -38,7 +44,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..arch import Architecture, ExpertBank, architecture_from_config, resolve_name
+from ..arch import Architecture, ExpertBank, ExpertShape, architecture_from_config, resolve_name
 from ..errors import QmoeError
 from ..files import read_json_object, write_json_atomic
 from ..kernels import round_once_linear
@@ -49,6 +55,8 @@ from .safetensors_io import SafetensorsFile, TensorEntry
 FORMAT_VERSION = 2  # 2: file records and the manifest checksum (1 had neither)
 KIND = "quantized"
 HEAD_FILE = "head.safetensors"
+SHARED = "shared"  # names a block's shared expert where a routed expert's index would go
+SHARED_MODES = ("quantize", "keep")  # `settings.shared_experts`: quantized like routed experts, or as stored
 
 
 def block_file(stack: str, index: int) -> str:
@@ -57,6 +65,32 @@ def block_file(stack: str, index: int) -> str:
 
 def expert_file(stack: str, index: int, group: int) -> str:
     return f"experts/{stack}-{index:03d}/group-{group:05d}.safetensors"
+
+
+def shared_file(stack: str, index: int) -> str:
+    return f"experts/{stack}-{index:03d}/shared.safetensors"
+
+
+def stores_shared(arch: Architecture, settings: dict[str, Any]) -> bool:
+    """Whether a checkpoint of these settings holds its sparse blocks' shared experts quantized
+    (`shared_file`). Settings without `shared_experts` predate it: kept as stored."""
+    mode = settings.get("shared_experts", "keep")
+    if mode not in SHARED_MODES:
+        raise ValueError(f"settings.shared_experts must be one of {', '.join(SHARED_MODES)}, got {mode!r}")
+    return mode == "quantize" and arch.shared_expert is not None
+
+
+def member_shape(arch: Architecture, member: int | str) -> ExpertShape:
+    """The matrices of routed expert `member`, or of the shared expert (`SHARED`)."""
+    if member == SHARED:
+        assert arch.shared_expert is not None, f"{arch.family} has no shared expert"
+        return arch.shared_expert
+    return arch.expert
+
+
+def member_prefix(member: int | str) -> str:
+    """Tensor-name prefix of routed expert `member` ("expert_3.") or of the shared expert ("shared.")."""
+    return f"{SHARED}." if member == SHARED else f"expert_{member}."
 
 
 def expert_groups(num_experts: int, group_size: int) -> range:
@@ -110,10 +144,11 @@ def grid_fields(spec: QuantSpec) -> tuple[str, str]:
 Expected = dict[str, tuple["torch.dtype | None", tuple[int, ...]]]
 
 
-def matrix_entries(arch: Architecture, spec: QuantSpec, expert: int, name: str) -> Expected:
-    """The tensors of matrix `name` of `expert`: codes [rows, cols] uint8, grid [rows, G] fp32."""
-    rows, cols = arch.expert.shapes[name]
-    prefix, grid = f"expert_{expert}.{name}.", (torch.float32, (rows, spec.n_groups(cols)))
+def matrix_entries(arch: Architecture, spec: QuantSpec, member: int | str, name: str) -> Expected:
+    """The tensors of matrix `name` of routed expert `member` (or `SHARED`): codes [rows, cols]
+    uint8, grid [rows, G] fp32."""
+    rows, cols = member_shape(arch, member).shapes[name]
+    prefix, grid = f"{member_prefix(member)}{name}.", (torch.float32, (rows, spec.n_groups(cols)))
     return {prefix + "codes": (torch.uint8, (rows, cols)), **{prefix + field: grid for field in grid_fields(spec)}}
 
 
@@ -121,6 +156,12 @@ def expert_entries(arch: Architecture, spec: QuantSpec, experts: range) -> Expec
     """Every tensor of the expert group file holding `experts`."""
     return {key: value for j in experts for name in arch.expert.matrices
             for key, value in matrix_entries(arch, spec, j, name).items()}
+
+
+def shared_entries(arch: Architecture, spec: QuantSpec) -> Expected:
+    """Every tensor of a block's shared expert file."""
+    return {key: value for name in member_shape(arch, SHARED).matrices
+            for key, value in matrix_entries(arch, spec, SHARED, name).items()}
 
 
 def grid_from_tensors(spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> TernaryGrid | IntGrid:
@@ -131,30 +172,34 @@ def grid_from_tensors(spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> Tern
 
 
 class QuantizedExperts:
-    """The experts of one sparse block of a quantized checkpoint, dequantized when loaded.
+    """The experts of one sparse block of a quantized checkpoint, dequantized when loaded; its
+    shared expert too where the checkpoint stores it quantized (`stores_shared`).
 
-    Keeps one group file open at a time (groups are visited in order).
+    Keeps one file open at a time (groups are visited in order). A matrix is named by its member
+    (a routed expert's index, or `SHARED`) and its name.
     """
 
     def __init__(self, checkpoint: "QuantizedWeights", stack: str, index: int):
         self.checkpoint, self.stack, self.index = checkpoint, stack, index
         self.spec, self.arch, self.group_size = checkpoint.spec, checkpoint.arch, checkpoint.group_size
         self.num_experts = self.arch.num_experts
+        self.stores_shared = checkpoint.shared
         self._file: SafetensorsFile | None = None
 
-    def _group_file(self, j: int) -> SafetensorsFile:
-        name = expert_file(self.stack, self.index, j // self.group_size)
+    def _member_file(self, member: int | str) -> SafetensorsFile:
+        name = (shared_file(self.stack, self.index) if member == SHARED
+                else expert_file(self.stack, self.index, member // self.group_size))
         if self._file is None or self._file.path != self.checkpoint.directory / name:
             self.close()
             self._file = self.checkpoint.open_verified(name)
         return self._file
 
-    def stored(self, j: int, name: str) -> dict[str, torch.Tensor]:
-        """`expert_{j}.{name}` as stored, checked: `codes` [rows, cols] uint8 (at most the grid's
-        largest code) and the grid tensors [rows, G] fp32 (finite)."""
-        file = self._group_file(j)
-        where = f"{file.path} expert_{j}.{name}"
-        prefix = f"expert_{j}.{name}."
+    def stored(self, j: int | str, name: str) -> dict[str, torch.Tensor]:
+        """Matrix `name` of expert `j` (or `SHARED`) as stored, checked: `codes` [rows, cols]
+        uint8 (at most the grid's largest code) and the grid tensors [rows, G] fp32 (finite)."""
+        file = self._member_file(j)
+        prefix = f"{member_prefix(j)}{name}."
+        where = f"{file.path} {prefix[:-1]}"
         tensors = {}
         for key, (dtype, shape) in matrix_entries(self.arch, self.spec, j, name).items():
             entry, field = file.entries.get(key), key.removeprefix(prefix)
@@ -171,19 +216,25 @@ class QuantizedExperts:
             raise QmoeError(f"{where}: the grid holds a non-finite value; the checkpoint is corrupt")
         return tensors
 
-    def encoded(self, j: int, name: str) -> tuple[torch.Tensor, TernaryGrid | IntGrid]:
-        """`expert_{j}.{name}` as stored: codes [1, rows, cols] uint8 and grid [1, rows, G] fp32."""
+    def encoded(self, j: int | str, name: str) -> tuple[torch.Tensor, TernaryGrid | IntGrid]:
+        """Matrix `name` of expert `j` (or `SHARED`) as stored: codes [1, rows, cols] uint8 and
+        grid [1, rows, G] fp32."""
         tensors = self.stored(j, name)
         return tensors["codes"][None], grid_from_tensors(self.spec, tensors)
 
-    def matrix(self, j: int, name: str) -> torch.Tensor:
-        """Dequantized weight `expert_{j}.{name}` -> [rows, cols] fp32."""
+    def matrix(self, j: int | str, name: str) -> torch.Tensor:
+        """Dequantized weight `name` of expert `j` (or `SHARED`) -> [rows, cols] fp32."""
         codes, grid = self.encoded(j, name)
         return dequantize(codes, grid, self.spec)[0]
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
         return [self.arch.make_expert({m: GridLinear(self.matrix(j, m).to(device=device, dtype=dtype))
                                        for m in self.arch.expert.matrices}) for j in ids]
+
+    def shared(self, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
+        """The shared expert's matrices dequantized, as `GridLinear`s (only if `stores_shared`)."""
+        return {m: GridLinear(self.matrix(SHARED, m).to(device=device, dtype=dtype))
+                for m in member_shape(self.arch, SHARED).matrices}
 
     def close(self) -> None:
         if self._file is not None:
@@ -283,6 +334,7 @@ class QuantizedWeights(DenseTensorFiles):
     spec: QuantSpec
     group_size: int  # experts per file under experts/
     files: dict[str, dict[str, Any]]
+    shared: bool  # the sparse blocks' shared experts are stored quantized (`shared_file`)
     manifest: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -304,9 +356,9 @@ class QuantizedWeights(DenseTensorFiles):
             group_size = settings["group_size"]
             if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
                 raise ValueError(f"settings.group_size must be an integer >= 1, got {group_size!r}")
-            weights = cls(directory, architecture_from_config(manifest["config"]),
-                          QuantSpec(settings["bits"], settings.get("grid_group")), group_size,
-                          file_records(manifest, where), manifest)
+            arch = architecture_from_config(manifest["config"])
+            weights = cls(directory, arch, QuantSpec(settings["bits"], settings.get("grid_group")), group_size,
+                          file_records(manifest, where), stores_shared(arch, settings), manifest)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise QmoeError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
         for name in weights.files:  # tokenizer files: read by other code, so checked now
@@ -331,21 +383,25 @@ class QuantizedWeights(DenseTensorFiles):
         their size (and no other tensor file is: a config with fewer blocks or experts is no
         smaller model), and hold exactly the tensors (names, dtypes, shapes) the architecture
         needs. Reads file headers only."""
-        experts = [expert_file(stack, i, g) for stack, i in blocks
-                   for g in expert_groups(self.arch.num_experts, self.group_size)]
+        expert_files = [expert_file(stack, i, g) for stack, i in blocks
+                        for g in expert_groups(self.arch.num_experts, self.group_size)]
+        expert_files += [shared_file(stack, i) for stack, i in blocks] if self.shared else []
         unexpected = sorted(set(n for n in self.files if n.endswith(".safetensors"))
-                            - set(self.dense_files()) - set(experts))
+                            - set(self.dense_files()) - set(expert_files))
         if unexpected:
             raise QmoeError(f"{self.directory / unexpected[0]}: listed in the manifest but no part of the model its "
                             "config describes; the checkpoint is corrupt")
         self.check_dense_layout(self.files)
-        for name in experts:
+        for name in expert_files:
             check_listed(self.directory, self.files, name)
         for stack, i in blocks:
             for g in expert_groups(self.arch.num_experts, self.group_size):
                 path = self.directory / expert_file(stack, i, g)
                 experts = range(g * self.group_size, min((g + 1) * self.group_size, self.arch.num_experts))
                 _check_entries(path, _header(path), expert_entries(self.arch, self.spec, experts))
+            if self.shared:
+                path = self.directory / shared_file(stack, i)
+                _check_entries(path, _header(path), shared_entries(self.arch, self.spec))
 
     def _open(self, name: str) -> SafetensorsFile:
         return self.open_verified(name)
@@ -362,6 +418,8 @@ class QuantizedWeights(DenseTensorFiles):
             for j in range(self.arch.num_experts):
                 for name in self.arch.expert.matrices:
                     bank.stored(j, name)
+            for name in member_shape(self.arch, SHARED).matrices if self.shared else ():
+                bank.stored(SHARED, name)
             bank.close()
 
 

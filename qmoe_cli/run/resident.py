@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import ExpertBank, IncrementalStack, ModelWeights, MoEBlock, StackCache
+from ..arch import ExpertBank, IncrementalStack, ModelWeights, MoEBlock, StackCache, bank_stores_shared
 from .placement import HOST, Placement
 from .stream import ListBuffer, RunConfig, load_block, sparse_feed_forward
 
@@ -42,6 +42,7 @@ class ResidentBank:
     def __init__(self, bank: ExpertBank, device: torch.device, dtype: torch.dtype, group_size: int,
                  grouped: bool = True):
         self.bank, self.num_experts, self.grouped = bank, bank.num_experts, grouped
+        self.stores_shared = bank_stores_shared(bank)  # then `shared` is the wrapped bank's
         self.grouped = self.routed(device, dtype) is not None
         self.modules: list[nn.Module] = []
         if self.grouped:
@@ -55,6 +56,9 @@ class ResidentBank:
         this block streams)."""
         grouped = getattr(self.bank, "routed", None) if self.grouped else None
         return None if grouped is None else grouped(device, dtype)
+
+    def shared(self, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
+        return self.bank.shared(device, dtype)
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
         """The kept modules (where they were loaded, or swapped in by a `Streamer`)."""

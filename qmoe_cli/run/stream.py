@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..arch import ExpertBank, ModelWeights, MoEBlock, routed_experts
+from ..arch import ExpertBank, ModelWeights, MoEBlock, bank_stores_shared, routed_experts
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,8 @@ def dense_feed_forward(block: MoEBlock, buffer: ListBuffer, run: RunConfig) -> N
 def load_block(weights: ModelWeights, stack: str, index: int, run: RunConfig,
                bank: ExpertBank | None = None) -> MoEBlock:
     """Build block `index` of `stack` with its non-expert weights read now, on the device, around
-    `bank` (default: the checkpoint's experts, read when asked for)."""
+    `bank` (default: the checkpoint's experts, read when asked for), and its shared expert from
+    the bank where the bank stores it (compressed checkpoints)."""
     arch = weights.arch
     if bank is None and arch.is_sparse(stack, index):
         bank = weights.experts(stack, index)
@@ -208,6 +209,8 @@ def load_block(weights: ModelWeights, stack: str, index: int, run: RunConfig,
     prefix = arch.block_prefix(stack, index)
     state = {name: weights.tensor(prefix + name, run.dtype, run.device) for name in block.state_dict()}
     block.load_state_dict(state, assign=True)
+    if bank_stores_shared(bank):
+        block.use_shared(bank.shared(run.device, run.dtype))
     return block.eval()
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from ..base import ExpertBank, ExpertShape, GenerationSpec, TensorReader
 from .config import DecoderConfig
 from .incremental import DecoderIncrementalStack, cache_bytes
-from .layers import DecoderBlock, GatedMLP, RMSNorm, causal_bias, rotary_tables
+from .layers import SHARED_MATRICES, DecoderBlock, GatedMLP, RMSNorm, causal_bias, rotary_tables
 
 STACK = "decoder"
 EMBEDDING = "model.embed_tokens.weight"
@@ -22,6 +22,13 @@ EMBEDDING = "model.embed_tokens.weight"
 def _swiglu_hidden(x: torch.Tensor, first: Mapping[str, torch.Tensor]) -> torch.Tensor:
     gate, up = first.values()  # in ExpertShape.inputs order: gate, then up
     return F.silu(x @ gate.T) * (x @ up.T)
+
+
+def _swiglu_shape(names: tuple[str, str, str], d: int, ff: int) -> ExpertShape:
+    """A SwiGLU expert of width ff: gate and up [ff, d] share the input's Hessian, then down [d, ff]."""
+    gate, up, down = names
+    return ExpertShape(names, {gate: (ff, d), up: (ff, d), down: (d, ff)}, _swiglu_hidden, inputs=(gate, up),
+                       chain_activation="silu_gated")
 
 
 @dataclass(frozen=True)
@@ -46,14 +53,13 @@ class DecoderArchitecture:
     stacks: tuple[str, ...] = (STACK,)
     objective: str = "causal_lm"
     expert: ExpertShape = field(init=False)
+    shared_expert: ExpertShape | None = field(init=False)
 
     def __post_init__(self) -> None:
         c = self.config
-        gate, up, down = c.expert_matrices
-        d, ff = c.hidden_size, c.moe_intermediate_size
-        shapes = {gate: (ff, d), up: (ff, d), down: (d, ff)}
-        object.__setattr__(self, "expert", ExpertShape((gate, up, down), shapes, _swiglu_hidden, inputs=(gate, up),
-                                                        chain_activation="silu_gated"))
+        object.__setattr__(self, "expert", _swiglu_shape(c.expert_matrices, c.hidden_size, c.moe_intermediate_size))
+        shared = _swiglu_shape(SHARED_MATRICES, c.hidden_size, c.shared_expert_size) if c.shared_expert_size else None
+        object.__setattr__(self, "shared_expert", shared)
 
     @property
     def family(self) -> str:
@@ -84,6 +90,9 @@ class DecoderArchitecture:
 
     def expert_tensor(self, stack: str, index: int, expert: int, matrix: str) -> str:
         return f"model.layers.{index}.{self.config.moe_module}.experts.{expert}.{matrix}.weight"
+
+    def shared_tensor(self, stack: str, index: int, matrix: str) -> str:
+        return f"model.layers.{index}.{self.config.moe_module}.{self.config.shared_expert_module}.{matrix}.weight"
 
     def head_tensors(self) -> dict[str, tuple[int, ...]]:
         c = self.config

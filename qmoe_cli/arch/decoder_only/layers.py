@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import ExpertBank
+from ..base import ExpertBank, bank_stores_shared
 from .config import DecoderConfig
 from .rope import inverse_frequencies
+
+SHARED_MATRICES = ("gate_proj", "up_proj", "down_proj")  # the shared expert's, in every family
 
 
 class RMSNorm(nn.Module):
@@ -264,12 +266,13 @@ class Router(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """The router and the shared expert of a sparse block (routed experts live in the bank)."""
+    """The router and the shared expert of a sparse block (routed experts live in the bank; the
+    shared expert too where the bank stores it compressed: `own_shared` False)."""
 
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, config: DecoderConfig, own_shared: bool = True):
         super().__init__()
         self.gate = Router(config)
-        if config.shared_expert_size:
+        if config.shared_expert_size and own_shared:
             self.add_module(config.shared_expert_module, GatedMLP(config.hidden_size, config.shared_expert_size))
         if config.shared_expert_gate:
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
@@ -287,7 +290,7 @@ class DecoderBlock(nn.Module):
         self.self_attn = LatentAttention(config) if config.attention == "mla" else Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if self.is_sparse:
-            self.add_module(config.moe_module, SparseMoE(config))
+            self.add_module(config.moe_module, SparseMoE(config, own_shared=not bank_stores_shared(experts)))
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
@@ -319,6 +322,10 @@ class DecoderBlock(nn.Module):
             gate = (x * moe.shared_expert_gate.weight[0]).sum(-1, keepdim=True)  # [N, 1]
             out = torch.sigmoid(gate) * out
         return out
+
+    def use_shared(self, parts: dict[str, torch.Tensor | nn.Module]) -> None:
+        """The shared expert from now on: `parts` by `SHARED_MATRICES` names (weights or modules)."""
+        self.moe.add_module(self.config.shared_expert_module, GatedMLP.from_parts(SHARED_MATRICES, dict(parts)))
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense block: x [N, d] -> x + mlp(norm(x))."""

@@ -50,6 +50,7 @@ class SwitchArchitecture:
     objective: str = "span_corruption"
     stacks: tuple[str, ...] = STACKS
     expert: ExpertShape = field(init=False)
+    shared_expert: ExpertShape | None = None  # Switch has none
 
     def __post_init__(self) -> None:
         c = self.config
