@@ -312,3 +312,23 @@ def test_swapping_a_block_to_other_tensors_and_back() -> None:
     torch.testing.assert_close(expert(block(x)), before)
     assert all(a is b for (*_, a), b in zip(placed.tensors(), params) if isinstance(b, torch.nn.Parameter))
     assert all(torch.equal(t, o) for (*_, t), o in zip(placed.tensors(), originals))
+
+
+def test_a_streamed_block_swaps_its_quantized_experts_weights_too() -> None:
+    """A host-held block's dequantized experts (`GridLinear`) are among the tensors the streamer
+    copies to the GPU and swaps in; a weight kept as a plain attribute would stay on the host."""
+    from qmoe_cli.formats.quantized import GridLinear
+    from qmoe_cli.run.resident import PlacedBlock, swap_in, swap_out
+    from qmoe_cli.run.stream import RunConfig
+
+    expert = GridLinear(torch.randn(2, 3))
+    bank = type("Bank", (), {"modules": [expert]})()
+    placed = PlacedBlock("decoder.0", torch.nn.Linear(4, 3), bank, RunConfig(device=CPU, dtype=torch.float32),
+                         streamed=True)
+    assert any(t is expert.weight for *_, t in placed.tensors())
+    x = torch.randn(5, 3)
+    before = expert(x)
+    saved = swap_in(placed, [t.detach() * 2 for *_, t in placed.tensors()])
+    torch.testing.assert_close(expert(x), 2 * before)
+    swap_out(saved)
+    torch.testing.assert_close(expert(x), before)

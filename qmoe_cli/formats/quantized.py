@@ -249,7 +249,9 @@ class GridLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.weight = weight
+        # A buffer, not a plain attribute: moving or swapping a module's tensors (the host
+        # streamer in `run/resident.py`) must reach it; not persistent, it is no checkpoint tensor.
+        self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] -> [n, out], in x's dtype."""
