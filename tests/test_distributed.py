@@ -263,7 +263,8 @@ def test_two_ranks_compress_every_decoder_family_as_one_process_does(family: str
     procs = _ranks(2, tmp_path / "two", *flags)
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
-    assert (tmp_path / "one/experts/decoder-000/shared.safetensors").is_file()  # quantized: its Hessians reduced
+    shared = sorted((tmp_path / "one/experts").glob("*/shared.safetensors"))  # quantized: its Hessians reduced
+    assert bool(shared) == (family in ("qwen2_moe", "deepseek_v3")), shared
     _assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
 
 
