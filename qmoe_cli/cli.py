@@ -7,6 +7,7 @@ anything else, with a one-line `error: ...` message and no traceback unless `--d
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -210,6 +211,7 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
     """Continue text prompts (decoder-only models) or fill the marked spans of prompts (T5 span
     filling), with a model of any kind, on CPU or GPUs."""
     from .data.tokenizer import load_causal_tokenizer, load_tokenizer
+    from .formats.hf import generation_eos_ids
     from .formats.open import open_model
     from .run.evaluate import resolve_dtype
     from .run.generate import GenerateConfig, generate, parse_continuation_prompt, parse_prompt
@@ -242,6 +244,13 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
         tokenizer = load_tokenizer(model.tokenizer_dir)
         parsed = [parse_prompt(text, tokenizer, where, window, arch.config.vocab_size, suffix)
                   for where, text in texts]
+    if spec.prompt_stack is None and spec.max_positions:  # prompt and continuation share the positions
+        longest = max(len(p.ids) for p in parsed)
+        if longest + max_new_tokens > spec.max_positions:
+            raise ValueError(f"--max-new-tokens {max_new_tokens}: with the longest prompt's {longest} tokens that is "
+                             f"past the model's {spec.max_positions} positions; give at most "
+                             f"{max(spec.max_positions - longest, 0)}, or a shorter prompt")
+    cfg = dataclasses.replace(cfg, eos_tokens=generation_eos_ids(model.tokenizer_dir))
     run_dtype = resolve_dtype(dtype, model.stored_dtype, run_devices[0])
     placement = None
     if run_devices[0].type == "cuda":
@@ -320,7 +329,8 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
               help="Hessian tokens per expert capped at this multiple of the mean.")
 @click.option("--shared-experts", type=click.Choice(["quantize", "keep"]), default="quantize", show_default=True,
               help="Shared experts (Qwen2-MoE, DeepSeek): quantized like routed ones, or kept as stored.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Span-corruption seed; also picks wikitext2's calibration windows.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Span-corruption seed; also picks wikitext2's calibration windows.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, callback=_output_dir,
               help="Output directory (default: ./NAME-METHOD-BITS). Never overwritten.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same settings into --out.")

@@ -209,11 +209,32 @@ def test_prompt_errors_name_the_prompt(tmp_path: Path) -> None:
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "w1 w2"}) + "\n" + json.dumps({"text": ""}) + "\n")
     assert _error(model, "--input", str(prompts)).endswith(f"{prompts}:2: the prompt is empty")
-    args = ["--prompt", "w1 w2 w3", "--max-new-tokens", "6"]
+    # the prompt's 4 tokens and the new ones share the 8 positions
+    assert ("--max-new-tokens 5: with the longest prompt's 4 tokens that is past the model's 8 positions; give at most "
+        "4, or a shorter prompt") in _error(model, "--prompt", "w1 w2 w3", "--max-new-tokens", "5", code=2)
+    args = ["--prompt", "w1 w2 w3", "--max-new-tokens", "4"]
     greedy = _generate_json(model, *args, "--greedy")["outputs"]
     assert _generate_json(model, *args, "--temperature", "1", "--top-p", "1e-6")["outputs"] == greedy
     sampled = _generate_json(model, *args, "--temperature", "3", "--seed", "4")["outputs"]
     assert _generate_json(model, *args, "--temperature", "3", "--seed", "4")["outputs"] == sampled
+
+
+def test_generation_config_eos_ids_stop_a_sequence_too(tmp_path: Path) -> None:
+    """transformers' `generate` stops at the eos ids of generation_config.json (chat models list
+    more than config.json's): so does qmoe generate; a malformed list is a one-line error."""
+    model = tmp_path / "model"
+    save_hf_decoder(model, "mixtral")
+    write_causal_tokenizer_json(model, VOCAB)
+    args = ["--prompt", "w1 w2 w3", "--max-new-tokens", "6"]
+    free = _generate_json(model, *args)["outputs"][0]["tokens"]
+    assert len(free) == 6
+    stop = free[2]
+    first = free.index(stop)  # the first time the chosen token appears
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [10_000, stop]}))
+    out = _generate_json(model, *args)["outputs"][0]
+    assert out["tokens"] == free[:first + 1]
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": ["x"]}))
+    assert "generation_config.json: eos_token_id must be a token id or a list of ids >= 0" in _error(model, *args)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

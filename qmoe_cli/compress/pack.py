@@ -35,7 +35,7 @@ from ..codec.dictionary import NUM_SYMBOLS, Codebook, DictionarySpec, fit_dictio
 from ..codec.rows import decode_matrix, encode_matrix
 from ..errors import QmoeError, os_error_message
 from ..files import atomic_directory, save_tensors_atomic, write_json_atomic
-from ..formats.hf import TOKENIZER_FILES
+from ..formats.hf import COMPANION_FILES
 from ..formats.integrity import file_record, manifest_digest
 from ..formats.packed import DICTIONARY_FILE, FORMAT_VERSION, KIND
 from ..formats.quantized import (
@@ -284,7 +284,7 @@ def _copy_dense(tmp: Path, weights: QuantizedWeights) -> list[str]:
     returns their names."""
     names = [HEAD_FILE] + [block_file(stack, i) for stack in weights.arch.stacks
                            for i in range(weights.arch.num_blocks(stack))]
-    names += [n for n in TOKENIZER_FILES if n in weights.files]
+    names += [n for n in COMPANION_FILES if n in weights.files]
     for name in names:
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(weights.verify_file(name), tmp / name)

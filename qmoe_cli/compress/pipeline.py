@@ -43,7 +43,7 @@ from ..arch import Architecture
 from ..data.datasets import LoadedData, Sample
 from ..errors import QmoeError, os_error_message
 from ..files import save_tensors_atomic, temporary_name
-from ..formats.hf import TOKENIZER_FILES
+from ..formats.hf import COMPANION_FILES
 from ..formats.integrity import file_record
 from ..formats.open import OpenModel
 from ..formats.quantized import (
@@ -179,7 +179,7 @@ def _start(model: OpenModel, cfg: CompressConfig, digest: str, partial: Path) ->
     manifest = {"kind": KIND, "format_version": FORMAT_VERSION, "source": model.label, "window": model.window,
                 "settings": cfg.settings_of(arch), "config": arch.config.to_dict(), "fingerprint": digest,
                 "finished": [], "blocks": {}, "complete": False, "files": {}}
-    for name in TOKENIZER_FILES:
+    for name in COMPANION_FILES:
         if (model.tokenizer_dir / name).is_file():
             shutil.copyfile(model.tokenizer_dir / name, partial / name)
     head = sorted({model.weights.stored_name(n) for n in arch.head_tensors()})  # each stored matrix once

@@ -30,7 +30,25 @@ _LAYOUTS = (  # (index file, single-shard file), in order of preference
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 )
-TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
+# What a checkpoint directory holds beside its config and weights that compressed checkpoints copy
+# (each recorded with its checksum): the tokenizer's files and the generation defaults.
+COMPANION_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_eos_ids(directory: Path) -> tuple[int, ...]:
+    """The EOS ids `generation_config.json` in `directory` names (`eos_token_id`: an id or a list;
+    transformers' `generate` stops at any of them), () without the file or the field; QmoeError
+    naming the file when it is not JSON or the field holds anything but ids >= 0."""
+    path = Path(directory) / GENERATION_CONFIG
+    if not path.is_file():
+        return ()
+    value = read_json_object(path, "").get("eos_token_id")
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(type(i) is int and i >= 0 for i in ids):
+        raise QmoeError(f"{path}: eos_token_id must be a token id or a list of ids >= 0, got {json.dumps(value)}")
+    return tuple(ids)
 
 
 class _BinShard:
@@ -181,7 +199,7 @@ def _download(hub_id: str) -> Path:
         weights = ["*.safetensors", "model.safetensors.index.json"]
         if not any(f.endswith(".safetensors") for f in files):
             weights = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-        return Path(snapshot_download(hub_id, allow_patterns=["config.json", *TOKENIZER_FILES, *weights]))
+        return Path(snapshot_download(hub_id, allow_patterns=["config.json", *COMPANION_FILES, *weights]))
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         raise QmoeError(f"--model {hub_id}: could not download from the Hugging Face hub "
                         f"({type(exc).__name__}); check the name and network, or pass a local directory") from None

@@ -51,6 +51,9 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 16
+    # More ids that end a sequence, besides the architecture's EOS: a causal model's
+    # generation_config.json may list several (Qwen's chat models end turns with another id).
+    eos_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -61,6 +64,8 @@ class GenerateConfig:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not all(isinstance(t, int) and t >= 0 for t in self.eos_tokens):
+            raise ValueError(f"GenerateConfig.eos_tokens must be token ids >= 0, got {self.eos_tokens!r}")
 
     @property
     def greedy(self) -> bool:
@@ -274,10 +279,10 @@ def describe(tokens: Sequence[int], prompt: Prompt, tokenizer: Tokenizer, arch: 
 
 
 def describe_continuation(tokens: Sequence[int], prompt: Prompt, tokenizer: CausalTokenizer,
-                          arch: Architecture) -> Output:
-    """The continuation's text: every generated token but a final EOS, decoded as the tokenizer
-    does (special tokens kept)."""
-    ended = bool(tokens) and tokens[-1] in arch.generation().eos_tokens
+                          stops: set[int]) -> Output:
+    """The continuation's text: every generated token but a final stopping one, decoded as the
+    tokenizer does (special tokens kept)."""
+    ended = bool(tokens) and tokens[-1] in stops
     return Output(prompt=prompt.text, text=tokenizer.decode(tokens[:-1] if ended else tokens), spans=None,
                   tokens=list(tokens))
 
@@ -286,12 +291,13 @@ def generate(model: ResidentModel, prompts: Sequence[Prompt], tokenizer: Tokeniz
              config: GenerateConfig) -> list[Output]:
     """Fill the spans of (or continue) every prompt, `config.batch_size` prompts at a time."""
     arch = model.weights.arch
-    explain = describe_continuation if arch.generation().prompt_stack is None else describe
+    continuation = arch.generation().prompt_stack is None
     generator = None if config.greedy else torch.Generator().manual_seed(config.seed)
     outputs = []
     for first in range(0, len(prompts), config.batch_size):
         batch = prompts[first:first + config.batch_size]
-        stops = [stop_tokens(arch, tokenizer.sentinel_ids, p) for p in batch]
+        stops = [stop_tokens(arch, tokenizer.sentinel_ids, p) | set(config.eos_tokens) for p in batch]
         ids = generate_ids(model, [p.ids for p in batch], stops, config, generator)
-        outputs.extend(explain(t, p, tokenizer, arch) for t, p in zip(ids, batch))
+        outputs.extend(describe_continuation(t, p, tokenizer, s) if continuation else describe(t, p, tokenizer, arch)
+                       for t, p, s in zip(ids, batch, stops))
     return outputs
