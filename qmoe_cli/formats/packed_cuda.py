@@ -239,10 +239,14 @@ class DeviceExperts:
             y = x.new_empty(m, x.shape[1])
         for expert, begin, count in heavy:
             assignments = order[begin:begin + count].long()
-            h = round_once_linear(x.index_select(0, assignments // k), self.first.dense(expert, x.dtype))
-            h = self._activate(h, dim=1)  # [count, d_ff]
-            y.index_copy_(0, assignments, round_once_linear(h, self.second.dense(expert, x.dtype)))
+            y.index_copy_(0, assignments, self.dense_expert(x.index_select(0, assignments // k), expert))
         return y
+
+    def dense_expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """x [n, d] through expert `expert` on the dense path -> [n, d] in x's dtype: each device
+        matrix decoded to a scratch copy in x's dtype and multiplied (`round_once_linear`)."""
+        h = self._activate(round_once_linear(x, self.first.dense(expert, x.dtype)), dim=1)  # [n, d_ff]
+        return round_once_linear(h, self.second.dense(expert, x.dtype))
 
     def _activate(self, h: torch.Tensor, dim: int) -> torch.Tensor:
         """The activation on first's outputs (rounded to the run dtype), along `dim` (its rows)."""
@@ -256,10 +260,11 @@ class DeviceSharedExpert(nn.Module):
     """A block's shared expert (every token passes it), compressed on one device: a one-expert
     `DeviceExperts` with every token routed to expert 0, so the same launches, numerics (weights
     rounded to the run dtype, fp32 sums, one rounding) and memory bound as a routed expert's: up
-    to `threshold` tokens the tiles, more decoded to one scratch matrix at a time and multiplied
-    with tensor cores. Computes the whole expert; a gate outside it (Qwen2-MoE's sigmoid
-    `shared_expert_gate`) stays the block's. Holds no parameters: nothing of it is a checkpoint
-    tensor, and a block holding it is resident on its device (never host-streamed)."""
+    to `threshold` tokens the tiles (no host sync), more decoded to one scratch matrix at a time
+    and multiplied with tensor cores (no sync either: every token is the expert's). Computes the
+    whole expert; a gate outside it (Qwen2-MoE's sigmoid `shared_expert_gate`) stays the
+    block's. Holds no parameters: nothing of it is a checkpoint tensor, and a block holding it
+    is resident on its device (never host-streamed)."""
 
     def __init__(self, experts: DeviceExperts):
         super().__init__()
@@ -269,4 +274,6 @@ class DeviceSharedExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, d] (in the run dtype, on the device) -> [N, d] in x's dtype."""
+        if x.shape[0] > self.experts.threshold:  # the routed plan's choice, without counting (a host sync)
+            return self.experts.dense_expert(x, 0)
         return self.experts(x, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device))
