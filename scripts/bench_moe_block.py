@@ -116,8 +116,9 @@ def bench_shape(name: str, args: argparse.Namespace, book: Codebook, device: tor
     print(f"{name}: making {arch.num_experts} experts {arch.expert.shapes}", file=sys.stderr)
     experts = make_experts(arch, book, args.p_zero, seed=1)
     masks = codebook_masks(book).to(device)
-    packed = DeviceExperts.upload(arch, QuantSpec("ternary"), ((e, {m: p.coded for m, p in parts.items()})
-                                                               for e, parts in enumerate(experts)), masks, device)
+    packed = DeviceExperts.upload(arch.expert, QuantSpec("ternary"), ((e, {m: p.coded for m, p in parts.items()})
+                                                                      for e, parts in enumerate(experts)), masks,
+                                  device)
     dense = [{m: p.dense(device, torch.bfloat16) for m, p in parts.items()} for parts in experts]
     del experts
     blocks = {}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of the compressed-expert kernels, in one go (under 8 minutes on an H100: the step
-# limits add up to 475 s): build the kernels, run every GPU test, benchmark one expert matrix at
+# The GPU check of the compressed-expert kernels, in one go (under 9 minutes on an H100: the step
+# limits add up to 525 s): build the kernels, run every GPU test, benchmark one expert matrix at
 # 1/8/16/32/64 tokens on Switch's six expert shapes (ternary, 4-bit, 2-bit) against bf16
 # torch.matmul, one c2048-shaped sparse block at 1, 8 and 32 tokens against the same block with
 # bf16 experts, and a Mixtral- and a Qwen3-30B-A3B-shaped decoder block (top-k SwiGLU experts)
@@ -35,9 +35,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/gpu.
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >>"$OUT/gpu.txt" 2>&1
 step build 45 $PY -m qmoe_cli build-kernels
 # test_gated_experts.py: only its GPU cases (its emulated ones are CPU tests of the same code).
-step tests 200 $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_numerics.py \
+step tests 250 $PY -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_numerics.py \
   tests/test_pack.py::test_packed_eval_on_the_gpu_equals_quantized_and_the_cpu \
-  tests/test_gated_experts.py -k "not emulated"
+  tests/test_gated_experts.py \
+  tests/test_shared_experts.py::test_packed_shared_expert_on_the_device_equals_its_cpu_form \
+  tests/test_shared_experts.py::test_packed_shared_expert_eval_on_the_gpu -k "not emulated"
 step kernel 75 $PY scripts/bench_kernel.py --formats ternary,4,2 --tokens 1,8,16,32,64 --repeats 100 \
   --out "$OUT/kernel.md"
 step block 75 $PY scripts/bench_block.py --tokens 1,8,32 --repeats 100 --out "$OUT/block.md"

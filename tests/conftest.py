@@ -1,4 +1,5 @@
-"""Shared test fixtures. Tokenizer fixtures: tiny, built offline, T5-shaped special ids."""
+"""Shared test fixtures. Tokenizer fixtures: tiny, built offline, T5-shaped special ids. `kernel_device`:
+where the grouped GPU path runs, emulated on the CPU (`emulated_kernels`) or a real GPU."""
 
 from __future__ import annotations
 
@@ -103,3 +104,22 @@ def tiny_tokenizer(tiny_tokenizer_json_dir: Path):
     from qmoe_cli.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_tokenizer_json_dir)
+
+
+@pytest.fixture(params=["emulated", "cuda"])
+def kernel_device(request):
+    """Where DeviceExperts runs: the CPU with the ops emulated in torch, or a GPU with the kernels.
+    (Imported here, not at the top: conftest must not import torch or qmoe_cli for every test.)"""
+    import torch
+    from emulated_kernels import emulated_kernels
+
+    from qmoe_cli.kernels import kernel_library
+
+    if request.param == "emulated":
+        with emulated_kernels():
+            yield torch.device("cpu")
+        return
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    assert kernel_library() is not None, "the kernels must build on a GPU machine"
+    yield torch.device("cuda", torch.cuda.current_device())

@@ -21,7 +21,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from emulated_kernels import emulated_kernels
 from hf_models import save_hf_decoder
 from packed_experts import bitpacked_matrix, reference_linear, ternary_matrix
 
@@ -31,7 +30,7 @@ from qmoe_cli.codec.rows import decode_dense as codec_decode_dense
 from qmoe_cli.formats.open import open_model
 from qmoe_cli.formats.packed import BitpackedMatrix, DictionaryMatrix
 from qmoe_cli.formats.packed_cuda import DeviceBitpacked, DeviceExperts, DeviceTernary, stack_bitpacked, stack_ternary
-from qmoe_cli.kernels import codebook_masks, decode_dense_reference, kernel_library
+from qmoe_cli.kernels import codebook_masks, decode_dense_reference
 from qmoe_cli.quant.grids import QuantSpec
 from qmoe_cli.run.stream import RunConfig, streamed_losses
 
@@ -107,19 +106,6 @@ def test_device_experts_refuse_matrices_that_do_not_chain() -> None:
 # ------------------------------------------------------- DeviceExperts: emulated here, real on a GPU
 
 
-@pytest.fixture(params=["emulated", "cuda"])
-def device(request):
-    """Where DeviceExperts runs: the CPU with the ops emulated in torch, or a GPU with the kernels."""
-    if request.param == "emulated":
-        with emulated_kernels():
-            yield torch.device("cpu")
-        return
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    assert kernel_library() is not None, "the kernels must build on a GPU machine"
-    yield torch.device("cuda", torch.cuda.current_device())
-
-
 def _make(spec: QuantSpec, rows: int, cols: int, seed: int):
     if spec.ternary:
         return ternary_matrix(rows, cols, seed=seed)
@@ -158,7 +144,7 @@ SPECS = [QuantSpec("ternary"), QuantSpec("2"), QuantSpec("4", 32)]
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.bits}-{s.group_size}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("activation,k", [("silu_gated", 2), ("silu_gated", 8), ("relu", 1)])
-def test_device_experts_equal_the_reference(device, spec: QuantSpec, dtype: torch.dtype, activation: str,
+def test_device_experts_equal_the_reference(kernel_device, spec: QuantSpec, dtype: torch.dtype, activation: str,
                                             k: int) -> None:
     """Few tokens (route_plan, no sync) and many (host plan, expert 0 over the threshold on the
     dense path), every assignment in one call, expert 1 without tokens; odd widths."""
@@ -168,17 +154,17 @@ def test_device_experts_equal_the_reference(device, spec: QuantSpec, dtype: torc
     inputs = [[_make(spec, d_ff, d, seed + 7 * e + i) for i in range(n_inputs)] for e in range(experts)]
     output = [[_make(spec, d, d_ff, seed + 7 * e + 5)] for e in range(experts)]
     if spec.ternary:
-        masks = codebook_masks(inputs[0][0].book).to(device)
-        first, second = (DeviceTernary.upload(m, masks, device) for m in (inputs, output))
+        masks = codebook_masks(inputs[0][0].book).to(kernel_device)
+        first, second = (DeviceTernary.upload(m, masks, kernel_device) for m in (inputs, output))
     else:
-        first, second = (DeviceBitpacked.upload(m, spec, device) for m in (inputs, output))
-    bank = DeviceExperts(first, second, experts, device, activation=activation)
+        first, second = (DeviceBitpacked.upload(m, spec, kernel_device) for m in (inputs, output))
+    bank = DeviceExperts(first, second, experts, kernel_device, activation=activation)
     w_in = [[m.dense(0, m.rows) for m in ms] for ms in inputs]
     w_out = [ms[0].dense(0, ms[0].rows) for ms in output]
     for n in (1, 7, 32, 33, 200):
         index = _routing(n, experts, k, seed=n)
         x = torch.randn(n, d, generator=torch.Generator().manual_seed(n)).to(dtype)
-        y = bank(x.to(device), index.to(device) if k > 1 else index[:, 0].to(device))
+        y = bank(x.to(kernel_device), index.to(kernel_device) if k > 1 else index[:, 0].to(kernel_device))
         assert y.shape == ((n, k, d) if k > 1 else (n, d)) and y.dtype == dtype
         y = y.cpu().reshape(n, k, d)
         assert not y.isnan().any(), f"{n} tokens: unwritten outputs"
@@ -222,7 +208,7 @@ def decoder_checkpoints(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("bits", ["ternary", "2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_device_experts_of_a_packed_checkpoint_equal_its_cpu_experts(device, decoder_checkpoints, bits: str,
+def test_device_experts_of_a_packed_checkpoint_equal_its_cpu_experts(kernel_device, decoder_checkpoints, bits: str,
                                                                      dtype: torch.dtype) -> None:
     """Uploaded from the checkpoint (gate and up by the architecture's names, stacked), top-2 in
     one call, against the checkpoint's own CPU experts (`GatedMLP` over `PackedLinear`s) run token
@@ -231,14 +217,14 @@ def test_device_experts_of_a_packed_checkpoint_equal_its_cpu_experts(device, dec
     arch = weights.arch
     assert arch.expert.chain_activation == "silu_gated"
     bank = weights.experts(*arch.sparse_blocks()[0])
-    assert bank._device_unsupported() is None
-    experts = DeviceExperts.upload(arch, weights.spec, bank.matrices(range(arch.num_experts)),
-                                   weights.device_masks(device), device)
+    assert bank._device_unsupported(arch.expert) is None
+    experts = DeviceExperts.upload(arch.expert, weights.spec, bank.matrices(range(arch.num_experts)),
+                                   weights.device_masks(kernel_device), kernel_device)
     modules = bank.load(range(arch.num_experts), torch.device("cpu"), dtype)
     for n in (1, 6, 45):
         index = _routing(n, arch.num_experts, 2, seed=n)
         x = torch.randn(n, arch.d_model, generator=torch.Generator().manual_seed(n)).to(dtype)
-        y = experts(x.to(device), index.to(device)).cpu()  # [n, 2, d]
+        y = experts(x.to(kernel_device), index.to(kernel_device)).cpu()  # [n, 2, d]
         expected = torch.stack([torch.cat([modules[int(e)](x[t:t + 1]) for e in index[t]]) for t in range(n)])
         rel = float((y.double() - expected.double()).norm() / expected.double().norm())
         assert rel <= (1e-5 if dtype == torch.float32 else 1e-2), f"{n} tokens: relative error {rel:.2e}"

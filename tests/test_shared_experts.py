@@ -1,6 +1,8 @@
 """Shared experts (Qwen2-MoE's gated one, DeepSeek-V3's ungated `n_shared_experts`) quantized like
 routed experts: stored as codes and grids in their own file, used by eval, GPTQ on every
-calibration token, packed with the same dictionary, and `--shared-experts keep` as before."""
+calibration token, packed with the same dictionary, and `--shared-experts keep` as before. A
+packed one runs on the grouped GPU path (`DeviceSharedExpert`) as the CPU decodes it: emulated
+here, with the real kernels and `qmoe eval --device cuda` on a GPU."""
 
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ from safetensors.torch import load_file, save_file
 from qmoe_cli.cli import main
 from qmoe_cli.formats.open import open_model
 from qmoe_cli.formats.packed import PackedLinear
+from qmoe_cli.formats.packed_cuda import DeviceExperts, DeviceSharedExpert
 from qmoe_cli.formats.quantized import SHARED, GridLinear, QuantizedWeights, write_manifest
+from qmoe_cli.run.resident import ResidentBank
 from qmoe_cli.run.stream import RunConfig, default_sparse, load_block, streamed_states
 
 FAMILIES = ("qwen2_moe", "deepseek_v3")  # gated shared expert; ungated, after a dense first block
 SHARED_MODULE = {"qwen2_moe": "shared_expert", "deepseek_v3": "shared_experts"}
 CPU = RunConfig(torch.device("cpu"), torch.float32, progress=False)
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _sequences(count: int, seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
@@ -195,6 +200,68 @@ def test_packing_is_lossless_for_the_shared_expert(runs: dict, tmp_path: Path) -
     data = _jsonl(tmp_path / "val.jsonl", _sequences(12, seed=3, lengths=(24, 17, 30)))
     # Few tokens per call take the sparse product straight from the codewords: summation order only.
     assert _loss(runs["root"] / "gptq-packed", data) == pytest.approx(_loss(runs["root"] / "gptq", data), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_shared_expert_on_the_device_equals_its_cpu_form(kernel_device, runs: dict,
+                                                                dtype: torch.dtype) -> None:
+    """Every sparse block's shared output (Qwen's sigmoid gate included) with the shared expert
+    uploaded compressed and run as a one-expert `DeviceExperts` (the tiles up to 32 tokens, the
+    dense path beyond) against the same block on the CPU (`GatedMLP` over `PackedLinear`s)."""
+    weights = open_model(str(runs["root"] / "gptq-packed")).weights
+    arch, module = weights.arch, SHARED_MODULE[runs["family"]]
+    assert arch.shared_expert.chain_activation == "silu_gated"
+    for stack, i in arch.sparse_blocks():
+        cpu_block = load_block(weights, stack, i, RunConfig(torch.device("cpu"), dtype, progress=False))
+        assert isinstance(getattr(cpu_block.moe, module).gate_proj, PackedLinear)
+        block = load_block(weights, stack, i, RunConfig(kernel_device, dtype, progress=False))
+        if kernel_device.type == "cuda":  # load_block took the bank's GPU path itself
+            assert isinstance(getattr(block.moe, module), DeviceSharedExpert)
+        else:  # no GPU path on the CPU; the emulated one is built as the bank builds it on a GPU
+            bank = weights.experts(stack, i)
+            assert bank.shared_on_device(kernel_device, dtype) is None
+            assert bank._device_unsupported(arch.shared_expert) is None
+            block.use_shared(DeviceSharedExpert(DeviceExperts.upload(
+                arch.shared_expert, weights.spec, [(SHARED, bank.shared_matrices())],
+                weights.device_masks(kernel_device), kernel_device)))
+        for n in (1, 5, 32, 45):
+            x = torch.randn(n, arch.d_model, generator=torch.Generator().manual_seed(n)).to(dtype)
+            with torch.no_grad():
+                expected = cpu_block.shared_output(x)
+                y = block.shared_output(x.to(kernel_device)).cpu()
+            assert y.shape == expected.shape and y.dtype == dtype and float(expected.float().norm()) > 0
+            rel = float((y.double() - expected.double()).norm() / expected.double().norm())
+            assert rel <= (1e-6 if dtype == torch.float32 else 1e-2), f"{stack}.{i}, {n} tokens: {rel:.2e}"
+            if dtype != torch.float32:  # the same contract: only the fp32 sums' order differs
+                assert float((y == expected).float().mean()) >= 0.9, f"{stack}.{i}, {n} tokens"
+
+
+def _eval(model: Path, data: Path, device: str, dtype: str) -> float:
+    result = CliRunner().invoke(main, ["eval", "--model", str(model), "--data", str(data), "--device", device,
+                                       "--dtype", dtype, "--json"])
+    assert result.exit_code == 0, result.output
+    assert "decode on the CPU" not in result.stderr, result.stderr  # the grouped kernels ran
+    return json.loads(result.stdout)["loss"]
+
+
+@needs_gpu
+def test_packed_shared_expert_eval_on_the_gpu(runs: dict, tmp_path: Path) -> None:
+    """`qmoe eval --device cuda`: the packed checkpoint's shared experts, resident and compressed
+    on the GPU, compute what the quantized checkpoint's do (bf16) and what the CPU computes
+    (fp32); uploaded once per bank and device; a host-streamed block keeps the CPU path."""
+    quantized, packed = runs["root"] / "gptq", runs["root"] / "gptq-packed"
+    weights = open_model(str(packed)).weights
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    bank = weights.experts(*weights.arch.sparse_blocks()[0])
+    on_device = bank.shared_on_device(cuda, torch.bfloat16)
+    assert isinstance(on_device, DeviceSharedExpert) and bank.shared_on_device(cuda, torch.bfloat16) is on_device
+    assert ResidentBank(bank, cuda, torch.bfloat16, 16).shared_on_device(cuda, torch.bfloat16) is on_device
+    assert ResidentBank(bank, cuda, torch.bfloat16, 16, grouped=False).shared_on_device(cuda, torch.bfloat16) is None
+    data = _jsonl(tmp_path / "val.jsonl", _sequences(12, seed=3, lengths=(24, 17, 30)))
+    q, p = (_eval(m, data, "cuda", "bfloat16") for m in (quantized, packed))
+    assert abs(p - q) <= 1e-3 * q, (p, q)
+    gpu, cpu = (_eval(packed, data, device, "float32") for device in ("cuda", "cpu"))
+    assert abs(gpu - cpu) <= 1e-5 * cpu, (gpu, cpu)
 
 
 @pytest.fixture(scope="module")

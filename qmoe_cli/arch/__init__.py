@@ -25,6 +25,7 @@ from .base import (
     StackCache,
     StackContext,
     TensorReader,
+    bank_shared,
     bank_stores_shared,
     resolve_name,
     routed_experts,
@@ -51,5 +52,5 @@ def architecture_from_config(raw: dict[str, Any], overrides: dict[str, Any] | No
 
 __all__ = ["CHAIN_ACTIVATIONS", "Architecture", "ExpertBank", "ExpertShape", "GenerationSpec", "IncrementalStack", "MoEBlock",
            "ModelWeights", "RoutedExperts", "StackCache", "StackContext", "TensorReader", "architecture_from_config",
-           "bank_stores_shared",
+           "bank_shared", "bank_stores_shared",
            "resolve_name", "routed_experts"]

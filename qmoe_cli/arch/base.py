@@ -30,7 +30,10 @@ class ExpertBank(Protocol):
     A bank of a compressed checkpoint may hold the block's shared expert too: it then says
     `stores_shared = True` (see `bank_stores_shared`) and offers `shared(device, dtype) ->
     {matrix: module}` (names of `Architecture.shared_expert`), and a block built around it has no
-    parameters of its own for the shared expert: `load_block` hands it these modules.
+    parameters of its own for the shared expert: `load_block` hands it what `bank_shared` gives.
+    Such a bank may also offer `shared_on_device(device, dtype) -> nn.Module | None`: the whole
+    shared expert (x [N, d] -> [N, d]) on the device (the packed checkpoint's GPU path), preferred
+    when it returns a value, as `routed` is.
     """
 
     num_experts: int
@@ -61,6 +64,15 @@ def bank_stores_shared(bank: ExpertBank | None) -> bool:
     return bool(getattr(bank, "stores_shared", False))
 
 
+def bank_shared(bank: ExpertBank, device: torch.device,
+                dtype: torch.dtype) -> Mapping[str, torch.Tensor | nn.Module] | nn.Module:
+    """The shared expert of a bank that stores it, for `MoEBlock.use_shared`: the bank's whole
+    expert on the device where it offers one (`shared_on_device`), else its matrices (`shared`)."""
+    on_device = getattr(bank, "shared_on_device", None)
+    module = None if on_device is None else on_device(device, dtype)
+    return bank.shared(device, dtype) if module is None else module
+
+
 class MoEBlock(Protocol):
     """One block as the runner drives it: attention (through a `StackContext`), then a dense or
     sparse feed-forward over a flat token buffer."""
@@ -81,11 +93,13 @@ class MoEBlock(Protocol):
         """Normalised x [N, d] -> what the block's shared experts add [N, d]; None without any."""
         ...
 
-    def use_shared(self, parts: Mapping[str, torch.Tensor | nn.Module]) -> None:
-        """Compute the shared expert from now on with `parts` (by `Architecture.shared_expert`
-        names: weights [rows, cols], used without a copy, or modules such as decode-matmuls): a
-        compressed checkpoint's, or the compressor's quantized ones. Only blocks of families with
-        a shared expert are asked."""
+    def use_shared(self, shared: Mapping[str, torch.Tensor | nn.Module] | nn.Module) -> None:
+        """Compute the shared expert from now on with `shared`: its parts (by
+        `Architecture.shared_expert` names: weights [rows, cols], used without a copy, or modules
+        such as decode-matmuls), or one module computing the whole expert, x [N, d] -> [N, d] (a
+        packed one on the GPU kernels); a gate outside the expert stays the block's. A compressed
+        checkpoint's (`bank_shared`), or the compressor's quantized ones. Only blocks of families
+        with a shared expert are asked."""
         ...
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:

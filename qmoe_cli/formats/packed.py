@@ -43,7 +43,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..arch import Architecture, RoutedExperts, architecture_from_config
+from ..arch import Architecture, ExpertShape, RoutedExperts, architecture_from_config
 from ..codec.bitpack import row_bytes, unpack_bits
 from ..codec.dictionary import Codebook
 from ..codec.rows import decode_dense, row_offsets, row_widths, ternary_matmul
@@ -51,7 +51,7 @@ from ..errors import QmoeError
 from ..kernels import codebook_masks, kernel_library, round_once_linear
 from ..quant.grids import QuantSpec, dequantize
 from .integrity import manifest_digest, verify_file
-from .packed_cuda import DeviceExperts
+from .packed_cuda import DeviceExperts, DeviceSharedExpert
 from .quantized import (
     SHARED,
     DenseTensorFiles,
@@ -181,18 +181,39 @@ class PackedExperts:
         self.num_experts = checkpoint.arch.num_experts
         self.stores_shared = checkpoint.shared
         self._device: DeviceExperts | None = None
+        self._shared_device: DeviceSharedExpert | None = None
 
     def shared(self, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
-        """The shared expert's matrices as `PackedLinear`s (only if `stores_shared`). Their codes
-        stay on the CPU, which decodes them on every device: the grouped GPU kernels take routed
-        experts only (one expert every token passes is a dense-sized product; a GPU path for it
-        is not built)."""
+        """The shared expert's matrices as `PackedLinear`s (only if `stores_shared`): their codes
+        stay on the CPU, which decodes them on every call (on a GPU, `shared_on_device` runs it
+        compressed there instead)."""
+        return {m: PackedLinear(matrix) for m, matrix in self.shared_matrices().items()}
+
+    def shared_matrices(self) -> dict[str, DictionaryMatrix | BitpackedMatrix]:
+        """{matrix name: validated matrix} of the shared expert (only if `stores_shared`)."""
         file = self.checkpoint.open_verified(shared_file(self.stack, self.index))
         try:
-            return {m: PackedLinear(self._matrix(file, SHARED, m))
-                    for m in member_shape(self.checkpoint.arch, SHARED).matrices}
+            return {m: self._matrix(file, SHARED, m) for m in member_shape(self.checkpoint.arch, SHARED).matrices}
         finally:
             file.close()
+
+    def shared_on_device(self, device: torch.device, dtype: torch.dtype) -> nn.Module | None:
+        """The shared expert (only if `stores_shared`) resident and compressed on a CUDA device,
+        as one module run by the grouped kernels (`DeviceSharedExpert`); uploaded on first use,
+        kept while this bank lives, like `routed`. None (after one warning saying why) where the
+        kernels cannot run it: then `shared`, on the CPU."""
+        device = _cuda_device(device)
+        if device is None:
+            return None
+        if self._shared_device is None or self._shared_device.experts.device != device:
+            self._shared_device = None  # one copy at a time
+            shape = self.checkpoint.arch.shared_expert
+            if not self._kernels_run(shape, "packed shared experts"):
+                return None
+            self._shared_device = DeviceSharedExpert(DeviceExperts.upload(
+                shape, self.checkpoint.spec, [(SHARED, self.shared_matrices())], self.checkpoint.device_masks(device),
+                device))
+        return self._shared_device
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
         """Experts `ids` as modules decoding on the fly (compressed tensors stay on the CPU)."""
@@ -215,26 +236,30 @@ class PackedExperts:
         """All experts of the block resident and compressed on a CUDA device, run by the grouped
         kernels (`DeviceExperts`); uploaded on first use, kept while this bank lives. None (after
         one warning saying why) where the kernels cannot run them: then `load`, on the CPU."""
-        if device.type != "cuda":
+        device = _cuda_device(device)
+        if device is None:
             return None
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
         if self._device is None or self._device.device != device:
             self._device = None  # one block's copy at a time
-            reason = self._device_unsupported()
-            if reason is not None:
-                warnings.warn(f"qmoe: {reason}; packed experts decode on the CPU", RuntimeWarning, stacklevel=2)
+            shape = self.checkpoint.arch.expert
+            if not self._kernels_run(shape, "packed experts"):
                 return None
-            if kernel_library() is None:  # warns once with the build's reason
-                return None
-            self._device = DeviceExperts.upload(self.checkpoint.arch, self.checkpoint.spec,
-                                                self.matrices(range(self.num_experts)),
+            self._device = DeviceExperts.upload(shape, self.checkpoint.spec, self.matrices(range(self.num_experts)),
                                                 self.checkpoint.device_masks(device), device)
         return self._device
 
-    def _device_unsupported(self) -> str | None:
+    def _kernels_run(self, shape: ExpertShape, what: str) -> bool:
+        """Whether the grouped kernels can run experts of `shape` of this checkpoint (else one
+        warning saying why `what` decode on the CPU)."""
+        reason = self._device_unsupported(shape)
+        if reason is not None:
+            warnings.warn(f"qmoe: {reason}; {what} decode on the CPU", RuntimeWarning, stacklevel=3)
+            return False
+        return kernel_library() is not None  # else it warns once with the build's reason
+
+    def _device_unsupported(self, shape: ExpertShape) -> str | None:
         arch, spec, book = self.checkpoint.arch, self.checkpoint.spec, self.checkpoint.codebook
-        if arch.expert.chain_activation is None:
+        if shape.chain_activation is None:
             return f"the GPU kernels run ReLU and SwiGLU experts, not {arch.family}'s"
         if spec.ternary and spec.group_size is not None:
             return "the GPU kernels take one ternary grid per row, this checkpoint has one per " \
@@ -258,6 +283,13 @@ class PackedExperts:
             return BitpackedMatrix(tensors, rows, cols, spec, where)
         return DictionaryMatrix(_stored_ternary(tensors, self.checkpoint.codebook, rows, cols, where),
                                 self.checkpoint.codebook, rows, cols, spec, where)
+
+
+def _cuda_device(device: torch.device) -> torch.device | None:
+    """`device` with its index if it is a CUDA device (the grouped kernels' only kind), else None."""
+    if device.type != "cuda":
+        return None
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def _stored_ternary(tensors: dict[str, torch.Tensor], book: Codebook, rows: int, cols: int,

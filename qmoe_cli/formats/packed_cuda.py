@@ -21,9 +21,14 @@ every token in one call; tokens are gathered per assignment, never copied k time
         scratch matrix in the run dtype and multiplied with tensor cores (`round_once_linear`),
         the scratch dropped right after.
 
+A block's shared expert (Qwen2-MoE, DeepSeek), which every token passes, runs the same way as
+a one-expert `DeviceExperts` with every token routed to expert 0 (`DeviceSharedExpert`, a module
+computing the whole expert, the block's gate outside it).
+
 Memory: the block's compressed experts (the same bytes as on disk, plus up to 4 bytes of padding
 per b-bit row), the activations of one call ([rows of first, N * k] in the run dtype), and at
-most one decoded device matrix (for SwiGLU gate and up together: 2 d_ff x d_model). Uploading
+most one decoded device matrix (for SwiGLU gate and up together: 2 d_ff x d_model, the shared
+expert's d_ff where it is wider). Uploading
 concatenates on the device, so a block briefly needs twice its codewords there; the host holds
 one expert group file at a time, plus one expert's stacked copy while it uploads.
 """
@@ -31,24 +36,25 @@ one expert group file at a time, plus one expert's stacked copy while it uploads
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..arch import CHAIN_ACTIVATIONS, Architecture
+from ..arch import CHAIN_ACTIVATIONS, ExpertShape
 from ..kernels import (
-                       DENSE_TOKENS_THRESHOLD,
-                       MAX_PLAN_TOKENS,
-                       bitpacked_dense,
-                       bitpacked_tiles,
-                       device_bitpacked,
-                       gather_transpose,
-                       host_plan,
-                       round_once_linear,
-                       route_plan,
-                       ternary_dense,
-                       ternary_tiles,
+    DENSE_TOKENS_THRESHOLD,
+    MAX_PLAN_TOKENS,
+    bitpacked_dense,
+    bitpacked_tiles,
+    device_bitpacked,
+    gather_transpose,
+    host_plan,
+    round_once_linear,
+    route_plan,
+    ternary_dense,
+    ternary_tiles,
 )
 from ..quant.grids import QuantSpec
 
@@ -181,11 +187,11 @@ class DeviceExperts:
         self.threshold, self.activation = threshold, activation
 
     @classmethod
-    def upload(cls, arch: Architecture, spec: QuantSpec, matrices: Iterator[tuple[int, dict[str, Any]]],
+    def upload(cls, shape: ExpertShape, spec: QuantSpec, matrices: Iterable[tuple[Any, dict[str, Any]]],
                masks: torch.Tensor, device: torch.device) -> "DeviceExperts":
-        """From (expert, {name: DictionaryMatrix | BitpackedMatrix}) of every expert in order;
-        `arch.expert.chain_activation` must be set (see `CHAIN_ACTIVATIONS`)."""
-        shape = arch.expert
+        """From (expert, {name: DictionaryMatrix | BitpackedMatrix}) of every expert in order (the
+        experts of a block, or its shared expert alone), each with `shape`'s matrices;
+        `shape.chain_activation` must be set (see `CHAIN_ACTIVATIONS`)."""
         inputs: list[list[Any]] = []
         outputs: list[list[Any]] = []
         for _, parts in matrices:
@@ -195,7 +201,7 @@ class DeviceExperts:
             first, second = (DeviceTernary.upload(m, masks, device) for m in (inputs, outputs))
         else:
             first, second = (DeviceBitpacked.upload(m, spec, device) for m in (inputs, outputs))
-        return cls(first, second, arch.num_experts, device, activation=shape.chain_activation)
+        return cls(first, second, len(inputs), device, activation=shape.chain_activation)
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """x [N, d] (fp32/bf16/fp16, on the device), index [N] or [N, k] int64 in [0, E) (k
@@ -233,10 +239,14 @@ class DeviceExperts:
             y = x.new_empty(m, x.shape[1])
         for expert, begin, count in heavy:
             assignments = order[begin:begin + count].long()
-            h = round_once_linear(x.index_select(0, assignments // k), self.first.dense(expert, x.dtype))
-            h = self._activate(h, dim=1)  # [count, d_ff]
-            y.index_copy_(0, assignments, round_once_linear(h, self.second.dense(expert, x.dtype)))
+            y.index_copy_(0, assignments, self.dense_expert(x.index_select(0, assignments // k), expert))
         return y
+
+    def dense_expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """x [n, d] through expert `expert` on the dense path -> [n, d] in x's dtype: each device
+        matrix decoded to a scratch copy in x's dtype and multiplied (`round_once_linear`)."""
+        h = self._activate(round_once_linear(x, self.first.dense(expert, x.dtype)), dim=1)  # [n, d_ff]
+        return round_once_linear(h, self.second.dense(expert, x.dtype))
 
     def _activate(self, h: torch.Tensor, dim: int) -> torch.Tensor:
         """The activation on first's outputs (rounded to the run dtype), along `dim` (its rows)."""
@@ -244,3 +254,26 @@ class DeviceExperts:
             return F.relu(h)
         gate, up = h.chunk(2, dim=dim)
         return F.silu(gate) * up  # each rounded to the run dtype, as GatedMLP over separate linears
+
+
+class DeviceSharedExpert(nn.Module):
+    """A block's shared expert (every token passes it), compressed on one device: a one-expert
+    `DeviceExperts` with every token routed to expert 0, so the same launches, numerics (weights
+    rounded to the run dtype, fp32 sums, one rounding) and memory bound as a routed expert's: up
+    to `threshold` tokens the tiles (no host sync), more decoded to one scratch matrix at a time
+    and multiplied with tensor cores (no sync either: every token is the expert's). Computes the
+    whole expert; a gate outside it (Qwen2-MoE's sigmoid `shared_expert_gate`) stays the
+    block's. Holds no parameters: nothing of it is a checkpoint tensor, and a block holding it
+    is resident on its device (never host-streamed)."""
+
+    def __init__(self, experts: DeviceExperts):
+        super().__init__()
+        if experts.num_experts != 1:
+            raise ValueError(f"DeviceSharedExpert is one expert, got {experts.num_experts}")
+        self.experts = experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, d] (in the run dtype, on the device) -> [N, d] in x's dtype."""
+        if x.shape[0] > self.experts.threshold:  # the routed plan's choice, without counting (a host sync)
+            return self.experts.dense_expert(x, 0)
+        return self.experts(x, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device))

@@ -60,6 +60,12 @@ class ResidentBank:
     def shared(self, device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
         return self.bank.shared(device, dtype)
 
+    def shared_on_device(self, device: torch.device, dtype: torch.dtype) -> nn.Module | None:
+        """The wrapped bank's shared expert on `device` (kept by that bank), or None (none, or
+        this block streams: its shared expert is then `shared`'s, whose tensors the host keeps)."""
+        on_device = getattr(self.bank, "shared_on_device", None) if self.grouped else None
+        return None if on_device is None else on_device(device, dtype)
+
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
         """The kept modules (where they were loaded, or swapped in by a `Streamer`)."""
         return [self.modules[j] for j in ids]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..arch import ExpertBank, ModelWeights, MoEBlock, bank_stores_shared, routed_experts
+from ..arch import ExpertBank, ModelWeights, MoEBlock, bank_shared, bank_stores_shared, routed_experts
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,8 @@ def load_block(weights: ModelWeights, stack: str, index: int, run: RunConfig,
                bank: ExpertBank | None = None) -> MoEBlock:
     """Build block `index` of `stack` with its non-expert weights read now, on the device, around
     `bank` (default: the checkpoint's experts, read when asked for), and its shared expert from
-    the bank where the bank stores it (compressed checkpoints)."""
+    the bank where the bank stores it (compressed checkpoints; `bank_shared`: on a GPU, a packed
+    bank's runs there compressed)."""
     arch = weights.arch
     if bank is None and arch.is_sparse(stack, index):
         bank = weights.experts(stack, index)
@@ -210,7 +211,7 @@ def load_block(weights: ModelWeights, stack: str, index: int, run: RunConfig,
     state = {name: weights.tensor(prefix + name, run.dtype, run.device) for name in block.state_dict()}
     block.load_state_dict(state, assign=True)
     if bank_stores_shared(bank):
-        block.use_shared(bank.shared(run.device, run.dtype))
+        block.use_shared(bank_shared(bank, run.device, run.dtype))
     return block.eval()
 
 

@@ -11,7 +11,7 @@ over a flat token buffer.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -323,9 +323,12 @@ class DecoderBlock(nn.Module):
             out = torch.sigmoid(gate) * out
         return out
 
-    def use_shared(self, parts: dict[str, torch.Tensor | nn.Module]) -> None:
-        """The shared expert from now on: `parts` by `SHARED_MATRICES` names (weights or modules)."""
-        self.moe.add_module(self.config.shared_expert_module, GatedMLP.from_parts(SHARED_MATRICES, dict(parts)))
+    def use_shared(self, shared: Mapping[str, torch.Tensor | nn.Module] | nn.Module) -> None:
+        """The shared expert from now on: one module computing it whole (x [N, d] -> [N, d]; the
+        sigmoid gate, where the family has one, stays outside it in `shared_output`), or its parts
+        by `SHARED_MATRICES` names (weights or modules)."""
+        expert = shared if isinstance(shared, nn.Module) else GatedMLP.from_parts(SHARED_MATRICES, dict(shared))
+        self.moe.add_module(self.config.shared_expert_module, expert)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense block: x [N, d] -> x + mlp(norm(x))."""
