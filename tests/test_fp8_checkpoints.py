@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from qmoe_cli.cli import main
 from qmoe_cli.errors import QmoeError
 from qmoe_cli.formats.fp8 import BlockFp8, block_fp8_scheme, dequantize
 from qmoe_cli.formats.hf import CheckpointWeights, resolve_model
+from qmoe_cli.formats.integrity import file_record, manifest_digest
 from qmoe_cli.formats.quantized import HEAD_FILE
 
 BLOCK = (8, 16)  # [rows, cols]: the tiny shapes (12, 24, 32, 48 rows; 8, 24, 32 columns) end in partial blocks
@@ -184,11 +186,18 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_compress_stores_dense_tensors_dequantized(checkpoints: dict) -> None:
+@pytest.fixture(scope="module")
+def compressed(checkpoints: dict) -> tuple[Path, Path]:
+    """(the fp8 checkpoint compressed to ternary with GPTQ, the fp32 copy compressed alike)."""
     root = checkpoints["root"]
     out, reference = root / "fp8-ternary", root / "fp32-ternary"
     _compress(checkpoints["fp8"], out, checkpoints["data"])
     _compress(checkpoints["fp32"], reference, checkpoints["data"])
+    return out, reference
+
+
+def test_compress_stores_dense_tensors_dequantized(checkpoints: dict, compressed: tuple[Path, Path]) -> None:
+    out, reference = compressed
     manifest = json.loads((out / "manifest.json").read_text())
     assert "quantization_config" not in manifest["config"] and not (out / "config.json").exists()
     dense = [Path(HEAD_FILE)] + sorted(p.relative_to(out) for p in (out / "blocks").glob("*.safetensors"))
@@ -206,6 +215,24 @@ def test_compress_stores_dense_tensors_dequantized(checkpoints: dict) -> None:
     info = CliRunner().invoke(main, ["info", str(out), "--json"])
     assert info.exit_code == 0, info.output
     assert json.loads(info.stdout)["kind"] == manifest["kind"]
+
+
+def test_a_compressed_checkpoint_with_an_fp8_dense_tensor_is_refused(checkpoints: dict, compressed: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    """Its scales are not kept, so an fp8 dense tensor there could only be misread."""
+    directory = tmp_path / "q"
+    shutil.copytree(compressed[0], directory)
+    block = directory / "blocks" / "decoder-001.safetensors"
+    tensors = load_file(block)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, block)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"] = {name: file_record(directory / name) for name in manifest["files"]}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    _one_line_error(directory, checkpoints["data"], "decoder-001.safetensors", "self_attn.o_proj.weight",
+                    "float8_e4m3fn", "16- or 32-bit floating dtype")
 
 
 def _broken(checkpoints: dict, name: str, tensors: dict, config: dict | None = None) -> Path:
