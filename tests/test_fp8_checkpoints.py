@@ -122,6 +122,40 @@ def test_dequantize_equals_the_block_loop(shape: tuple[int, int], block: tuple[i
     assert torch.equal(dequantize(weight, scale, BlockFp8(*block), torch.bfloat16), reference.to(torch.bfloat16))
 
 
+MEMORY_CHILD = """
+import sys, torch
+from pathlib import Path
+from qmoe_cli.formats.fp8 import BlockFp8
+from qmoe_cli.formats.hf import CheckpointReader
+reader = CheckpointReader(Path(sys.argv[1]), fp8=BlockFp8(128, 128))
+small = reader.get("small.weight", torch.bfloat16)  # warms every code path on a tiny tensor
+def peak():  # VmHWM: this address space's peak resident set
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
+before = peak()
+big = reader.get("big.weight", torch.bfloat16)
+print(peak() - before, big.shape[0] * big.shape[1])
+"""
+
+
+def test_reading_an_fp8_tensor_holds_one_fp32_copy(tmp_path: Path) -> None:
+    """Peak memory of reading a [4096, 4000] fp8 weight as bf16: its fp8 bytes (16 MB), one fp32
+    copy (64 MB) and the result (32 MB); a full-size scale grid or an out-of-place product
+    would each add another 64 MB."""
+    import subprocess
+    import sys
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, shape in (("small", (130, 200)), ("big", (4096, 4000))):
+        tensors[name + ".weight"] = torch.randn(shape, generator=g).to(torch.float8_e4m3fn)
+        tensors[name + ".weight_scale_inv"] = torch.rand((math.ceil(shape[0] / 128), math.ceil(shape[1] / 128)))
+    save_file(tensors, tmp_path / "model.safetensors")
+    del tensors
+    result = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path)], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parent.parent)
+    growth, numel = map(int, result.stdout.split())
+    assert growth <= numel * (1 + 4 + 2) + 8 * 2**20, (growth, numel)
+
+
 def test_reader_dequantizes_fp8_weights_and_hides_scales(checkpoints: dict) -> None:
     weights = CheckpointWeights(resolve_model(str(checkpoints["fp8"])))
     assert weights.stored_dtype() == torch.bfloat16
