@@ -5,7 +5,9 @@ A `CheckpointReader` maps tensor names to shards through the index JSON (or the 
 opens shards on demand and keeps at most `max_open_shards` open (least recently used closed
 first), and reads one tensor at a time: the model is never loaded whole. Safetensors shards
 come first; legacy `pytorch_model*.bin` shards are read with `torch.load(weights_only=True,
-mmap=True)`, which never unpickles code and maps the file instead of reading it.
+mmap=True)`, which never unpickles code and maps the file instead of reading it. Block-scaled
+fp8 checkpoints (DeepSeek-V3's hub format, `fp8.py`) are dequantized per tensor on read; their
+`*_scale_inv` tensors are no model tensors and are hidden from the name map.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..arch.presets import Preset, load_preset, preset_names
 from ..errors import QmoeError
 from ..files import read_json_object
 from ..resources import package_dir
+from .fp8 import FP8, SCALE_SUFFIX, BlockFp8, block_fp8_scheme, dequantize
 from .safetensors_io import SafetensorsFile
 
 _LAYOUTS = (  # (index file, single-shard file), in order of preference
@@ -79,12 +82,16 @@ class _BinShard:
 class CheckpointReader:
     """Tensor-by-tensor reader of one checkpoint directory (see module docstring)."""
 
-    def __init__(self, directory: Path, max_open_shards: int = 2):
+    def __init__(self, directory: Path, max_open_shards: int = 2, fp8: BlockFp8 | None = None):
+        """`fp8`: the block-fp8 scheme `config.json` declares, None for an unquantized checkpoint."""
         if max_open_shards < 1:
             raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
         self.directory = directory
         self.max_open_shards = max_open_shards
-        self.weight_map = self._find_weight_map(directory)
+        self.fp8 = fp8
+        weight_map = self._find_weight_map(directory)
+        self.scale_map = {n: f for n, f in weight_map.items() if fp8 is not None and n.endswith(SCALE_SUFFIX)}
+        self.weight_map = {n: f for n, f in weight_map.items() if n not in self.scale_map}
         self._open: OrderedDict[str, SafetensorsFile | _BinShard] = OrderedDict()
 
     @staticmethod
@@ -135,18 +142,43 @@ class CheckpointReader:
 
     def get(self, name: str, dtype: torch.dtype | None = None,
             device: torch.device | str = "cpu") -> torch.Tensor:
-        """Read tensor `name`, cast to `dtype` (floating tensors only) and moved to `device`."""
-        file_name = self.weight_map.get(name)
+        """Read tensor `name`, cast to `dtype` (floating tensors only) and moved to `device`. An
+        fp8 tensor is dequantized with its block scales to `dtype` (float32 when None); memory:
+        its fp8 bytes, one fp32 copy and the result."""
+        tensor = self._read(self.weight_map, name)
+        if tensor.dtype == FP8:
+            tensor = self._dequantize(name, tensor, dtype or torch.float32)
+        elif dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return tensor.to(device)
+
+    def _read(self, names: dict[str, str], name: str) -> torch.Tensor:
+        file_name = names.get(name)
         if file_name is None:
             raise QmoeError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
         shard = self._shard(file_name)
         if name not in shard.keys():
             raise QmoeError(f"{self.directory / file_name}: tensor '{name}' is listed in the index "
                             "but missing from the shard; the checkpoint is incomplete")
-        tensor = shard.read(name)
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        return tensor.to(device)
+        return shard.read(name)
+
+    def _dequantize(self, name: str, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[rows, cols] fp8 `weight` (tensor `name`) times its block scales, as `dtype`."""
+        if self.fp8 is None:
+            raise QmoeError(f"{self.directory}: tensor '{name}' is stored as float8_e4m3fn but config.json "
+                            "declares no fp8 quantization_config (weight_block_size) to dequantize it with")
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in self.scale_map:
+            raise QmoeError(f"{self.directory}: fp8 tensor '{name}' has no scale '{scale_name}' in the checkpoint")
+        scale = self._read(self.scale_map, scale_name)  # [ceil(rows/b), ceil(cols/b)] fp32
+        grid = list(self.fp8.scale_shape(tuple(weight.shape))) if weight.dim() == 2 else None
+        # uint8 (exponent-byte) and fp8 scales are other formats, not read here
+        if grid is None or list(scale.shape) != grid or not scale.is_floating_point() or scale.dtype == FP8:
+            expected = f"a float32{grid} scale" if grid else "a 2-D weight"
+            raise QmoeError(f"{self.directory}: fp8 tensor '{name}' {list(weight.shape)} has scale '{scale_name}' "
+                            f"{scale.dtype}{list(scale.shape)}, but {self.fp8.rows}x{self.fp8.cols} blocks need "
+                            f"{expected}")
+        return dequantize(weight, scale, self.fp8, dtype)
 
     def close(self) -> None:
         while self._open:
@@ -169,6 +201,11 @@ class ModelSource:
             return architecture_from_config(raw, self.preset.config_overrides if self.preset else None)
         except (TypeError, ValueError) as exc:
             raise QmoeError(f"{path}: {exc}") from None
+
+    def fp8(self) -> BlockFp8 | None:
+        """The block-fp8 scheme its `config.json` declares (None: the weights are unquantized)."""
+        path = self.directory / "config.json"
+        return block_fp8_scheme(read_json_object(path, "a model directory needs a config.json"), path)
 
 
 def resolve_model(name: str) -> ModelSource:
@@ -224,20 +261,27 @@ class CheckpointWeights:
     def __init__(self, source: ModelSource, max_open_shards: int = 2):
         self.source = source
         self.arch = source.arch()
-        self.reader = CheckpointReader(source.directory, max_open_shards)
+        self.reader = CheckpointReader(source.directory, max_open_shards, source.fp8())
 
     def stored_name(self, name: str) -> str:
         return resolve_name(self.arch, name, self.reader.__contains__, self.source.directory)
 
     def tensor(self, name: str, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
-        return self.reader.get(self.stored_name(name), dtype, device)
+        """Tensor `name` as `dtype`; None keeps the stored dtype, except that an fp8 weight is
+        dequantized to the checkpoint's `stored_dtype` (a compressed checkpoint stores it so)."""
+        stored = self.stored_name(name)
+        if dtype is None and self.reader.dtype(stored) == FP8:
+            dtype = self.stored_dtype()
+        return self.reader.get(stored, dtype, device)
 
     def experts(self, stack: str, index: int) -> CheckpointExperts:
         return CheckpointExperts(self.reader, self.arch, stack, index)
 
     def stored_dtype(self) -> torch.dtype:
-        """The dtype the checkpoint stores its floating weights in (from the first stack's embedding)."""
-        return self.reader.dtype(self.stored_name(self.arch.embedding_tensor(self.arch.stacks[0])))
+        """The dtype the checkpoint stores its floating weights in (from the first stack's
+        embedding), the dtype of its unquantized tensors in an fp8 checkpoint (bf16 for DeepSeek-V3)."""
+        dtype = self.reader.dtype(self.stored_name(self.arch.embedding_tensor(self.arch.stacks[0])))
+        return torch.bfloat16 if dtype == FP8 else dtype  # an fp8 embedding: none ships one; bf16 is the norm
 
     def close(self) -> None:
         self.reader.close()

@@ -298,8 +298,8 @@ class DenseTensorFiles:
 
     def check_dense_layout(self, files: dict[str, dict[str, Any]]) -> None:
         """Every dense file is listed in `files` (the manifest's records) with its size, and holds
-        exactly the tensors (names, shapes, a floating dtype) the architecture needs, so a config
-        edited to other shapes is refused before anything runs. Reads file headers only."""
+        exactly the tensors (names, shapes, a 16- or 32-bit floating dtype) the architecture needs,
+        so a config edited to other shapes is refused before anything runs. Reads file headers only."""
         for name in self.dense_files():
             check_listed(self.directory, files, name)
         head = _header(self.directory / HEAD_FILE)
@@ -452,6 +452,8 @@ def _check_entries(path: Path, entries: dict[str, TensorEntry], expected: Expect
         raise QmoeError(f"{path}: {what}; the checkpoint does not match its manifest's config")
     for name, (dtype, shape) in expected.items():
         entry = entries[name]
-        if entry.shape != shape or (entry.dtype != dtype if dtype else not entry.dtype.is_floating_point):
+        # fp8 needs block scales a compressed checkpoint does not keep: its dense tensors are 16/32-bit
+        dense = entry.dtype.is_floating_point and entry.dtype.itemsize >= 2
+        if entry.shape != shape or (entry.dtype != dtype if dtype else not dense):
             raise QmoeError(f"{path}: tensor '{name}' is {entry.dtype}{list(entry.shape)} but the manifest's config "
-                            f"needs {dtype or 'a floating dtype'}{list(shape)}")
+                            f"needs {dtype or 'a 16- or 32-bit floating dtype'}{list(shape)}")

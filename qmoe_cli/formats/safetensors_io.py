@@ -24,6 +24,7 @@ DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,  # block-fp8 checkpoints' weights (`fp8.py`); never a compressed file's
 }
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 
