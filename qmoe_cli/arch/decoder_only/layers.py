@@ -241,10 +241,12 @@ class LatentAttention(SelfAttention):
         key = torch.cat([self.kv_a_layernorm(latent)[:, None], k_rot], dim=-1)  # [B, 1, t, rank + rope]
         w_uk, w_uv = self.kv_b_proj.weight.view(c.num_heads, -1, rank).split(
             [c.qk_nope_head_dim, c.v_head_dim], dim=1)  # [H, nope, rank], [H, v, rank]
-        query = torch.cat([torch.matmul(q_pass, w_uk), rotate(q_rot, cos, sin)], dim=-1)  # [B, H, t, rank + rope]
+        # einsum, not a broadcast matmul: one [B * t, *] product per head instead of one per (b, t, h).
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_pass, w_uk)
+        query = torch.cat([q_latent, rotate(q_rot, cos, sin)], dim=-1)  # [B, H, t, rank + rope]
         keys, _ = extend(key, None)  # [B, 1, S, rank + rope]
         out = scaled_attention(query, keys, keys[..., :rank], bias, c.softmax_scale)  # [B, t, H * rank]
-        out = torch.matmul(out.view(batch, length, c.num_heads, 1, rank), w_uv.transpose(1, 2))  # [B, t, H, 1, v]
+        out = torch.einsum("bthr,hvr->bthv", out.view(batch, length, c.num_heads, rank), w_uv)  # [B, t, H, v]
         return out.reshape(batch, length, c.num_heads * c.v_head_dim)
 
 
