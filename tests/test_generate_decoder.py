@@ -1,9 +1,11 @@
 """`qmoe generate` on decoder-only families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3):
 the cached decoder against the streamed runner, padded batches against prompts alone, greedy
-tokens against `transformers`' `generate`, quantized against packed checkpoints, and the CLI."""
+tokens against `transformers`' `generate`, quantized against packed checkpoints, and the CLI;
+DeepSeek's latent cache (absorbed attention) against the expanded form and its size at full scale."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,8 +13,11 @@ import pytest
 import tokenizers
 import torch
 from click.testing import CliRunner
-from hf_models import DECODER_FAMILIES, save_hf_decoder, write_causal_tokenizer_json
+from hf_models import DECODER_FAMILIES, DEEPSEEK_V3, save_hf_decoder, write_causal_tokenizer_json
 
+from qmoe_cli.arch import architecture_from_config
+from qmoe_cli.arch.decoder_only.incremental import DecoderIncrementalStack
+from qmoe_cli.arch.decoder_only.layers import LatentAttention, SelfAttention, causal_bias, rotary_tables
 from qmoe_cli.cli import main
 from qmoe_cli.formats.open import open_model
 from qmoe_cli.run.generate import GenerateConfig, generate_ids, prefill
@@ -46,16 +51,14 @@ def _streamed_logits(weights, sequence: list[int]) -> torch.Tensor:
     return weights.arch.head(weights.tensor, CPU, torch.float32)(states.data)
 
 
-def test_cached_decoder_equals_the_streamed_runner(family) -> None:
-    """A left-padded batch of three sequences fed to the cache in uneven chunks (a prefill of
-    several positions, single steps, a chunk of padding only for the shortest): at every real
-    position, the logits of each sequence run whole and alone. Lengths beyond Mixtral's window
-    of 9 exercise the sliding window."""
-    _, directory, _ = family
+def _assert_cached_equals_streamed(directory: Path, lengths: tuple[int, ...], chunks: tuple[int, ...]) -> None:
+    """A left-padded batch of sequences of `lengths` fed to the cache in the chunks that end at
+    `chunks`: at every real position, the logits of each sequence run whole and alone."""
     weights = open_model(str(directory)).weights
     model = load_resident(weights, None, [CPU], torch.float32)
-    sequences = _random_ids((21, 6, 14), seed=5)
+    sequences = _random_ids(lengths, seed=5)
     length = max(len(s) for s in sequences)
+    assert chunks[-1] == length
     ids = torch.zeros(len(sequences), length, dtype=torch.long)
     mask = torch.zeros(len(sequences), length, dtype=torch.bool)
     for b, s in enumerate(sequences):
@@ -63,15 +66,101 @@ def test_cached_decoder_equals_the_streamed_runner(family) -> None:
     cache = model.stacks["decoder"].new_cache(len(sequences), length + 2, key_mask=mask)
     parts = []
     with torch.no_grad():
-        for first, end in ((0, 4), (4, 5), (5, 12), (12, 13), (13, 14), (14, length)):
+        for first, end in zip((0,) + chunks[:-1], chunks):
             hidden = model.run_stack("decoder", model.embed("decoder", ids[:, first:end]), cache)
             parts.append(model.logits(hidden.reshape(-1, hidden.shape[-1])).view(len(sequences), end - first, -1))
     stepped = torch.cat(parts, dim=1)  # [B, length, vocab]
-    assert cache.length(0) == length and all(cache.length(i) == length for i in range(3))
+    assert all(cache.length(i) == length for i in range(weights.arch.num_blocks("decoder")))
     for b, s in enumerate(sequences):
         whole = _streamed_logits(weights, s)
         torch.testing.assert_close(stepped[b, length - len(s):], whole, atol=2e-5, rtol=0)
         assert whole.std() > 0.5  # random weights far from flat logits: a wrong position would show
+
+
+def test_cached_decoder_equals_the_streamed_runner(family) -> None:
+    """Three sequences in uneven chunks (a prefill of several positions, single steps, a chunk
+    of padding only for the shortest). Lengths beyond Mixtral's window of 9 exercise the
+    sliding window; for DeepSeek-V3 the cache holds the latent and attends absorbed, the
+    streamed runner expands keys and values per head."""
+    _assert_cached_equals_streamed(family[1], (21, 6, 14), (4, 5, 12, 13, 14, 21))
+
+
+# DeepSeek-V3 variants for its latent cache: queries without the low-rank bottleneck, and
+# DeepSeek's own YaRN (mscale_all_dim: the softmax scale times 1.87) over an original context
+# of 16 that the longest sequence exceeds.
+MLA_CASES = {
+    "no-q-lora": dict(q_lora_rank=None),
+    "yarn": dict(qk_rope_head_dim=8, max_position_embeddings=640,
+                 rope_scaling={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16,
+                               "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MLA_CASES))
+def test_latent_cache_equals_the_streamed_runner(case: str, tmp_path: Path) -> None:
+    override = MLA_CASES[case]
+    reference = save_hf_decoder(tmp_path / "model", "deepseek_v3", config_override=override)
+    assert all(getattr(reference.config, k) == v for k, v in override.items() if k != "rope_scaling")
+    if "rope_scaling" in override:
+        assert reference.config.rope_parameters["mscale_all_dim"] == 1.0
+    _assert_cached_equals_streamed(tmp_path / "model", (37, 9, 20), (7, 8, 9, 19, 20, 36, 37))
+
+
+def test_absorbed_attention_is_the_expanded_form_up_to_rounding() -> None:
+    """One latent attention at awkward widths (3 heads, latent 7, rope 6, nope 5, v 9,
+    interleaved rotary dims, YaRN with mscale_all_dim) on random float64 weights and inputs: a
+    left-padded batch through the latent cache in uneven chunks equals, to 1e-12, the same chunks
+    through a cache of expanded per-head keys and values (`SelfAttention.forward`, the cached
+    form before the latent one) and each sequence alone in the expanded form; the latent cache
+    holds [B, 1, max_length, 7 + 6] and no values, the expanded one 3 x (5 + 6 + 9) per position."""
+    import transformers
+
+    hf = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=3, num_key_value_heads=3,
+        q_lora_rank=11, kv_lora_rank=7, qk_rope_head_dim=6, qk_nope_head_dim=5, v_head_dim=9,
+        max_position_embeddings=32, rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 8.0,
+                                                      "original_max_position_embeddings": 4, "mscale_all_dim": 0.7})
+    config = architecture_from_config(hf.to_dict()).config
+    assert config.rope_interleave and config.softmax_scale != (5 + 6) ** -0.5
+    g = torch.Generator().manual_seed(7)
+    attention = LatentAttention(config).double()
+    with torch.no_grad():
+        for param in attention.parameters():
+            param.copy_(torch.randn(param.shape, generator=g, dtype=torch.float64) * 0.5)
+    lengths, chunks = (13, 4, 9), (3, 4, 10, 13)
+    x = torch.randn(len(lengths), max(lengths), 16, generator=g, dtype=torch.float64)
+    mask = torch.arange(13)[None, :] >= torch.tensor([13 - n for n in lengths])[:, None]  # left padding
+    stack = DecoderIncrementalStack(config, CPU, torch.float64)
+    cache, expanded_cache = (stack.new_cache(len(lengths), 15, key_mask=mask) for _ in range(2))
+    with torch.no_grad():
+        parts, expanded_parts = [], []
+        for first, end in zip((0,) + chunks[:-1], chunks):
+            cos, sin, bias = cache.step(first, end - first, CPU)
+            parts.append(attention(x[:, first:end], cos, sin, bias, lambda k, v: cache.extend(0, k, v)))
+            expanded_parts.append(SelfAttention.forward(attention, x[:, first:end], cos, sin, bias,
+                                                        lambda k, v: expanded_cache.extend(0, k, v)))
+        stepped = torch.cat(parts, dim=1)  # [B, 13, 16]
+        torch.testing.assert_close(stepped, torch.cat(expanded_parts, dim=1), atol=1e-12, rtol=0)
+        for b, n in enumerate(lengths):
+            cos, sin = rotary_tables(config, n, CPU, torch.float64)
+            alone = attention(x[b:b + 1, 13 - n:], cos, sin, causal_bias(n, None, CPU))
+            torch.testing.assert_close(stepped[b:b + 1, 13 - n:], alone, atol=1e-12, rtol=0)
+            assert alone.abs().max() > 1
+    entry = cache.blocks[0]
+    assert entry.keys.shape == (3, 1, 15, 7 + 6) and entry.values is None and entry.length == 13
+    expanded = expanded_cache.blocks[0]
+    assert expanded.keys.shape == (3, 3, 15, 5 + 6) and expanded.values.shape == (3, 3, 15, 9)
+
+
+def test_full_size_deepseek_v3_caches_the_latent() -> None:
+    """DeepSeek-V3's config: kv_lora_rank + rope = 576 values per position and block, against
+    128 heads x (128 + 64 + 128) = 40960 for the expanded keys and values, 71x less."""
+    arch = architecture_from_config(copy.deepcopy(DEEPSEEK_V3))
+    c = arch.config
+    latent = arch.cache_bytes("decoder", 4, 4096, 0, torch.bfloat16)
+    assert latent == 4 * 4096 * (512 + 64) * 2
+    expanded = 4 * 4096 * c.num_heads * (c.qk_nope_head_dim + c.head_dim + c.v_head_dim) * 2
+    assert expanded == 4 * 4096 * 40960 * 2 and expanded / latent == pytest.approx(71.11, abs=0.01)
 
 
 def _transformers_greedy(reference, prompt: list[int], new: int, pad: int) -> tuple[list[int], float]:
@@ -139,7 +228,7 @@ def test_cache_bytes_are_what_the_cache_holds_and_what_placement_plans(family) -
     assert hidden.shape == (2, arch.d_model)
     for i in range(arch.num_blocks("decoder")):
         entry = cache.blocks[i]
-        held = entry.keys.numel() * entry.keys.element_size() + entry.values.numel() * entry.values.element_size()
+        held = sum(t.numel() * t.element_size() for t in (entry.keys, entry.values) if t is not None)
         assert held == arch.cache_bytes("decoder", 2, 9 + 4, 0, torch.float32) > 0
     plan = plan_model(weights, {"cpu": 1 << 40}, torch.float32, 2, 4, 9)
     head = sum(weights.tensor(n, None, CPU).numel() for n in arch.head_tensors()) * 4

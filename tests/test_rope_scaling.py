@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from hf_models import causal_lm_loss, save_hf_decoder
+from hf_models import DEEPSEEK_V3, causal_lm_loss, save_hf_decoder
 
 from qmoe_cli.arch import architecture_from_config
 from qmoe_cli.arch.decoder_only.config import DecoderConfig
@@ -121,19 +121,6 @@ def test_config_spellings_read_as_transformers_reads_them(spelling: dict) -> Non
     cos, sin = rotary_tables(config, 200, CPU, torch.float32)
     expected_cos, expected_sin = _tables(rotary, 200)
     assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
-
-
-# deepseek-ai/DeepSeek-V3's config.json (the fields the model reads; transformers 4 spelling).
-DEEPSEEK_V3 = {
-    "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
-    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "first_k_dense_replace": 3, "n_routed_experts": 256,
-    "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "norm_topk_prob": True,
-    "routed_scaling_factor": 2.5, "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536,
-    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "max_position_embeddings": 163840, "rope_theta": 10000,
-    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-}
 
 
 def test_full_size_deepseek_v3_equals_transformers() -> None:

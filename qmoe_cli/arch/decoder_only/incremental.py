@@ -7,17 +7,18 @@ mask), so a padded prompt computes what it computes alone: its padding keys are 
 positions are its own. The sliding window (Mixtral) is a window over cache slots, which is the
 same as over positions because padding comes first.
 
-What is cached per block is what `SelfAttention.project` returns and `scaled_attention` reads,
-so the cached path runs the streamed runner's own attention code (`DecoderBlock.attend` with an
-`extend` that appends to the cache):
+What is cached per block is what the block's attention hands the `extend` that appends to the
+cache (`DecoderBlock.attend`) and reads back:
 - grouped-query attention: keys and values per key/value head, after q/k norms, clipping and
-  rotation: 2 x KV heads x head_dim values per position;
-- multi-head latent attention (DeepSeek): the *expanded* per-head keys (no-rope part and the
-  shared rotary part) and values, H x (qk_nope + rope + v_head_dim) values per position, not the
-  compressed latent (kv_lora_rank + rope). That is the simplest correct choice: no
-  re-expansion of every cached latent per step and no second, weight-absorbed formulation of
-  the attention to keep equal to the first; the price is memory (DeepSeek-V3 at full size: 128
-  x 320 = 40960 values per position and block instead of 576).
+  rotation (`SelfAttention.project`): 2 x KV heads x head_dim values per position; the cached
+  path runs the streamed runner's own attention code over them;
+- multi-head latent attention (DeepSeek): the latent, one tensor [B, 1, max_length, kv_lora_rank
+  + rope] holding per position the normalised compressed KV latent and the rotated shared key
+  part, the values being its first kv_lora_rank columns (no second tensor):
+  kv_lora_rank + rope values per position (DeepSeek-V3 at full size: 576, against 128 x 320 =
+  40960 for the expanded per-head keys and values). Cached calls attend in the absorbed form
+  (`LatentAttention._absorbed`, whose docstring says why prefill does too); the streamed runner
+  keeps the expanded form.
 
 Cache tensors are preallocated to `max_length` positions on the device of the block that fills
 them (its first `attend`), and filled a call at a time. The step's rotary rows and mask are
@@ -41,7 +42,7 @@ def cache_width(config: DecoderConfig) -> int:
     """Values one block caches per position (keys and values together; see the module docstring)."""
     c = config
     if c.attention == "mla":
-        return c.num_heads * (c.qk_nope_head_dim + c.head_dim + c.v_head_dim)
+        return c.kv_lora_rank + c.head_dim
     return 2 * c.num_kv_heads * c.head_dim
 
 
@@ -52,8 +53,8 @@ def cache_bytes(config: DecoderConfig, batch: int, length: int, dtype: torch.dty
 
 @dataclass
 class _BlockCache:
-    keys: torch.Tensor  # [B, KV, max_length, dk], filled up to `length` (MLA: KV = H)
-    values: torch.Tensor  # [B, KV, max_length, dv]
+    keys: torch.Tensor  # [B, KV, max_length, dk], filled up to `length` (MLA: [B, 1, max_length, rank + rope])
+    values: torch.Tensor | None  # [B, KV, max_length, dv]; MLA: None (the keys' first columns)
     length: int = 0
 
 
@@ -89,20 +90,24 @@ class DecoderStackCache:
             self._steps[key] = (cos.to(device), sin.to(device), bias.to(device))
         return self._steps[key]
 
-    def extend(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write block `index`'s keys k [B, KV, t, dk] and values v [B, KV, t, dv] after its cached
-        positions -> all its keys and values so far ([B, KV, L + t, *], views of the cache)."""
+    def extend(self, index: int, k: torch.Tensor,
+               v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Write block `index`'s keys k [B, KV, t, dk] and values v [B, KV, t, dv] (None: the keys
+        hold them, see `ExtendKeys`) after its cached positions -> all its keys and values so far
+        ([B, KV, L + t, *], views of the cache; values None for None)."""
         entry = self.blocks.get(index)
         if entry is None:
             shape = (k.shape[0], k.shape[1], self.max_length)
-            entry = self.blocks[index] = _BlockCache(k.new_empty(*shape, k.shape[3]), v.new_empty(*shape, v.shape[3]))
+            entry = self.blocks[index] = _BlockCache(k.new_empty(*shape, k.shape[3]),
+                                                     None if v is None else v.new_empty(*shape, v.shape[3]))
         first, t = entry.length, k.shape[2]
         if first + t > self.max_length:
             raise ValueError(f"decoding past the cache's {self.max_length} positions (at {first} + {t})")
         entry.keys[:, :, first:first + t] = k
-        entry.values[:, :, first:first + t] = v
+        if entry.values is not None:
+            entry.values[:, :, first:first + t] = v
         entry.length = first + t
-        return entry.keys[:, :, :first + t], entry.values[:, :, :first + t]
+        return entry.keys[:, :, :first + t], None if entry.values is None else entry.values[:, :, :first + t]
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,8 @@ def causal_bias(length: int, window: int | None, device: torch.device, first: in
 
 
 # Keys/values of the new positions [B, KV, t, *] -> those of every position so far (a cache).
-ExtendKeys = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# Values None: the keys hold the values in their first columns (MLA's latent), cached once.
+ExtendKeys = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
@@ -99,7 +100,8 @@ class SelfAttention(nn.Module):
     """What both attentions share: project the new positions to rotated queries, keys and values
     (`project`, per family), let a cache prepend the earlier positions' keys and values
     (`extend`), attend (`scaled_attention`) and project out (`o_proj`). The streamed runner
-    (whole samples) and the decoding cache run this one implementation."""
+    (whole samples) and the decoding cache run this one implementation (except MLA's cache,
+    which `LatentAttention` attends in the absorbed form)."""
 
     config: DecoderConfig
     o_proj: nn.Linear
@@ -158,9 +160,23 @@ class Attention(SelfAttention):
 
 class LatentAttention(SelfAttention):
     """DeepSeek's multi-head latent attention (MLA): queries through an optional low-rank
-    bottleneck, keys and values expanded per head from one normalised latent, and a rotary key
-    part shared by all heads. Runs in the expanded form: per head keys and values (what a
-    decoding cache holds), not the latent."""
+    bottleneck, keys and values expanded per head from one normalised latent c, and a rotary key
+    part shared by all heads.
+
+    Two forms, equal up to rounding. Whole sequences (`qmoe eval`, no `extend`) run the expanded
+    form, per head keys [nope + rope] and values, as transformers does. With a decoding cache
+    every call, prefill chunk or single step, runs the absorbed form (`_absorbed`): the cache
+    holds per position only [c, rotated shared key] (kv_lora_rank + rope values, DeepSeek-V3:
+    576 instead of 128 heads x 320 = 40960), kv_b_proj's key half is folded into the query
+    (q_nope W_uk: a query in latent space, scores = q_latent . c + q_rope . k_rope) and its
+    value half applied after the weights (weights @ c, then W_uv). Prefill runs absorbed too,
+    not expanded: a prefill chunk after the first (long prompts, `PREFILL_TOKENS`) would have
+    to re-expand every cached latent into per head keys and values, a transient as large as
+    the expanded cache that the latent one exists to avoid; absorbed, a chunk's memory is its
+    scores plus [B, H, t, kv_lora_rank] queries and outputs whatever the prompt length. The
+    price is arithmetic: kv_lora_rank + rope + kv_lora_rank multiply-adds per head and key
+    (DeepSeek-V3: 1088) instead of nope + rope + v (320), which a step, reading the cache
+    once, does not notice and a long prefill does."""
 
     _LATENT_EPS = 1e-6  # the latents' RMSNorms use transformers' default, not rms_norm_eps
 
@@ -181,21 +197,57 @@ class LatentAttention(SelfAttention):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = nn.Linear(c.num_heads * c.v_head_dim, c.hidden_size, bias=bias)
 
+    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, t, d] -> the queries' no-rope part [B, H, t, nope] and rotary part [B, H, t, rope]
+        (not yet rotated)."""
+        c = self.config
+        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(*x.shape[:2], c.num_heads, -1).transpose(1, 2)  # [B, H, t, nope + rope]
+        return q.split([c.qk_nope_head_dim, c.head_dim], dim=-1)
+
     def project(self, x: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, t, d] -> q and k [B, H, t, nope + rope] (rotary part rotated), v [B, H, t, v]."""
         c = self.config
         batch, length = x.shape[:2]
         rotate = _rotate_interleaved if c.rope_interleave else _rotate
-        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(batch, length, c.num_heads, -1).transpose(1, 2)  # [B, H, t, nope + rope]
-        q_pass, q_rot = q.split([c.qk_nope_head_dim, c.head_dim], dim=-1)
+        q_pass, q_rot = self._query(x)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([c.kv_lora_rank, c.head_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(batch, length, c.num_heads, -1).transpose(1, 2)
         k_pass, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)  # [B, H, t, nope], [B, H, t, v]
         k_rot = rotate(k_rot.view(batch, 1, length, c.head_dim), cos, sin).expand(-1, c.num_heads, -1, -1)
         q = torch.cat([q_pass, rotate(q_rot, cos, sin)], dim=-1)
         return q, torch.cat([k_pass, k_rot], dim=-1), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                extend: ExtendKeys | None = None) -> torch.Tensor:
+        """As `SelfAttention.forward`: expanded without `extend`, absorbed with one."""
+        if extend is None:
+            return super().forward(x, cos, sin, bias)
+        return self.o_proj(self._absorbed(x, cos, sin, bias, extend))
+
+    def _absorbed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+                  extend: ExtendKeys) -> torch.Tensor:
+        """x [B, t, d] -> attention output before o_proj [B, t, H * v] in the absorbed form: one
+        key/value head (a key [c, rotated k_rope] per position, its value c, the key's first
+        kv_lora_rank columns) read by H queries [q_nope W_uk, rotated q_rope]."""
+        c = self.config
+        batch, length = x.shape[:2]
+        rank = c.kv_lora_rank
+        rotate = _rotate_interleaved if c.rope_interleave else _rotate
+        q_pass, q_rot = self._query(x)  # [B, H, t, nope], [B, H, t, rope]
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([rank, c.head_dim], dim=-1)
+        k_rot = rotate(k_rot.view(batch, 1, length, c.head_dim), cos, sin)  # [B, 1, t, rope]
+        key = torch.cat([self.kv_a_layernorm(latent)[:, None], k_rot], dim=-1)  # [B, 1, t, rank + rope]
+        w_uk, w_uv = self.kv_b_proj.weight.view(c.num_heads, -1, rank).split(
+            [c.qk_nope_head_dim, c.v_head_dim], dim=1)  # [H, nope, rank], [H, v, rank]
+        # einsum, not a broadcast matmul: one [B * t, *] product per head instead of one per (b, t, h).
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_pass, w_uk)
+        query = torch.cat([q_latent, rotate(q_rot, cos, sin)], dim=-1)  # [B, H, t, rank + rope]
+        keys, _ = extend(key, None)  # [B, 1, S, rank + rope]
+        out = scaled_attention(query, keys, keys[..., :rank], bias, c.softmax_scale)  # [B, t, H * rank]
+        out = torch.einsum("bthr,hvr->bthv", out.view(batch, length, c.num_heads, rank), w_uv)  # [B, t, H, v]
+        return out.reshape(batch, length, c.num_heads * c.v_head_dim)
 
 
 class GatedMLP(nn.Module):
