@@ -18,34 +18,17 @@ synchronised); a markdown table on stdout (and to --out).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gptq import emit_table  # noqa: E402
+from bench_gptq import emit_table, median_ms  # noqa: E402
 
 from qmoe_cli.arch import architecture_from_config  # noqa: E402
 from qmoe_cli.arch.decoder_only.incremental import DecoderIncrementalStack, DecoderStackCache, cache_bytes  # noqa: E402
 from qmoe_cli.arch.decoder_only.layers import LatentAttention, SelfAttention  # noqa: E402
-
-
-def median_ms(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def filled_caches(attention: LatentAttention, stack: DecoderIncrementalStack, batch: int,
