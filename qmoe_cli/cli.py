@@ -92,7 +92,8 @@ def _output_dir(ctx: click.Context, param: click.Parameter, value: Path | None) 
 def threads_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--threads", type=click.IntRange(min=1), default=None,
                         help="CPU threads. Default: the cores this process may use (CPU affinity, cgroup quota), "
-                             "shared among torchrun's local ranks; OMP_NUM_THREADS when set, outside torchrun.")(command)
+                             "shared among torchrun's local ranks; OMP_NUM_THREADS when set, "
+                             "outside torchrun.")(command)
 
 
 def _use_threads(threads: int | None) -> int:
@@ -200,7 +201,8 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
 @click.option("--device", "devices", multiple=True, metavar="DEVICE",
               help=DEVICE_HELP + "; cuda takes every visible GPU; repeat cuda:N for a chosen set. Default: auto.")
 @click.option("--max-memory", "max_memory", multiple=True, metavar="SIZE",
-              help="Cap on what each GPU holds (70GiB, 80GB): one for all, or one per GPU. The rest streams from host memory.")
+              help="Cap on what each GPU holds (70GiB, 80GB): one for all, or one per GPU. "
+                   "The rest streams from host memory.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Compute dtype; auto: float32 on CPU, the stored dtype (bfloat16 for float32 checkpoints) on GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -279,7 +281,8 @@ def resolve_devices(names: tuple[str, ...]) -> list[Any]:
     names = names or ("auto",)
     if len(names) == 1 and names[0] in ("auto", "cuda"):
         device = resolve_device(names[0])
-        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if device.type == "cuda" else [device]
+        return ([torch.device("cuda", i) for i in range(torch.cuda.device_count())] if device.type == "cuda"
+                else [device])
     resolved = [resolve_device(n) for n in names]
     if len(resolved) > 1 and any(d.type != "cuda" or d.index is None for d in resolved):
         raise ValueError(f"--device: several devices must each be cuda:N, got {', '.join(names)}")
@@ -322,7 +325,8 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
 @click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
               help="Calibration samples (a file with fewer is used whole, with a note).")
 @click.option("--group-size", type=int, default=16, show_default=True, help="Experts quantized per batched call.")
-@click.option("--damp", type=float, default=0.1, show_default=True, help="Hessian dampening, fraction of its mean diagonal.")
+@click.option("--damp", type=float, default=0.1, show_default=True,
+              help="Hessian dampening, fraction of its mean diagonal.")
 @click.option("--act-order", is_flag=True, help="GPTQ columns by descending Hessian diagonal.")
 @click.option("--grid-group", type=int, default=None, help="Columns per grid (default: one grid per row).")
 @click.option("--token-cap", type=float, default=4.0, show_default=True,

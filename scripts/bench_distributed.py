@@ -70,7 +70,8 @@ class Setup:
     def label(self) -> str:
         if self.ranks is None:
             return f"1 process, {self.threads} thread" + "s" * (self.threads > 1)
-        return f"torchrun, {self.ranks} rank" + "s" * (self.ranks > 1) + f" x {self.threads} thread" + "s" * (self.threads > 1)
+        return (f"torchrun, {self.ranks} rank" + "s" * (self.ranks > 1)
+                + f" x {self.threads} thread" + "s" * (self.threads > 1))
 
 
 def run_compress(setup: Setup, model: Path, calib: Path, samples: int, out: Path) -> tuple[float, dict]:

@@ -99,7 +99,8 @@ def make_models(args: argparse.Namespace) -> tuple[MemoryWeights, MemoryWeights,
             for m, (rows, cols) in arch.expert.shapes.items():
                 codes = ternary(rows, cols, args.p_zero, gen)
                 words, offsets = encode_matrix(codes, book)
-                lo, hi = -torch.rand(rows, 1, generator=gen) * 3 * cols ** -0.5, torch.rand(rows, 1, generator=gen) * 3 * cols ** -0.5
+                lo, hi = (-torch.rand(rows, 1, generator=gen) * 3 * cols ** -0.5,
+                          torch.rand(rows, 1, generator=gen) * 3 * cols ** -0.5)
                 matrix = DictionaryMatrix({"words": words, "offsets": offsets, "lo": lo, "hi": hi}, book, rows, cols,
                                           spec, f"{stack}.{i}.{m}")
                 weight = torch.where(codes == 0, lo, torch.where(codes == 2, hi, torch.zeros(())))
@@ -160,7 +161,8 @@ def block_ms(model: ResidentModel, args: argparse.Namespace) -> float:
     return statistics.median(times)
 
 
-def measure(weights: MemoryWeights, args: argparse.Namespace, batches: list[int]) -> tuple[dict[int, float], float, float]:
+def measure(weights: MemoryWeights, args: argparse.Namespace,
+            batches: list[int]) -> tuple[dict[int, float], float, float]:
     """(ms per token by batch, sparse block ms, peak GPU MB or nan) of one model."""
     device = torch.device(args.device)
     if device.type == "cuda":

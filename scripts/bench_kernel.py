@@ -169,7 +169,8 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,8,16,32,64")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--copies", type=int, default=4, help="Distinct weight/input copies (cloned further until they exceed L2)")
+    parser.add_argument("--copies", type=int, default=4,
+                        help="Distinct weight/input copies (cloned further until they exceed L2)")
     parser.add_argument("--out", type=Path, default=None, help="Also write the markdown table here.")
     args = parser.parse_args()
     if not torch.cuda.is_available():

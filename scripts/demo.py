@@ -49,7 +49,8 @@ def main() -> None:
                               "--calib-samples", args.calib_samples, "--out", str(out), "--pack", *common)["packed"]
                 loss = qmoe("eval", "--model", packed["path"], *samples, *common)["loss"]
                 print(f"| {method} | {bits} | {loss:.4f} | {packed['bits_per_weight_codes']:.3f} "
-                      f"| {packed['bits_per_weight_all_in']:.3f} | {packed['entropy_bits_per_weight']:.3f} |", flush=True)
+                      f"| {packed['bits_per_weight_all_in']:.3f} | {packed['entropy_bits_per_weight']:.3f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ def test_sparse_matmul_equals_the_dense_product(book: Codebook, rows: int, cols:
     codes[0] = 0  # a row of lo only: every weight non-zero
     words, offsets = encode_matrix(codes, book)
     g = torch.Generator().manual_seed(rows)
-    lo, hi, x = -torch.rand(rows, 1, generator=g), torch.rand(rows, 1, generator=g), torch.randn(tokens, cols, generator=g)
+    lo, hi, x = (-torch.rand(rows, 1, generator=g), torch.rand(rows, 1, generator=g),
+                 torch.randn(tokens, cols, generator=g))
     dense = torch.where(codes == 0, lo, torch.where(codes == 2, hi, 0.0))
     got = ternary_matmul(words, offsets, book, lo, hi, x)
     assert got.shape == (tokens, rows)

@@ -100,7 +100,8 @@ def _reconstruct(sample: Sample, tokenizer: Tokenizer) -> list[int]:
 
 
 @settings(max_examples=100, deadline=None)
-@given(tokens=st.lists(st.integers(3, 32), min_size=2, max_size=150), seed=st.integers(0, 10**6))  # 3..32: word ids, no sentinels
+@given(tokens=st.lists(st.integers(3, 32), min_size=2, max_size=150),  # 3..32: word ids, no sentinels
+       seed=st.integers(0, 10**6))
 def test_span_corrupt_reconstructs(tiny_tokenizer: Tokenizer, tokens: list[int], seed: int) -> None:
     sample = span_corrupt(tokens, tiny_tokenizer, SpanCorruption(), np.random.default_rng(seed))
     assert _reconstruct(sample, tiny_tokenizer) == tokens
@@ -385,7 +386,8 @@ def test_wikitext2_span_corruption_reads_paragraph_rows(monkeypatch: pytest.Monk
     (tmp_path / "paragraphs.txt").write_text("\n".join(paragraphs))
     assert data.samples == load_samples(DataSpec(str(tmp_path / "paragraphs.txt")), tiny_tokenizer).samples
     calib = load_samples(DataSpec("wikitext2", split="train", num_samples=100), tiny_tokenizer)
-    assert [_reconstruct(s, tiny_tokenizer) for s in calib.samples] == [tiny_tokenizer.encode(p) for p in paragraphs[:5]]
+    assert ([_reconstruct(s, tiny_tokenizer) for s in calib.samples]
+            == [tiny_tokenizer.encode(p) for p in paragraphs[:5]])
 
 
 def test_wikitext2_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

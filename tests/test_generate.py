@@ -145,7 +145,8 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     assert drawn == {0, 1}  # 0.5 < 0.75 <= 0.5 + 0.3
 
 
-HF_CASES = {"sparse-every-2-tied": dict(sparse_step=2, tied=True), "every-layer-untied": dict(sparse_step=1, tied=False)}
+HF_CASES = {"sparse-every-2-tied": dict(sparse_step=2, tied=True),
+            "every-layer-untied": dict(sparse_step=1, tied=False)}
 
 
 @pytest.mark.parametrize("case", sorted(HF_CASES))
@@ -253,7 +254,8 @@ def test_inference_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "table.md"
     done = subprocess.run([sys.executable, str(root / "scripts" / "bench_inference.py"), "--device", "cpu",
                            "--d-model", "32", "--d-ff", "64", "--experts", "4", "--blocks", "2", "--vocab", "128",
-                           "--batches", "1,3", "--steps", "2", "--dictionary-size", "1024", "--warmup", "1", "--out", str(out)],
+                           "--batches", "1,3", "--steps", "2", "--dictionary-size", "1024", "--warmup", "1",
+                           "--out", str(out)],
                           env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]

@@ -58,7 +58,8 @@ def test_streamed_peak_memory_does_not_grow_with_experts(tmp_path: Path) -> None
     assert extra_bytes > 200 * 2**20  # 4 sparse blocks x 56 extra experts x 1 MiB
     growth = _peak_rss(many) - _peak_rss(few)
     # Both runs hold at most group_size=4 experts (4 MiB) at once; allow allocator noise.
-    assert growth < 0.1 * extra_bytes, f"peak RSS grew by {growth / 2**20:.1f} MiB for {extra_bytes / 2**20:.0f} MiB more experts"
+    assert growth < 0.1 * extra_bytes, (f"peak RSS grew by {growth / 2**20:.1f} MiB "
+                                        f"for {extra_bytes / 2**20:.0f} MiB more experts")
 
 
 COMPRESS_CHILD = """
@@ -85,8 +86,10 @@ def test_compress_peak_memory_grows_less_than_the_extra_codes(tmp_path: Path) ->
         model = _checkpoint(tmp_path / f"e{experts}", experts, layers=1, d_ff=512)
         child = [sys.executable, "-c", COMPRESS_CHILD, str(model), str(tmp_path / "calib.jsonl"),
                  str(tmp_path / f"q{experts}")]
-        out = subprocess.run(child, capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+        out = subprocess.run(child, capture_output=True, text=True, check=True,
+                             env={"OMP_NUM_THREADS": "1", "PATH": ""})
         peaks[experts] = int(out.stdout.split()[-1])
     extra_codes = 2 * 56 * 2 * D_MODEL * 512  # 2 sparse blocks x 56 experts x (wi + wo) uint8 codes
     growth = peaks[64] - peaks[8]
-    assert growth < extra_codes, f"peak RSS grew by {growth / 2**20:.1f} MiB, extra codes are {extra_codes / 2**20:.0f} MiB"
+    assert growth < extra_codes, (f"peak RSS grew by {growth / 2**20:.1f} MiB, "
+                                  f"extra codes are {extra_codes / 2**20:.0f} MiB")

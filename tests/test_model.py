@@ -90,7 +90,8 @@ def test_padded_batch_matches_unpadded_samples(tmp_path: Path) -> None:
 
 
 def _pretokenized(path: Path, ids: torch.Tensor, labels: torch.Tensor) -> Path:
-    path.write_text("".join(json.dumps({"input_ids": i, "labels": l}) + "\n" for i, l in zip(ids.tolist(), labels.tolist())))
+    path.write_text("".join(json.dumps({"input_ids": i, "labels": l}) + "\n"
+                            for i, l in zip(ids.tolist(), labels.tolist())))
     return path
 
 

@@ -50,7 +50,7 @@ def architecture_from_config(raw: dict[str, Any], overrides: dict[str, Any] | No
     return arch_class(config_class.from_hf_dict(raw, overrides))
 
 
-__all__ = ["CHAIN_ACTIVATIONS", "Architecture", "ExpertBank", "ExpertShape", "GenerationSpec", "IncrementalStack", "MoEBlock",
-           "ModelWeights", "RoutedExperts", "StackCache", "StackContext", "TensorReader", "architecture_from_config",
-           "bank_shared", "bank_stores_shared",
+__all__ = ["CHAIN_ACTIVATIONS", "Architecture", "ExpertBank", "ExpertShape", "GenerationSpec", "IncrementalStack",
+           "MoEBlock", "ModelWeights", "RoutedExperts", "StackCache", "StackContext", "TensorReader",
+           "architecture_from_config", "bank_shared", "bank_stores_shared",
            "resolve_name", "routed_experts"]

@@ -167,10 +167,12 @@ class GenerationSpec:
 
     def __post_init__(self) -> None:
         if self.prompt_stack == self.output_stack:
-            raise ValueError(f"GenerationSpec: the prompt and output stacks must differ, got {self.output_stack!r} twice")
+            raise ValueError("GenerationSpec: the prompt and output stacks must differ, "
+                             f"got {self.output_stack!r} twice")
         if (self.prompt_stack is None) != (self.start_token is None):
             raise ValueError("GenerationSpec: a start token goes with a prompt stack (encoder-decoder), and neither "
-                             f"with decoder-only; got prompt_stack {self.prompt_stack!r}, start_token {self.start_token!r}")
+                             f"with decoder-only; got prompt_stack {self.prompt_stack!r}, "
+                             f"start_token {self.start_token!r}")
         ids = {"start_token": () if self.start_token is None else (self.start_token,),
                "eos_tokens": self.eos_tokens, "pad_token": (self.pad_token,)}
         for name, values in ids.items():
@@ -195,7 +197,8 @@ class ExpertShape:
 
     matrices: tuple[str, ...]  # e.g. ("wi", "wo"), ("gate_proj", "up_proj", "down_proj")
     shapes: Mapping[str, tuple[int, int]]  # name -> (rows, cols)
-    hidden: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]  # (x [n, d], {input: W [r, d]}) -> [n, r]
+    # (x [n, d], {input: W [r, d]}) -> [n, r]
+    hidden: Callable[[torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
     inputs: tuple[str, ...] = ()  # default: the first matrix alone
     # How `hidden` combines the inputs' outputs, for the grouped GPU kernels (which compute all
     # inputs of an expert in one launch, stacked by rows) to run it; None for any other

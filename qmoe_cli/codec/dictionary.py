@@ -202,7 +202,8 @@ def parse_statistics(book: "Codebook", probs: Sequence[float]) -> tuple[list[flo
     tails = logp.sum(dim=1).exp()  # [size] prod p(v[1:])
     stops = (book.children[:-1] < 0).double() * p[None, :]  # [size, 9]
     firsts = book.symbols[:, 0].long()
-    transition = torch.zeros(NUM_SYMBOLS, NUM_SYMBOLS, dtype=torch.float64).index_add_(0, firsts, tails[:, None] * stops)
+    transition = torch.zeros(NUM_SYMBOLS, NUM_SYMBOLS, dtype=torch.float64).index_add_(0, firsts,
+                                                                                        tails[:, None] * stops)
     pi = torch.full((NUM_SYMBOLS,), 1.0 / NUM_SYMBOLS, dtype=torch.float64)
     for _ in range(1000):  # power iteration; the chain mixes in a few steps
         nxt = pi @ transition

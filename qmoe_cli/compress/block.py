@@ -342,8 +342,8 @@ class ExpertCompressor:
         wi = self._solve(torch.stack([torch.cat([getattr(e, m).weight for m in shape.inputs]) for e in weights]),
                          inputs, used)
         rows = _input_rows(shape)
-        hidden = [shape.hidden(x, {m: wi.q[e, r] for m, r in rows.items()})  # the output's inputs, from quantized inputs
-                  for e, x in enumerate(inputs)]
+        # The output's inputs, from quantized inputs.
+        hidden = [shape.hidden(x, {m: wi.q[e, r] for m, r in rows.items()}) for e, x in enumerate(inputs)]
         wo = self._solve(torch.stack([getattr(e, shape.output).weight for e in weights]), hidden, used)
         stats = torch.stack([torch.stack([r.error.double(), r.fallback.double(), (r.q == 0).sum((1, 2)).double()], 1)
                              for r in (wi, wo)], 2).cpu()  # [n, STATS, 2]

@@ -70,7 +70,8 @@ def block_fp8_scheme(raw: dict[str, Any], path: Path) -> BlockFp8 | None:
     try:
         return BlockFp8(*block)
     except ValueError:
-        raise QmoeError(f"{path}: quantization_config weight_block_size {block!r} must be two positive integers") from None
+        raise QmoeError(f"{path}: quantization_config weight_block_size {block!r} "
+                        "must be two positive integers") from None
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: BlockFp8, dtype: torch.dtype) -> torch.Tensor:

@@ -138,7 +138,8 @@ class BitpackedMatrix:
 
 
 def _expect(where: str, name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None) -> None:
-    if tensor.dtype != dtype or (shape is None and tensor.dim() != 1) or (shape is not None and tuple(tensor.shape) != shape):
+    if (tensor.dtype != dtype or (shape is None and tensor.dim() != 1)
+            or (shape is not None and tuple(tensor.shape) != shape)):
         wanted = f"{dtype}{list(shape) if shape else '[n]'}"
         raise QmoeError(f"{where}: '{name}' is {tensor.dtype}{list(tensor.shape)}, expected {wanted}")
 

@@ -96,10 +96,12 @@ class DecoderConfig:
         if self.attention == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
                 if getattr(self, name) < 1:
-                    raise ValueError(f"DecoderConfig.{name} must be >= 1 for mla attention, got {getattr(self, name)!r}")
+                    raise ValueError(f"DecoderConfig.{name} must be >= 1 for mla attention, "
+                                     f"got {getattr(self, name)!r}")
         if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"DecoderConfig: {self.num_experts} experts in n_group {self.n_group} groups with "
-                             f"topk_group {self.topk_group}: groups must divide the experts and 1 <= topk_group <= n_group")
+                             f"topk_group {self.topk_group}: groups must divide the experts "
+                             "and 1 <= topk_group <= n_group")
         pad = () if self.pad_token_id is None else (self.pad_token_id,)
         for name, ids in (("eos_token_ids", self.eos_token_ids), ("pad_token_id", pad)):
             if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.vocab_size for i in ids):
