@@ -158,6 +158,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.top_k > args.experts:
         parser.error(f"--top-k {args.top_k} exceeds --experts {args.experts}")
+    if args.heads % args.kv_heads:
+        parser.error(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}")
+    groups = FAMILIES["deepseek_v3"][2]["n_group"]
+    if args.family == "deepseek_v3" and args.experts % groups:
+        parser.error(f"deepseek_v3 routes within {groups} expert groups: --experts must be a multiple of {groups}, "
+                     f"got {args.experts}")
     return args
 
 
@@ -170,7 +176,8 @@ def main() -> None:
         print(f"writing a random {args.family} checkpoint", file=sys.stderr)
         write_model(root / "model", args)
         print("compressing it (rtn ternary, packed)", file=sys.stderr)
-        packed, manifest = compress(root / "model", root, args.vocab, "cuda" if args.device.startswith("cuda") else "cpu")
+        compress_device = "cuda" if args.device.startswith("cuda") else "cpu"
+        packed, manifest = compress(root / "model", root, args.vocab, compress_device)
         print("timing the packed model", file=sys.stderr)
         p = measure(packed, args, args.batches)
         print("timing the original model", file=sys.stderr)

@@ -38,7 +38,8 @@ def test_flags_make_each_familys_config(bench, family: str) -> None:
 
 
 def test_bad_flags_are_usage_errors(bench) -> None:
-    for argv in (["--top-k", "9", "--experts", "8"], ["--steps", "0"], ["--family", "switch"]):
+    for argv in (["--top-k", "9", "--experts", "8"], ["--steps", "0"], ["--family", "switch"],
+                 ["--heads", "8", "--kv-heads", "3"], ["--family", "deepseek_v3", "--experts", "6"]):
         with pytest.raises(SystemExit) as raised:
             bench.parse_args(argv)
         assert raised.value.code == 2
