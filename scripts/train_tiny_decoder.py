@@ -26,7 +26,6 @@ losses, unigram entropy, routing shares) and `train_log.jsonl` (the loss curve).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -59,6 +58,7 @@ from train_tiny_switch import (  # noqa: E402
     MIN_EXPERT_SHARE,
     VALIDATION_DOCS,
     lr_at,
+    parse_args,
 )
 
 BOS_TOKEN = "<s>"
@@ -325,23 +325,10 @@ def finalize(model, tokenizer: tokenizers.Tokenizer, cfg: TrainConfig, out: Path
     return report
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, Path, bool]:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="output model directory (replaced)")
-    parser.add_argument("--no-save", action="store_true", help="train and log only (smoke runs)")
-    for f in dataclasses.fields(TrainConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
-                            default=getattr(defaults, f.name), metavar=f.name.upper())
-    args = parser.parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    return cfg, args.out, args.no_save
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     import transformers
 
-    cfg, out, no_save = parse_args(argv)
+    cfg, out, no_save = parse_args(argv, TrainConfig, __doc__)
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)

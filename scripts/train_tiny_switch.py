@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Before torch loads libgomp: OpenMP threads spin while waiting for each other, and on a CPU
 # shared with other jobs a spinning thread takes the core its partner needs; measured here,
@@ -402,16 +403,18 @@ def print_summary(report: dict) -> None:
     print(f"wall {report['wall_s']} s, {report['parameters']} parameters; acceptance {report['acceptance']}")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, Path, bool]:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: Sequence[str] | None = None, config: type = TrainConfig,
+               doc: str | None = __doc__) -> tuple[Any, Path, bool]:
+    """(a `config` from one flag per field, --out, --no-save); the tiny decoder's trainer uses it too."""
+    defaults = config()
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output model directory (replaced)")
     parser.add_argument("--no-save", action="store_true", help="train and log only (smoke runs)")
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(config):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
                             default=getattr(defaults, f.name), metavar=f.name.upper())
     args = parser.parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    cfg = config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config)})
     return cfg, args.out, args.no_save
 
 
