@@ -48,6 +48,26 @@ def mutate(path: Path, rnd: random.Random) -> str:
     return f"{path.name}: {detail}"
 
 
+def fuzz_files(directory: Path, weights: dict[Path, int], seed: int, cases: int) -> dict[str, int]:
+    """`cases` random mutations (`mutate`) of files of `directory` drawn by `weights`, each run
+    (`check_outcome`) and restored; returns the outcomes, after checking the restored checkpoint
+    gives its reference outputs again."""
+    reference = outputs(directory)
+    files = sorted(weights)
+    rnd = random.Random(seed)
+    outcomes = {"error": 0, "harmless": 0}
+    for case in range(cases):
+        path = rnd.choices(files, weights=[weights[f] for f in files])[0]
+        original = path.read_bytes()
+        what = f"case {case} ({mutate(path, rnd)})"
+        try:
+            check_outcome(directory, reference, what, outcomes)
+        finally:
+            path.write_bytes(original)
+    assert torch.equal(outputs(directory), reference)
+    return outcomes
+
+
 def check_outcome(directory: Path, reference: torch.Tensor, what: str, outcomes: dict[str, int]) -> None:
     """Run the (mutated) checkpoint: a `QmoeError` counts as "error", outputs equal to
     `reference` as "harmless"; anything else (another exception, other outputs) fails the test."""
