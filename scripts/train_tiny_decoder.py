@@ -26,11 +26,9 @@ losses, unigram entropy, routing shares) and `train_log.jsonl` (the loss curve).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -48,7 +46,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tokenizers import processors  # noqa: E402
 
-from qmoe_cli.data.corpus import CorpusSpec, build_tokenizer, generate_documents, unigram_entropy_bits, write_jsonl  # noqa: E402
+from qmoe_cli.data.corpus import build_tokenizer, generate_documents, unigram_entropy_bits, write_jsonl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny_switch import (  # noqa: E402
@@ -57,8 +55,10 @@ from train_tiny_switch import (  # noqa: E402
     MAX_UNIGRAM_FRACTION,
     MIN_EXPERT_SHARE,
     VALIDATION_DOCS,
-    lr_at,
+    adamw,
+    optimise,
     parse_args,
+    report_header,
 )
 
 BOS_TOKEN = "<s>"
@@ -195,41 +195,13 @@ def step_losses(model, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
-    rest = [p for p in model.parameters() if not any(p is q for q in decay)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    return adamw(model, [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n], cfg)
 
 
 def train(model, tokenizer: tokenizers.Tokenizer, val: Sequence[list[int]], cfg: TrainConfig, log: list[dict]) -> None:
-    """The optimisation loop; appends one record per log_every steps (and validations) to log."""
-    optimizer = make_optimizer(model, cfg)
-    batches = train_batches(tokenizer, cfg)
-    sums = {"ce": 0.0, "balance": 0.0, "z": 0.0}
-    start = time.perf_counter()
-    for step in range(cfg.steps):
-        model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        losses = step_losses(model, *next(batches))
-        total = losses["ce"] + cfg.aux_coef * losses["balance"] + cfg.z_coef * losses["z"]
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
-        for key in sums:
-            sums[key] += losses[key].item()
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            n = cfg.log_every if done % cfg.log_every == 0 else done % cfg.log_every
-            record = {"step": done, "loss": sums["ce"] / n, "balance": sums["balance"] / n, "z": sums["z"] / n,
-                      "lr": lr_at(step, cfg), "grad_norm": grad_norm.item(),
-                      "elapsed_s": round(time.perf_counter() - start, 1)}
-            if done % cfg.val_every == 0 or done == cfg.steps:
-                record["val_loss"] = whole_model_loss(model, val)
-            log.append(record)
-            print(json.dumps(record), file=sys.stderr, flush=True)
-            sums = dict.fromkeys(sums, 0.0)
+    """The optimisation loop (`optimise`) on this script's batches and losses."""
+    optimise(model, make_optimizer(model, cfg), train_batches(tokenizer, cfg), lambda b: step_losses(model, *b),
+             lambda: whole_model_loss(model, val), cfg, log)
 
 
 @torch.no_grad()
@@ -296,14 +268,7 @@ def finalize(model, tokenizer: tokenizers.Tokenizer, cfg: TrainConfig, out: Path
     routing = routing_shares(model, val_docs)
     min_share = min(min(h) for h in routing.values())
     report = {
-        "command": shlex.join(["python", *sys.argv]),
-        "train_config": dataclasses.asdict(cfg),
-        "model_config": cfg.model_config().to_dict(),
-        "corpus": CorpusSpec().to_dict(),
-        "torch": torch.__version__,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "wall_s": round(wall_s, 1),
-        "final_train_loss": log[-1]["loss"],
+        **report_header(model, cfg, log, wall_s),
         "validation": {
             "data": f"validation.jsonl, first {report_eval['samples']} samples (qmoe eval)",
             "loss_nats": loss, "loss_bits": loss / math.log(2), "predicted_tokens": tokens,

@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -244,7 +244,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters()
              if p.ndim == 2 and n != "shared.weight" and "relative_attention_bias" not in n]
-    rest = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
+    return adamw(model, decay, cfg)
+
+
+def adamw(model: nn.Module, decay: list[nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
+    """AdamW with weight decay on `decay` only (the tiny decoder's trainer uses it too)."""
+    rest = [p for p in model.parameters() if not any(p is q for q in decay)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
 
@@ -264,17 +269,27 @@ def step_losses(model: SwitchModel, tap: RouterTap, batch: Batch) -> dict[str, t
 
 def train(model: SwitchModel, tokenizer: Tokenizer, val: Sequence[Sample], cfg: TrainConfig,
           log: list[dict]) -> None:
-    """The optimisation loop; appends one record per log_every steps (and validations) to log."""
-    optimizer = make_optimizer(model, cfg)
-    batches = train_batches(tokenizer, cfg)
+    """The optimisation loop (`optimise`) with the router logits tapped for the auxiliary losses."""
     tap = RouterTap(model)
+    optimise(model, make_optimizer(model, cfg), train_batches(tokenizer, cfg), lambda b: step_losses(model, tap, b),
+             lambda: whole_model_loss(model, val), cfg, log)
+    tap.close()
+
+
+def optimise(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Any],
+             losses_of: Callable[[Any], dict[str, torch.Tensor]], validate: Callable[[], float], cfg: Any,
+             log: list[dict]) -> None:
+    """cfg.steps steps of `optimizer` on `losses_of(batch)` ("ce", "balance", "z"; the total weights
+    the last two by cfg.aux_coef and cfg.z_coef) with the warmup-cosine schedule (`lr_at`) and
+    gradient clipping; appends one record per log_every steps, with `validate()` every val_every
+    steps, to log. Both tiny trainers run this loop."""
     sums = {"ce": 0.0, "balance": 0.0, "z": 0.0}
     start = time.perf_counter()
     for step in range(cfg.steps):
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        losses = step_losses(model, tap, next(batches))
+        losses = losses_of(next(batches))
         total = losses["ce"] + cfg.aux_coef * losses["balance"] + cfg.z_coef * losses["z"]
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -289,11 +304,10 @@ def train(model: SwitchModel, tokenizer: Tokenizer, val: Sequence[Sample], cfg: 
                       "z": sums["z"] / n, "lr": lr_at(step, cfg), "grad_norm": grad_norm.item(),
                       "elapsed_s": round(time.perf_counter() - start, 1)}
             if done % cfg.val_every == 0 or done == cfg.steps:
-                record["val_loss"] = whole_model_loss(model, val)
+                record["val_loss"] = validate()
             log.append(record)
             print(json.dumps(record), file=sys.stderr, flush=True)
             sums = dict.fromkeys(sums, 0.0)
-    tap.close()
 
 
 @torch.no_grad()
@@ -364,14 +378,7 @@ def finalize(model: SwitchModel, cfg: TrainConfig, out: Path, log: list[dict], w
                                         for t in tokenizer.encode(text))
     min_share = min(min(h) for h in routing.values())
     report = {
-        "command": shlex.join(["python", *sys.argv]),
-        "train_config": dataclasses.asdict(cfg),
-        "model_config": cfg.model_config().to_dict(),
-        "corpus": CorpusSpec().to_dict(),
-        "torch": torch.__version__,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "wall_s": round(wall_s, 1),
-        "final_train_loss": log[-1]["loss"],
+        **report_header(model, cfg, log, wall_s),
         "validation": {
             "data": f"validation.jsonl, first {len(samples)} samples, span corruption seed 0",
             "loss_nats": loss, "loss_bits": loss / math.log(2), "label_tokens": tokens,
@@ -391,6 +398,20 @@ def finalize(model: SwitchModel, cfg: TrainConfig, out: Path, log: list[dict], w
         shutil.rmtree(out)
     os.replace(staging, out)
     return report
+
+
+def report_header(model: nn.Module, cfg: Any, log: list[dict], wall_s: float) -> dict:
+    """What training.json starts with, for both tiny trainers: how to rerun it and what it made."""
+    return {
+        "command": shlex.join(["python", *sys.argv]),
+        "train_config": dataclasses.asdict(cfg),
+        "model_config": cfg.model_config().to_dict(),
+        "corpus": CorpusSpec().to_dict(),
+        "torch": torch.__version__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "wall_s": round(wall_s, 1),
+        "final_train_loss": log[-1]["loss"],
+    }
 
 
 def print_summary(report: dict) -> None:
