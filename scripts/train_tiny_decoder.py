@@ -52,12 +52,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny_switch import (  # noqa: E402
     CALIBRATION_DOCS,
     EVAL_SAMPLES,
-    MAX_UNIGRAM_FRACTION,
-    MIN_EXPERT_SHARE,
     VALIDATION_DOCS,
+    acceptance,
     adamw,
     optimise,
     parse_args,
+    publish,
     report_header,
 )
 
@@ -277,17 +277,9 @@ def finalize(model, tokenizer: tokenizers.Tokenizer, cfg: TrainConfig, out: Path
         },
         "routing": {"data": f"validation.jsonl, all {len(val_docs)} documents, top-{cfg.top_k} slots",
                     "fraction_per_expert": routing},
-        "acceptance": {"loss_fraction_of_unigram": loss / math.log(2) / label_entropy,
-                       "loss_ok": loss / math.log(2) < MAX_UNIGRAM_FRACTION * label_entropy,
-                       "min_expert_share": min_share, "every_expert_share_ok": min_share >= MIN_EXPERT_SHARE},
+        "acceptance": acceptance(loss, label_entropy, min_share),
     }
-    (staging / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    with open(staging / "train_log.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in log)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
-    return report
+    return publish(staging, out, report, log)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

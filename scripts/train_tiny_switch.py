@@ -387,10 +387,20 @@ def finalize(model: SwitchModel, cfg: TrainConfig, out: Path, log: list[dict], w
             "unigram_entropy_text_bits": text_entropy,  # over the plain documents' tokens
         },
         "routing": {"data": f"validation.jsonl, all {len(all_val)} samples", "fraction_per_expert": routing},
-        "acceptance": {"loss_fraction_of_unigram": loss / math.log(2) / label_entropy,
-                       "loss_ok": loss / math.log(2) < MAX_UNIGRAM_FRACTION * label_entropy,
-                       "min_expert_share": min_share, "every_expert_share_ok": min_share >= MIN_EXPERT_SHARE},
+        "acceptance": acceptance(loss, label_entropy, min_share),
     }
+    return publish(staging, out, report, log)
+
+
+def acceptance(loss: float, label_entropy: float, min_share: float) -> dict:
+    """training.json's verdict: the loss (nats) well under the unigram entropy (bits), every expert used."""
+    return {"loss_fraction_of_unigram": loss / math.log(2) / label_entropy,
+            "loss_ok": loss / math.log(2) < MAX_UNIGRAM_FRACTION * label_entropy,
+            "min_expert_share": min_share, "every_expert_share_ok": min_share >= MIN_EXPERT_SHARE}
+
+
+def publish(staging: Path, out: Path, report: dict, log: list[dict]) -> dict:
+    """Write training.json and train_log.jsonl into `staging`, then move it to `out` (replaced)."""
     (staging / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(staging / "train_log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in log)
