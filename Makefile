@@ -10,10 +10,11 @@ install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "torch==2.13.0"
 	$(PIP) install --quiet -e ".[test]"
 
-# pyproject's addopts already give -q (a second one would hide the "N passed" line); -rs lists
-# each skipped test with its reason (on a machine without a GPU: the GPU tests).
+# pyproject's addopts already give -q (a second one would hide the "N passed" line); -rfEs ends
+# with one line per failed test, per error and per skipped test with its reason (on a machine
+# without a GPU: the GPU tests).
 test: install
-	$(PYTHON) -m pytest -p no:cacheprovider -rs tests
+	$(PYTHON) -m pytest -p no:cacheprovider -rfEs tests
 
 bench:
 	$(PYTHON) scripts/bench_gptq.py --shapes 768x3072,3072x768 --experts 4
