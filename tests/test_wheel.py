@@ -22,6 +22,7 @@ SHIPPED = {"qmoe_cli": "qmoe_cli", "configs": "qmoe_cli/configs", "kernels": "qm
 BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "LICENSE")  # what the build reads besides SHIPPED
 NOT_SHIPPED = ("__pycache__",)
 NOT_SHIPPED_SUFFIXES = (".pyc", ".so")  # bytecode and native builds are made on the user's machine
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
 
 
 def tree_files() -> set[str]:
@@ -30,7 +31,8 @@ def tree_files() -> set[str]:
     for source, target in SHIPPED.items():
         for path in (ROOT / source).rglob("*"):
             relative = path.relative_to(ROOT / source)
-            if path.is_file() and not set(relative.parts) & set(NOT_SHIPPED) and path.suffix not in NOT_SHIPPED_SUFFIXES:
+            shipped = not set(relative.parts) & set(NOT_SHIPPED) and path.suffix not in NOT_SHIPPED_SUFFIXES
+            if path.is_file() and shipped:
                 files.add(f"{target}/{relative.as_posix()}")
     return files
 
@@ -46,7 +48,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
     for name in BUILD_INPUTS:
         shutil.copy2(ROOT / name, source / name)
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir",
+    done = subprocess.run([*PIP, "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir",
                            "-w", str(work / "dist"), str(source)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Deprecat" not in done.stdout + done.stderr, done.stdout + done.stderr
@@ -100,8 +102,8 @@ def test_installed_wheel_runs_the_readme_quick_start_as_printed(wheel: Path, tmp
     compiled from the installed sources, as on a new machine."""
     target, cwd, cache = tmp_path / "site", tmp_path / "work", tmp_path / "torch_extensions"
     cwd.mkdir()
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target", str(target),
-                           str(wheel)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*PIP, "install", "--no-deps", "--no-compile", "--target", str(target), str(wheel)],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     # OMP_NUM_THREADS: the threads the README's figures were printed with (LAPACK's threaded
     # factorizations round differently at other counts, which GPTQ can carry into the codes).
