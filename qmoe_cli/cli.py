@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .cli_contract import Choice, Finite, Main, handle_errors, note, output_dir
-from .errors import QmoeError, UsageError
+from .errors import QmoeError, UsageError, did_you_mean
 from .files import check_output_dir
 
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
@@ -59,11 +59,13 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
     from .data.tokenizer import has_tokenizer, load_causal_tokenizer, load_tokenizer
     from .formats.open import open_model
 
+    flag = "--calib" if calib else "--data"
+    for source in sources:  # before the model is opened: a typo must not cost a download
+        check_data_source(source, flag)
     model = open_model(model_name)
     objective = model.weights.arch.objective
     load = load_causal_tokenizer if objective == "causal_lm" else load_tokenizer
     tokenizer = load(model.tokenizer_dir) if has_tokenizer(model.tokenizer_dir) else None
-    flag = "--calib" if calib else "--data"
     sources = sources or ((model.default_calib if calib else model.default_data),)
     if len(set(sources)) != len(sources):
         raise ValueError(f"{flag}: each dataset may be given once, got {', '.join(sources)}")
@@ -81,6 +83,16 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
     if len(set(names)) != len(names):
         raise ValueError(f"{flag}: datasets need distinct file names, got {', '.join(names)}")
     return model, tokenizer, datasets
+
+
+def check_data_source(source: str, flag: str) -> None:
+    """UsageError unless `source` is a named dataset or an existing path (what it holds is
+    checked when it is read)."""
+    from .data.hub import NAMED
+
+    if source not in NAMED and not Path(source).expanduser().exists():
+        raise UsageError(f"{flag} {source}: no such file, and not a named dataset ({', '.join(NAMED)})"
+                         f"{did_you_mean(source, NAMED)}")
 
 
 @main.command("eval")
@@ -244,7 +256,7 @@ def resolve_devices(names: tuple[str, ...]) -> list[Any]:
 def _read_prompts(path: Path) -> list[tuple[str, str]]:
     """(where, text) of every line of a prompts JSONL file."""
     if not path.is_file():
-        raise QmoeError(f"--input {path}: no such file")
+        raise UsageError(f"--input {path}: no such file")
     found = []
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
