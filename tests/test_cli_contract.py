@@ -75,15 +75,19 @@ def test_every_flag_has_bad_values() -> None:
 
 
 def assert_one_error_line(result, code: int, *fragments: str) -> str:
-    """The one `error:` line of a failed command (nothing else on stderr), checked."""
+    """The one `error:` line of a failed command, its last line on stderr (`note:` lines may
+    precede it), checked; returned."""
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == code, result.stderr
-    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: "), result.stderr
+    lines = result.stderr.splitlines()
+    assert lines and [line for line in lines if line.startswith("error: ")] == lines[-1:], result.stderr
+    assert all(line.startswith(("note: ", "error: ")) or not line.startswith(("Error", "Usage", "Try", " "))
+               for line in lines), result.stderr
     assert "Traceback" not in result.output
-    assert not INTERNAL_NAME.search(result.stderr), result.stderr
+    assert not INTERNAL_NAME.search(lines[-1]), result.stderr
     for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
-    return result.stderr
+        assert fragment in lines[-1], result.stderr
+    return lines[-1]
 
 
 @pytest.fixture
@@ -105,6 +109,7 @@ def test_bad_flag_value_is_one_usage_error(command: str, flag: str, value: str, 
     result = CliRunner().invoke(main, [command, *base, flag, value])
     assert sorted(tmp_path.iterdir()) == []  # nothing written, no output directory started
     assert_one_error_line(result, 2, flag)
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # not even a note: nothing ran
 
 
 def test_typos_get_suggestions(no_model_reads: None) -> None:

@@ -215,7 +215,7 @@ class ModelSource:
         raw = read_json_object(path, "a model directory needs a config.json")
         try:
             return architecture_from_config(raw, self.preset.config_overrides if self.preset else None)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, QmoeError) as exc:  # an unknown model_type included: name the file
             raise QmoeError(f"{path}: {exc}") from None
 
     def fp8(self) -> BlockFp8 | None:
