@@ -286,11 +286,13 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
               help="Calibration data (the named sets' train splits). Default: the model's (c4 for hub models).")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
               help="Calibration samples (a file with fewer is used whole, with a note).")
-@click.option("--group-size", type=click.IntRange(min=1), default=16, show_default=True, help="Experts quantized per batched call.")
+@click.option("--group-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Experts quantized per batched call.")
 @click.option("--damp", type=Finite(min=0), default=0.1, show_default=True,
               help="Hessian dampening, fraction of its mean diagonal.")
 @click.option("--act-order", is_flag=True, help="GPTQ columns by descending Hessian diagonal.")
-@click.option("--grid-group", type=click.IntRange(min=1), default=None, help="Columns per grid (default: one grid per row).")
+@click.option("--grid-group", type=click.IntRange(min=1), default=None,
+              help="Columns per grid (default: one grid per row).")
 @click.option("--token-cap", type=Finite(min=0, min_open=True), default=4.0, show_default=True,
               help="Hessian tokens per expert capped at this multiple of the mean.")
 @click.option("--shared-experts", type=Choice(["quantize", "keep"]), default="quantize", show_default=True,

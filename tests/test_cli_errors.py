@@ -54,13 +54,13 @@ GOOD_ROW = {"input_ids": [5, 6, 7, 1], "labels": [8, 9, 1]}
 
 def test_missing_model(tmp_path: Path) -> None:
     """A path that names nothing is a usage error said as such, never a failed hub download."""
-    code, err = _eval("--model", str(tmp_path / "nowhere"), "--data", "x.jsonl")
+    code, err = _eval("--model", str(tmp_path / "nowhere"))
     _assert_one_line_error(code, err, 2, "--model", "nowhere", "no such directory")
     assert "hub" not in err
 
 
 def test_unknown_preset_suggests_the_closest() -> None:
-    code, err = _eval("--model", "switch-base-7", "--data", "x.jsonl")
+    code, err = _eval("--model", "switch-base-7")
     _assert_one_line_error(code, err, 2, "--model switch-base-7", "did you mean switch-base-8", "qmoe presets")
 
 

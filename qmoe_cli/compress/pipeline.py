@@ -107,7 +107,8 @@ def compress(model: OpenModel, calib: LoadedData, cfg: CompressConfig, out: Path
                 raise
             # Disk full (or any failed write): what is finished stays, and --resume continues from it.
             raise QmoeError(f"{partial}: {os_error_message(exc)}; the run so far is kept there: "
-                            f"{os_error_remedy(exc)}, then continue it with `qmoe compress ... --out {out} --resume`") from exc
+                            f"{os_error_remedy(exc)}, then continue it with "
+                            f"`qmoe compress ... --out {out} --resume`") from exc
 
 
 def _check_same_run(digest: str, comm: Comm) -> None:

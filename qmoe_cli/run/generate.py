@@ -59,7 +59,8 @@ class GenerateConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature is not None and not 0 < self.temperature < float("inf"):
-            raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature} (use --greedy for argmax)")
+            raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature} "
+                             "(use --greedy for argmax)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.seed < 0:
