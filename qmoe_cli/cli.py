@@ -8,85 +8,24 @@ anything else, with a one-line `error: ...` message and no traceback unless `--d
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import click
-from safetensors import SafetensorError
 
 from . import __version__
-from .errors import QmoeError, os_error_message
+from .cli_contract import Choice, Finite, Main, handle_errors, note, output_dir
+from .errors import QmoeError, UsageError, did_you_mean
+from .files import check_output_dir
 
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def note(message: str) -> None:
-    """A line for the user on stderr (stdout is for results)."""
-    click.echo(message, err=True)
-
-
 def _quiet(message: str) -> None:
     """The log of ranks other than 0: their lines would repeat rank 0's."""
-
-
-def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into the CLI's one-line messages and exit codes."""
-
-    @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
-    @functools.wraps(command)
-    def wrapper(*args: Any, debug: bool, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except QmoeError as exc:
-            if debug:
-                raise
-            note(f"error: {exc}")
-            sys.exit(1)
-        except (OSError, SafetensorError) as exc:  # the system said no: a permission, a full disk, ...
-            if debug:
-                raise
-            note(f"error: {os_error_message(exc)}")
-            sys.exit(1)
-        except ValueError as exc:  # configuration dataclasses reject a flag's value
-            if debug:
-                raise
-            raise click.UsageError(str(exc), click.get_current_context(silent=True)) from None
-        except KeyboardInterrupt:
-            note("interrupted")
-            sys.exit(130)
-
-    return wrapper
-
-
-class _Main(click.Group):
-    """click's own usage errors (bad flags and values) in the style of all other errors: one line
-    `error: ...` on stderr, exit 2, instead of click's usage text and `Error:` line."""
-
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
-        except click.ClickException as exc:
-            ctx = getattr(exc, "ctx", None)
-            hint = f" (see `{ctx.command_path} -h`)" if isinstance(exc, click.UsageError) and ctx else ""
-            note(f"error: {' '.join(exc.format_message().split())}{hint}")
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            note("aborted")
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
-
-
-def _output_dir(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
-    """`--out` must name a directory to create (`--out ''` is the current directory's path '.')."""
-    if value is not None and value.name in ("", ".", ".."):
-        raise click.BadParameter(f"{str(value)!r} does not name a new directory; give one, such as ./my-run")
-    return value
 
 
 def threads_option(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -107,7 +46,7 @@ def _use_threads(threads: int | None) -> int:
     return chosen
 
 
-@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qmoe")
 def main() -> None:
     """Compress Mixture-of-Experts models below one bit per expert weight, and run them."""
@@ -120,11 +59,13 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
     from .data.tokenizer import has_tokenizer, load_causal_tokenizer, load_tokenizer
     from .formats.open import open_model
 
+    flag = "--calib" if calib else "--data"
+    for source in sources:  # before the model is opened: a typo must not cost a download
+        check_data_source(source, flag)
     model = open_model(model_name)
     objective = model.weights.arch.objective
     load = load_causal_tokenizer if objective == "causal_lm" else load_tokenizer
     tokenizer = load(model.tokenizer_dir) if has_tokenizer(model.tokenizer_dir) else None
-    flag = "--calib" if calib else "--data"
     sources = sources or ((model.default_calib if calib else model.default_data),)
     if len(set(sources)) != len(sources):
         raise ValueError(f"{flag}: each dataset may be given once, got {', '.join(sources)}")
@@ -144,6 +85,16 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
     return model, tokenizer, datasets
 
 
+def check_data_source(source: str, flag: str) -> None:
+    """UsageError unless `source` is a named dataset or an existing path (what it holds is
+    checked when it is read)."""
+    from .data.hub import NAMED
+
+    if source not in NAMED and not Path(source).expanduser().exists():
+        raise UsageError(f"{flag} {source}: no such file, and not a named dataset ({', '.join(NAMED)})"
+                         f"{did_you_mean(source, NAMED)}")
+
+
 @main.command("eval")
 @click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
               help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")
@@ -155,7 +106,7 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the span corruption applied to text data.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+@click.option("--dtype", type=Choice(DTYPES), default="auto", show_default=True,
               help="Compute dtype; auto: float32 on CPU, the stored dtype (bfloat16 for float32 checkpoints) on GPU.")
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -192,24 +143,30 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
                    "<extra_id_0>, <extra_id_1>, ... (Switch); repeat for several.")
 @click.option("--input", "input_file", type=click.Path(path_type=Path), default=None, metavar="FILE.jsonl",
               help='Prompts, one JSON object a line: {"prompt": TEXT} (or "text").')
-@click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Most tokens generated per prompt.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Most tokens generated per prompt.")
 @click.option("--greedy", is_flag=True, help="Most likely token each step (the default without --temperature).")
-@click.option("--temperature", type=float, default=None, help="Sample at this temperature instead of greedy.")
-@click.option("--top-p", type=float, default=None, help="Sample from the smallest set of tokens with this mass (1.0).")
-@click.option("--seed", type=int, default=None, help="Seed of the sampler (0).")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts decoded together.")
+@click.option("--temperature", type=Finite(min=0, min_open=True), default=None,
+              help="Sample at this temperature instead of greedy.")
+@click.option("--top-p", type=Finite(min=0, max=1, min_open=True), default=None,
+              help="Sample from the smallest set of tokens with this mass (1.0).")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed of the sampler (0).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Prompts decoded together.")
 @click.option("--device", "devices", multiple=True, metavar="DEVICE",
               help=DEVICE_HELP + "; cuda takes every visible GPU; repeat cuda:N for a chosen set. Default: auto.")
 @click.option("--max-memory", "max_memory", multiple=True, metavar="SIZE",
               help="Cap on what each GPU holds (70GiB, 80GB): one for all, or one per GPU. "
                    "The rest streams from host memory.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+@click.option("--dtype", type=Choice(DTYPES), default="auto", show_default=True,
               help="Compute dtype; auto: float32 on CPU, the stored dtype (bfloat16 for float32 checkpoints) on GPU.")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @handle_errors
 def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path | None, max_new_tokens: int,
                      greedy: bool, temperature: float | None, top_p: float | None, seed: int | None, batch_size: int,
-                     devices: tuple[str, ...], max_memory: tuple[str, ...], dtype: str, as_json: bool) -> None:
+                     devices: tuple[str, ...], max_memory: tuple[str, ...], dtype: str, threads: int | None,
+                     as_json: bool) -> None:
     """Continue text prompts (decoder-only models) or fill the marked spans of prompts (T5 span
     filling), with a model of any kind, on CPU or GPUs."""
     from .data.tokenizer import load_causal_tokenizer, load_tokenizer
@@ -217,6 +174,7 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
     from .formats.open import open_model
     from .run.evaluate import resolve_dtype
     from .run.generate import GenerateConfig, generate, parse_continuation_prompt, parse_prompt
+    from .run.limits import check_cache_fits
     from .run.placement import device_budgets, parse_bytes, plan_model
     from .run.resident import load_resident
 
@@ -226,6 +184,7 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
         raise ValueError("--greedy and --temperature exclude each other")
     if temperature is None and (top_p is not None or seed is not None):
         raise ValueError("--top-p and --seed apply to sampling; give --temperature too")
+    threads = _use_threads(threads)
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                          top_p=1.0 if top_p is None else top_p, seed=seed or 0, batch_size=batch_size)
     caps = [parse_bytes(m) for m in max_memory]
@@ -252,8 +211,11 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
             raise ValueError(f"--max-new-tokens {max_new_tokens}: with the longest prompt's {longest} tokens that is "
                              f"past the model's {spec.max_positions} positions; give at most "
                              f"{max(spec.max_positions - longest, 0)}, or a shorter prompt")
-    cfg = dataclasses.replace(cfg, eos_tokens=generation_eos_ids(model.tokenizer_dir))
+    cfg = dataclasses.replace(cfg, eos_tokens=generation_eos_ids(model.tokenizer_dir, arch.config.vocab_size))
     run_dtype = resolve_dtype(dtype, model.stored_dtype, run_devices[0])
+    if run_devices[0].type == "cpu":  # GPUs: plan_model weighs the caches against each device's memory
+        check_cache_fits(arch, min(batch_size, len(parsed)), max(len(p.ids) for p in parsed) + suffix,
+                         max_new_tokens, run_dtype)
     placement = None
     if run_devices[0].type == "cuda":
         longest = max(len(p.ids) for p in parsed) + suffix
@@ -294,7 +256,7 @@ def resolve_devices(names: tuple[str, ...]) -> list[Any]:
 def _read_prompts(path: Path) -> list[tuple[str, str]]:
     """(where, text) of every line of a prompts JSONL file."""
     if not path.is_file():
-        raise QmoeError(f"--input {path}: no such file")
+        raise UsageError(f"--input {path}: no such file")
     found = []
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
@@ -316,33 +278,35 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
 @main.command("compress")
 @click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
               help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")
-@click.option("--bits", type=click.Choice(["ternary", "2", "3", "4", "8"]), default="ternary", show_default=True,
+@click.option("--bits", type=Choice(["ternary", "2", "3", "4", "8"]), default="ternary", show_default=True,
               help="Expert weight grid: ternary {min, 0, max} per row, or b-bit min-max per row.")
-@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+@click.option("--method", type=Choice(["gptq", "rtn"]), default="gptq", show_default=True,
               help="gptq, or round-to-nearest on the same grid (the baseline).")
 @click.option("--calib", "calib_source", metavar="c4|wikitext2|FILE",
               help="Calibration data (the named sets' train splits). Default: the model's (c4 for hub models).")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
               help="Calibration samples (a file with fewer is used whole, with a note).")
-@click.option("--group-size", type=int, default=16, show_default=True, help="Experts quantized per batched call.")
-@click.option("--damp", type=float, default=0.1, show_default=True,
+@click.option("--group-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Experts quantized per batched call.")
+@click.option("--damp", type=Finite(min=0), default=0.1, show_default=True,
               help="Hessian dampening, fraction of its mean diagonal.")
 @click.option("--act-order", is_flag=True, help="GPTQ columns by descending Hessian diagonal.")
-@click.option("--grid-group", type=int, default=None, help="Columns per grid (default: one grid per row).")
-@click.option("--token-cap", type=float, default=4.0, show_default=True,
+@click.option("--grid-group", type=click.IntRange(min=1), default=None,
+              help="Columns per grid (default: one grid per row).")
+@click.option("--token-cap", type=Finite(min=0, min_open=True), default=4.0, show_default=True,
               help="Hessian tokens per expert capped at this multiple of the mean.")
-@click.option("--shared-experts", type=click.Choice(["quantize", "keep"]), default="quantize", show_default=True,
+@click.option("--shared-experts", type=Choice(["quantize", "keep"]), default="quantize", show_default=True,
               help="Shared experts (Qwen2-MoE, DeepSeek): quantized like routed ones, or kept as stored.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Span-corruption seed; also picks wikitext2's calibration windows.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, callback=_output_dir,
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, callback=output_dir,
               help="Output directory (default: ./NAME-METHOD-BITS). Never overwritten.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same settings into --out.")
 @click.option("--pack", "then_pack", is_flag=True, help="Then pack the result into OUT-packed (see `qmoe pack`).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--distributed", is_flag=True,
               help="Run as one rank of a torchrun job (detected without this flag; with it, no torchrun is an error).")
-@click.option("--dist-timeout", type=float, default=600.0, show_default=True,
+@click.option("--dist-timeout", type=Finite(min=0, min_open=True), default=600.0, show_default=True,
               help="Seconds a rank waits for the others in one collective before the job fails.")
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
@@ -366,12 +330,13 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
     cfg = CompressConfig(bits=bits, method=method, group_size=group_size, damp=damp, act_order=act_order,
                          grid_group=grid_group, token_cap=token_cap, shared_experts=shared_experts)
     dist_cfg = DistConfig(timeout_s=dist_timeout)
+    out = out_dir or Path(f"{Path(model_name).name}-{method}-{bits}")
+    check_output_dir(out, "--out")  # before the model is read: a run must not fail at its end
     threads = _use_threads(threads)
     comm = click.get_current_context().with_resource(process_group(dist_cfg, resolve_device(device), distributed))
     run_device = comm.device  # this rank's: cuda:LOCAL_RANK under torchrun on GPUs
     model, tokenizer, datasets = _open_with_data(model_name, (calib_source,) if calib_source else (),
                                                  calib_samples, seed, "train", calib=True)
-    out = out_dir or Path(f"{Path(model_name).name}-{method}-{bits}")
     packed_out = out.with_name(out.name + "-packed")
     if then_pack and packed_out.exists():  # fail before hours of compression, not after
         raise QmoeError(f"--pack: {packed_out} already exists; choose another --out or remove it")
@@ -405,7 +370,7 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
 
 @main.command("pack")
 @click.argument("source", type=click.Path(path_type=Path), metavar="QUANTIZED_DIR")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, callback=_output_dir,
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, callback=output_dir,
               help="Output directory (default: QUANTIZED_DIR-packed). Never overwritten.")
 @click.option("--dictionary-size", type=int, default=1 << 16, show_default=True,
               help="Codewords (at most 65536: 16-bit indices).")
@@ -428,6 +393,7 @@ def pack_command(source: Path, out_dir: Path | None, dictionary_size: int, max_p
     threads = _use_threads(threads)
     source = source.resolve() if source.name in ("", "..") else source  # `qmoe pack .`: a name for -packed
     out = out_dir or source.with_name(source.name + "-packed")
+    check_output_dir(out, "--out")
     result = pack(source, out, cfg, note)
     info = {**checkpoint_info(out), "throughput": result.throughput()}
     if as_json:

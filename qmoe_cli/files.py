@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .errors import QmoeError
+from .errors import QmoeError, os_error_message, os_error_of, os_error_remedy
 
 
 def temporary_name(directory: Path) -> Path:
@@ -64,8 +66,31 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A safetensors file written under a temporary name, then renamed (a crash leaves no half file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    except SafetensorError as exc:  # it names no file: say which
+        raise os_error_of(exc, tmp) from exc
     replace_durably(tmp, path)
+
+
+def check_output_dir(directory: Path, flag: str) -> None:
+    """Refuse, before any work, an output directory that could never be written: a symbolic link
+    (a loop included), a path under a file, or a parent where nothing may be created (read-only,
+    no permission). Creates the missing parents, as the writer would; probes by creating and
+    removing one empty directory beside `directory`, since `os.access` says yes to root on
+    file systems that refuse it (sysfs) and knows nothing of read-only mounts' quotas.
+    """
+    if directory.is_symlink():
+        target = os.readlink(directory)
+        raise QmoeError(f"{flag} {directory}: is a symbolic link (to {target}); outputs are new directories: "
+                        "remove the link or choose another path")
+    parent = directory.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{directory.name}.probe-", dir=parent))
+    except OSError as exc:
+        raise QmoeError(f"{flag} {directory}: cannot be written ({os_error_message(exc)}); "
+                        f"{os_error_remedy(exc)}") from None
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

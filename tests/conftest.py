@@ -40,6 +40,7 @@ def fake_hub_datasets(monkeypatch: pytest.MonkeyPatch, splits: dict[str, list[st
         return [{"text": text} for text in splits[kwargs["split"]]]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr("qmoe_cli.data.hub.probe_hub", lambda *args: None)  # the hub "answers"
     return calls
 
 

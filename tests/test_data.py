@@ -289,6 +289,7 @@ def test_c4_download_failure_is_clean(monkeypatch: pytest.MonkeyPatch, tiny_toke
         raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)\nmore")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("qmoe_cli.data.hub.probe_hub", lambda *args: None)  # reached, then fails
     with pytest.raises(QmoeError, match=r"could not download C4 \(allenai/c4, en/c4-train.00000-of-01024.json.gz\)"
                                         r".*ConnectionError: Couldn't reach.*--data FILE") as info:
         load_samples(DataSpec("c4", split="train", num_samples=2), tiny_tokenizer)
@@ -309,6 +310,7 @@ def test_c4_stream_failure_and_success(monkeypatch: pytest.MonkeyPatch, tiny_tok
             yield {"text": text, "url": "u", "timestamp": "t"}
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: stream(2))
+    monkeypatch.setattr("qmoe_cli.data.hub.probe_hub", lambda *args: None)  # reached, then fails
     with pytest.raises(QmoeError, match=r"could not download C4 .*c4-validation.00000-of-00008.*OSError"):
         load_samples(DataSpec("c4", num_samples=3), tiny_tokenizer)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: stream(None))

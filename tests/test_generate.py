@@ -211,14 +211,15 @@ def _error(*args: str, code: int) -> str:
     (("--prompt", "the <extra_id_0> " + "fox " * 300), 1, "longer than the model's window of 256"),
     (("--prompt", "a <extra_id_0>", "--greedy", "--temperature", "1"), 2, "exclude each other"),
     (("--prompt", "a <extra_id_0>", "--top-p", "0.9"), 2, "give --temperature too"),
-    (("--prompt", "a <extra_id_0>", "--temperature", "0"), 2, "--temperature must be > 0"),
-    (("--prompt", "a <extra_id_0>", "--temperature", "1", "--top-p", "1.5"), 2, "--top-p must be in (0, 1]"),
-    (("--prompt", "a <extra_id_0>", "--max-new-tokens", "0"), 2, "--max-new-tokens must be >= 1"),
-    (("--prompt", "a <extra_id_0>", "--batch-size", "0"), 2, "--batch-size must be >= 1"),
+    (("--prompt", "a <extra_id_0>", "--temperature", "0"), 2, "'--temperature': 0.0 is not in the range x>0"),
+    (("--prompt", "a <extra_id_0>", "--temperature", "1", "--top-p", "1.5"), 2,
+     "'--top-p': 1.5 is not in the range 0<x<=1"),
+    (("--prompt", "a <extra_id_0>", "--max-new-tokens", "0"), 2, "'--max-new-tokens': 0 is not in the range x>=1"),
+    (("--prompt", "a <extra_id_0>", "--batch-size", "0"), 2, "'--batch-size': 0 is not in the range x>=1"),
     (("--prompt", "a <extra_id_0>", "--max-memory", "lots"), 2, "--max-memory 'lots'"),
     (("--prompt", "a <extra_id_0>", "--max-memory", "1GiB"), 2, "does not apply to --device cpu"),
     (("--prompt", "a <extra_id_0>", "--input", "nowhere.jsonl"), 2, "not both"),
-    (("--input", "nowhere.jsonl"), 1, "--input nowhere.jsonl: no such file"),
+    (("--input", "nowhere.jsonl"), 2, "--input nowhere.jsonl: no such file"),
 ])
 def test_bad_prompts_and_flags_are_one_line_errors(args, code, fragment) -> None:
     assert fragment in _error(*args, code=code)

@@ -323,9 +323,12 @@ def test_generation_config_eos_ids_stop_a_sequence_too(tmp_path: Path) -> None:
     assert len(free) == 6
     stop = free[2]
     first = free.index(stop)  # the first time the chosen token appears
-    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [10_000, stop]}))
+    unused = next(i for i in range(VOCAB) if i not in free)  # in the vocabulary, never generated here
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [unused, stop]}))
     out = _generate_json(model, *args)["outputs"][0]
     assert out["tokens"] == free[:first + 1]
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [VOCAB + 10, stop]}))
+    assert f"eos_token_id {VOCAB + 10} is outside the model's vocabulary of {VOCAB}" in _error(model, *args)
     (model / "generation_config.json").write_text(json.dumps({"eos_token_id": ["x"]}))
     assert "generation_config.json: eos_token_id must be a token id or a list of ids >= 0" in _error(model, *args)
 

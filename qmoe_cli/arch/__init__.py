@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import QmoeError
+from ..errors import QmoeError, did_you_mean
 from .base import (
     CHAIN_ACTIVATIONS,
     Architecture,
@@ -45,7 +45,8 @@ def architecture_from_config(raw: dict[str, Any], overrides: dict[str, Any] | No
     """
     model_type = raw.get("model_type", "switch_transformers")
     if model_type not in _FAMILIES:
-        raise QmoeError(f"model_type {model_type!r} is not supported (supported: {', '.join(sorted(_FAMILIES))})")
+        raise QmoeError(f"model_type {model_type!r} is not supported{did_you_mean(str(model_type), _FAMILIES)} "
+                        f"(supported: {', '.join(sorted(_FAMILIES))})")
     config_class, arch_class = _FAMILIES[model_type]
     return arch_class(config_class.from_hf_dict(raw, overrides))
 

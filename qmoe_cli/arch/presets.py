@@ -7,6 +7,7 @@ from the checkpoint's config.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,13 @@ def _preset_files() -> dict[str, Any]:
 
 
 def preset_names() -> list[str]:
-    return sorted(_preset_files())
+    """Names in natural order: switch-base-8 before switch-base-16 before switch-base-128."""
+    return sorted(_preset_files(), key=natural_key)
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key comparing runs of digits as numbers ("x-16" < "x-128")."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
 
 
 def load_preset(name: str) -> Preset | None:

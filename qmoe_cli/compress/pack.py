@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ..codec.bitpack import pack_bits, unpack_bits
 from ..codec.dictionary import NUM_SYMBOLS, Codebook, DictionarySpec, fit_dictionary, pair_symbols, parse_statistics
 from ..codec.rows import decode_matrix, encode_matrix
-from ..errors import QmoeError, os_error_message
+from ..errors import QmoeError, os_error_message, os_error_remedy
 from ..files import atomic_directory, save_tensors_atomic, write_json_atomic
 from ..formats.hf import COMPANION_FILES
 from ..formats.integrity import file_record, manifest_digest
@@ -110,8 +110,8 @@ def pack(source: Path, out: Path, cfg: PackConfig, log: Callable[[str], None]) -
         try:
             return _pack(weights, source, out, cfg, log)
         except (OSError, SafetensorError) as exc:
-            raise QmoeError(f"{out}: {os_error_message(exc)}; nothing was written: free space (or fix the cause) "
-                            f"and rerun `qmoe pack {source}`") from exc
+            raise QmoeError(f"{out}: {os_error_message(exc)}; nothing was written: {os_error_remedy(exc)}, "
+                            f"then rerun `qmoe pack {source}`") from exc
 
 
 def _pack(weights: QuantizedWeights, source: Path, out: Path, cfg: PackConfig,

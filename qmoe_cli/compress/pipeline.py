@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 
 from ..arch import Architecture
 from ..data.datasets import LoadedData, Sample
-from ..errors import QmoeError, os_error_message
+from ..errors import QmoeError, os_error_message, os_error_remedy
 from ..files import save_tensors_atomic, temporary_name
 from ..formats.hf import COMPANION_FILES
 from ..formats.integrity import file_record
@@ -106,8 +106,9 @@ def compress(model: OpenModel, calib: LoadedData, cfg: CompressConfig, out: Path
             if comm.rank != 0 or not (partial / "manifest.json").is_file():
                 raise
             # Disk full (or any failed write): what is finished stays, and --resume continues from it.
-            raise QmoeError(f"{partial}: {os_error_message(exc)}; the run so far is kept there: free space (or fix "
-                            f"the cause) and continue it with `qmoe compress ... --out {out} --resume`") from exc
+            raise QmoeError(f"{partial}: {os_error_message(exc)}; the run so far is kept there: "
+                            f"{os_error_remedy(exc)}, then continue it with "
+                            f"`qmoe compress ... --out {out} --resume`") from exc
 
 
 def _check_same_run(digest: str, comm: Comm) -> None:
@@ -131,6 +132,8 @@ def _open_partial(model: OpenModel, cfg: CompressConfig, out: Path, resume: bool
                             f"`qmoe pack {out}` or evaluate it with `qmoe eval --model {out}`")
         raise QmoeError(f"--out {out}: already exists; choose another directory or remove it")
     partial = temporary_name(out)
+    if resume and not (partial / "manifest.json").is_file():  # job scripts may always pass --resume
+        log(f"note: --resume: {out} has no interrupted run to continue; starting a new one")
     if partial.exists() and resume and not (partial / "manifest.json").is_file():
         shutil.rmtree(partial)  # killed while setting up: nothing finished, start over
     if not partial.exists():

@@ -21,6 +21,7 @@ pure functions of the token count.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -41,6 +42,11 @@ WIKITEXT2_SPLITS = {"train": "train", "validation": "test"}  # DataSpec.split ->
 WIKITEXT2_JOIN = "\n\n"  # what the standard protocol puts between rows before tokenizing
 
 NAMED = (C4, WIKITEXT2)
+# The first call to the hub waits at most this long, and is not retried: offline, `huggingface_hub`
+# and `datasets` would otherwise retry for ~30 s and end in a dozen lines of traceback-like text.
+HUB_TIMEOUT_S = 5.0
+OFFLINE_ON = ("1", "true", "yes", "on")  # what huggingface_hub and datasets read as "set"
+DATA_REMEDY = "pass a local .jsonl or .txt file (--data FILE for eval, --calib FILE for compress)"
 SPLITS = tuple(C4_FILES)
 
 
@@ -50,9 +56,14 @@ def c4_documents(split: str) -> Iterator[tuple[str, str]]:
     Raises QmoeError (naming C4 and the shard) when the hub cannot be reached, at the start or
     mid-stream.
     """
+    shard = C4_FILES[split]
+    offline = offline_variable("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    if offline:  # streamed, so never in the cache
+        raise QmoeError(f"C4 ({C4_REPO}) is streamed from the Hugging Face hub and never cached, and {offline} "
+                        f"is set; {DATA_REMEDY}")
+    probe_hub("dataset", C4_REPO, "C4", DATA_REMEDY)
     import datasets  # slow import (~1 s); only the named datasets need it
 
-    shard = C4_FILES[split]
     try:
         rows = iter(datasets.load_dataset(C4_REPO, data_files={split: shard}, split=split, streaming=True))
     except Exception as err:  # network, hub and decompression errors have no common base
@@ -75,13 +86,19 @@ def wikitext2_rows(split: str) -> list[str]:
 
     Raises QmoeError (naming WikiText-2 and the split) when the hub cannot be reached.
     """
+    where = f"{WIKITEXT_REPO}, {WIKITEXT2_CONFIG}, {WIKITEXT2_SPLITS[split]} split"
+    offline = offline_variable("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    if not offline:
+        probe_hub("dataset", WIKITEXT_REPO, "WikiText-2", DATA_REMEDY)
     import datasets  # slow import (~1 s); only the named datasets need it
 
-    where = f"{WIKITEXT_REPO}, {WIKITEXT2_CONFIG}, {WIKITEXT2_SPLITS[split]} split"
     try:
         return [row["text"] for row in datasets.load_dataset(WIKITEXT_REPO, WIKITEXT2_CONFIG,
                                                              split=WIKITEXT2_SPLITS[split])]
     except Exception as err:  # network, hub and parquet errors have no common base
+        if offline:
+            raise QmoeError(f"WikiText-2 ({where}) is not in the datasets cache and {offline} is set; run once "
+                            f"without it to download it, or {DATA_REMEDY}") from None
         raise download_error("WikiText-2", where, err) from err
 
 
@@ -117,3 +134,40 @@ def download_error(name: str, where: str, err: Exception) -> QmoeError:
         f"could not download {name} ({where}) from the Hugging Face hub "
         f"({type(err).__name__}: {detail[0] if detail else 'no details'}); check the network, "
         f"or pass a local .jsonl or .txt file (--data FILE for eval, --calib FILE for compress)")
+
+
+
+def offline_variable(*names: str) -> str | None:
+    """The first of the environment variables `names` set to a true value (as the Hugging Face
+    libraries read them), e.g. "HF_HUB_OFFLINE=1"; None when none is."""
+    for name in names:
+        if os.environ.get(name, "").strip().lower() in OFFLINE_ON:
+            return f"{name}={os.environ[name]}"
+    return None
+
+
+def hub_endpoint() -> str:
+    """The hub's address: HF_ENDPOINT, read now (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co"
+
+
+def probe_hub(repo_type: str, repo_id: str, what: str, remedy: str) -> None:
+    """One metadata request for `repo_id` ("model" or "dataset"), waiting at most HUB_TIMEOUT_S
+    and never retried, so that an unreachable hub, a missing or gated repository fails at once
+    with one line naming `what` and `remedy` (QmoeError), before any slow download starts."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    endpoint = hub_endpoint()
+    try:
+        HfApi(endpoint=endpoint).repo_info(repo_id, repo_type=repo_type, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise QmoeError(f"{what}: {repo_id} is gated on the Hugging Face hub; accept its terms on its page and log "
+                        f"in (`hf auth login`), or {remedy}") from None
+    except RepositoryNotFoundError:
+        raise QmoeError(f"{what}: no {repo_type} {repo_id} on the Hugging Face hub ({endpoint}); check the name, "
+                        f"or {remedy}") from None
+    except Exception as err:  # httpx, socket and TLS errors have no common base
+        detail = (str(err).strip().splitlines() or ["no details"])[0]
+        raise QmoeError(f"{what}: the Hugging Face hub ({endpoint}) cannot be reached ({type(err).__name__}: "
+                        f"{detail}); {remedy}, or set HF_HUB_OFFLINE=1 to use what is cached") from None

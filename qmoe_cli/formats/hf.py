@@ -23,7 +23,8 @@ from torch import nn
 
 from ..arch import Architecture, architecture_from_config, resolve_name
 from ..arch.presets import Preset, load_preset, preset_names
-from ..errors import QmoeError
+from ..data.hub import offline_variable, probe_hub
+from ..errors import QmoeError, UsageError, did_you_mean
 from ..files import read_json_object
 from ..resources import package_dir
 from .fp8 import FP8, SCALE_SUFFIX, BlockFp8, block_fp8_scheme, dequantize
@@ -40,10 +41,11 @@ COMPANION_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "s
 GENERATION_CONFIG = "generation_config.json"
 
 
-def generation_eos_ids(directory: Path) -> tuple[int, ...]:
+def generation_eos_ids(directory: Path, vocab_size: int | None = None) -> tuple[int, ...]:
     """The EOS ids `generation_config.json` in `directory` names (`eos_token_id`: an id or a list;
     transformers' `generate` stops at any of them), () without the file or the field; QmoeError
-    naming the file when it is not JSON or the field holds anything but ids >= 0."""
+    naming the file when it is not JSON or the field holds anything but ids >= 0 (and, given
+    `vocab_size`, below it: an id the model can never produce would index past the logits)."""
     path = Path(directory) / GENERATION_CONFIG
     if not path.is_file():
         return ()
@@ -51,6 +53,10 @@ def generation_eos_ids(directory: Path) -> tuple[int, ...]:
     ids = [] if value is None else value if isinstance(value, list) else [value]
     if not all(type(i) is int and i >= 0 for i in ids):
         raise QmoeError(f"{path}: eos_token_id must be a token id or a list of ids >= 0, got {json.dumps(value)}")
+    outside = [i for i in ids if vocab_size is not None and i >= vocab_size]
+    if outside:
+        raise QmoeError(f"{path}: eos_token_id {outside[0]} is outside the model's vocabulary of {vocab_size} "
+                        "tokens; the file does not belong to this model: fix or remove it")
     return tuple(ids)
 
 
@@ -71,6 +77,9 @@ class _BinShard:
 
     def dtype(self, name: str) -> torch.dtype:
         return self._tensors[name].dtype
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
 
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name].clone()
@@ -140,6 +149,13 @@ class CheckpointReader:
             raise QmoeError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
         return self._shard(file_name).dtype(name)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of tensor `name`, from the shard header (nothing is read)."""
+        file_name = self.weight_map.get(name)
+        if file_name is None:
+            raise QmoeError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
+        return self._shard(file_name).shape(name)
+
     def get(self, name: str, dtype: torch.dtype | None = None,
             device: torch.device | str = "cpu") -> torch.Tensor:
         """Read tensor `name`, cast to `dtype` (floating tensors only) and moved to `device`. An
@@ -199,7 +215,7 @@ class ModelSource:
         raw = read_json_object(path, "a model directory needs a config.json")
         try:
             return architecture_from_config(raw, self.preset.config_overrides if self.preset else None)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, QmoeError) as exc:  # an unknown model_type included: name the file
             raise QmoeError(f"{path}: {exc}") from None
 
     def fp8(self) -> BlockFp8 | None:
@@ -219,27 +235,58 @@ def resolve_model(name: str) -> ModelSource:
         if not (path / "config.json").is_file():
             raise QmoeError(f"{path}: not a model directory (no config.json)")
         return ModelSource(path, None, str(path))
+    if path.exists():
+        raise UsageError(f"--model {name}: is a file; give a checkpoint directory, a preset or a hub id")
+    if looks_like_path(name):
+        raise UsageError(f"--model {name}: no such directory")
     preset = load_preset(name)
     if preset is not None and preset.local_dir is not None:
         return ModelSource(package_dir() / preset.local_dir, preset, name)
-    if preset is None and (name.count("/") != 1 or path.exists()):
-        raise QmoeError(f"--model {name!r}: not a model directory, a preset "
-                        f"({', '.join(preset_names())}) or a hub id like google/switch-base-8")
+    if preset is None and name.count("/") != 1:
+        raise UsageError(f"--model {name}: not a directory, a preset or a hub id like google/switch-base-8"
+                         f"{did_you_mean(name, preset_names())}; `qmoe presets` lists the presets")
     hub_id = preset.hub_id if preset else name
     return ModelSource(_download(hub_id), preset, name)
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether `--model` is meant as a local path, never a hub id: it starts with ./ ../ / ~ (or
+    is . or ..), has more than one /, or is x/y where directory x exists here."""
+    if name in (".", "..") or name.startswith(("./", "../", "/", "~")) or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name.split("/")[0]).is_dir()
+
+
 def _download(hub_id: str) -> Path:
+    """The local snapshot of `hub_id`: from the cache only under HF_HUB_OFFLINE (failing at once
+    when it is not there), else after one quick metadata request (`probe_hub`), so that an
+    unreachable hub fails in seconds, not after huggingface_hub's retries."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    remedy = "pass a local checkpoint directory"
+    patterns = ["config.json", *COMPANION_FILES]
+    offline = offline_variable("HF_HUB_OFFLINE")
+    if offline:
+        try:
+            return Path(snapshot_download(hub_id, allow_patterns=[*patterns, *_WEIGHT_PATTERNS],
+                                          local_files_only=True))
+        except Exception:  # LocalEntryNotFoundError and its kin: not cached
+            raise QmoeError(f"--model {hub_id}: not in the local Hugging Face cache and {offline} is set; "
+                            f"{remedy}, or unset HF_HUB_OFFLINE to download it") from None
+    probe_hub("model", hub_id, f"--model {hub_id}", remedy)
     try:
-        from huggingface_hub import list_repo_files, snapshot_download
         files = list_repo_files(hub_id)
-        weights = ["*.safetensors", "model.safetensors.index.json"]
+        weights = list(_WEIGHT_PATTERNS[:2])
         if not any(f.endswith(".safetensors") for f in files):
-            weights = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-        return Path(snapshot_download(hub_id, allow_patterns=["config.json", *COMPANION_FILES, *weights]))
+            weights = list(_WEIGHT_PATTERNS[2:])
+        return Path(snapshot_download(hub_id, allow_patterns=[*patterns, *weights]))
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         raise QmoeError(f"--model {hub_id}: could not download from the Hugging Face hub "
-                        f"({type(exc).__name__}); check the name and network, or pass a local directory") from None
+                        f"({type(exc).__name__}); check the name and network, or {remedy}") from None
+
+
+_WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                    "pytorch_model.bin.index.json")
 
 
 class CheckpointExperts:
@@ -262,6 +309,20 @@ class CheckpointWeights:
         self.source = source
         self.arch = source.arch()
         self.reader = CheckpointReader(source.directory, max_open_shards, source.fp8())
+        self._check_embedding()
+
+    def _check_embedding(self) -> None:
+        """config.json against the weights, before anything is computed: the first embedding's
+        stored shape must be the [vocab, d_model] the config asks for (a config claiming
+        d_model=10**9 would otherwise allocate for it)."""
+        name = self.arch.embedding_tensor(self.arch.stacks[0])
+        expected = self.arch.head_tensors().get(name)
+        stored_name = self.stored_name(name)
+        stored = self.reader.shape(stored_name)
+        if expected is not None and tuple(stored) != tuple(expected):
+            raise QmoeError(f"{self.source.directory / 'config.json'}: says the embedding is {list(expected)} "
+                            f"([vocab, d_model]) but the weights' '{stored_name}' is {list(stored)}; the config "
+                            "does not belong to these weights: fix or replace it")
 
     def stored_name(self, name: str) -> str:
         return resolve_name(self.arch, name, self.reader.__contains__, self.source.directory)

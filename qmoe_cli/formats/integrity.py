@@ -49,16 +49,27 @@ def file_records(manifest: dict[str, Any], where: Path) -> dict[str, dict[str, A
     if not isinstance(records, dict):
         raise QmoeError(f"{where}: malformed manifest ('files' must map file names to records)")
     for name, record in records.items():
-        if (Path(name).is_absolute() or ".." in Path(name).parts or not isinstance(record, dict)
+        if (not inside(name) or not isinstance(record, dict)
                 or not isinstance(record.get("bytes"), int) or not isinstance(record.get("sha256"), str)
                 or not _SHA256.fullmatch(record["sha256"])):
             raise QmoeError(f"{where}: malformed manifest (bad record for file {name!r})")
     return records
 
 
+def inside(name: str) -> bool:
+    """Whether a manifest's file name stays inside its checkpoint: relative, no `..`, not empty.
+    Every reader checks this before it opens a listed file, so a re-signed manifest cannot make
+    qmoe read (or hash, or copy) a file elsewhere."""
+    path = Path(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
+
+
 def verify_file(directory: Path, records: dict[str, dict[str, Any]], name: str, kind: str) -> Path:
     """The path of file `name` of a `kind` checkpoint after checking its size and sha256 against
     its record (reads the whole file)."""
+    if not inside(name):
+        raise QmoeError(f"{directory / 'manifest.json'}: file record {name!r} points outside the checkpoint; "
+                        "the manifest is corrupt or was edited")
     path = directory / name
     record = records.get(name)
     if record is None:

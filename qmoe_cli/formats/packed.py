@@ -50,7 +50,7 @@ from ..codec.rows import decode_dense, row_offsets, row_widths, ternary_matmul
 from ..errors import QmoeError
 from ..kernels import codebook_masks, kernel_library, round_once_linear
 from ..quant.grids import QuantSpec, dequantize
-from .integrity import manifest_digest, verify_file
+from .integrity import check_manifest_digest, file_records, verify_file
 from .packed_cuda import DeviceExperts, DeviceSharedExpert
 from .quantized import (
     SHARED,
@@ -352,8 +352,8 @@ class PackedWeights(DenseTensorFiles):
         if manifest["kind"] != KIND or version != FORMAT_VERSION:
             raise QmoeError(f"{where}: manifest is kind {manifest['kind']!r} version "
                             f"{version!r}; expected {KIND!r} version {FORMAT_VERSION}")
-        if manifest.get("manifest_sha256") != manifest_digest(manifest):
-            raise QmoeError(f"{where}: checksum mismatch; the manifest is corrupt")
+        check_manifest_digest(manifest, where)
+        file_records(manifest, where)  # every record inside the checkpoint, as the quantized reader asks
         try:
             settings = manifest["settings"]
             arch = architecture_from_config(manifest["config"])

@@ -105,6 +105,9 @@ class SafetensorsFile:
     def dtype(self, name: str) -> torch.dtype:
         return self.entries[name].dtype
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].shape
+
     def read(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
         buffer = bytearray(entry.end - entry.begin)

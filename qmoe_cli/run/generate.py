@@ -58,10 +58,13 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature} (use --greedy for argmax)")
+        if self.temperature is not None and not 0 < self.temperature < float("inf"):
+            raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature} "
+                             "(use --greedy for argmax)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not all(isinstance(t, int) and t >= 0 for t in self.eos_tokens):
