@@ -73,11 +73,11 @@ import torch
 from tqdm import tqdm
 
 from ..arch import Architecture, ExpertShape, MoEBlock, TensorReader
+from ..execute.linear import GridLinear
 from ..files import save_tensors_atomic
 from ..formats.integrity import file_record
 from ..formats.quantized import (
     SHARED,
-    GridLinear,
     QuantizedExperts,
     QuantizedWeights,
     expert_file,
@@ -86,7 +86,7 @@ from ..formats.quantized import (
     write_manifest,
 )
 from ..quant.gptq import GPTQResult, experts_per_batch, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
-from ..quant.grids import Grid, IntGrid, QuantSpec, TernaryGrid, dequantize
+from ..quant.grids import Grid, QuantSpec, dequantize
 from ..run.stream import ListBuffer, Routing, RunConfig, expert_output, finish_sparse, route
 from .config import CompressConfig
 from .distributed import Comm, TensorSpec, split_evenly
@@ -153,7 +153,7 @@ class Encoded:
     def from_wire(cls, tensors: Sequence[torch.Tensor], n: int, rows: int, cols: int,
                   spec: QuantSpec) -> "Encoded":
         packed, first, second = tensors
-        return cls(unpack_codes(packed, spec, (n, rows, cols)), _grid(spec, first, second))
+        return cls(unpack_codes(packed, spec, (n, rows, cols)), spec.make_grid(first, second))
 
     @classmethod
     def stored(cls, bank: QuantizedExperts, ids: Sequence[int], name: str) -> "Encoded":
@@ -161,7 +161,7 @@ class Encoded:
         parts = [bank.encoded(j, name) for j in ids]
         codes = torch.cat([c for c, _ in parts])
         fields = zip(*(grid.tensors().values() for _, grid in parts))
-        return cls(codes, _grid(bank.spec, *(torch.cat(list(f)) for f in fields)))
+        return cls(codes, bank.spec.make_grid(*(torch.cat(list(f)) for f in fields)))
 
     def wire(self, spec: QuantSpec) -> list[torch.Tensor]:
         """Codes packed (`wire.pack_codes`) and the grid's tensors, for another rank."""
@@ -543,12 +543,8 @@ def _empty_encoded(rows: int, cols: int, spec: QuantSpec, device: torch.device) 
     """No experts of a rows x cols matrix (a rank whose slice of a round is empty)."""
     codes = torch.empty(0, rows, cols, dtype=torch.uint8, device=device)
     grid = torch.empty(0, rows, spec.n_groups(cols), device=device)
-    return Encoded(codes, _grid(spec, grid, grid))
+    return Encoded(codes, spec.make_grid(grid, grid))
 
-
-def _grid(spec: QuantSpec, first: torch.Tensor, second: torch.Tensor) -> Grid:
-    """The grid of `spec` from its two [n, rows, G] fp32 tensors, in `Grid.tensors()` order."""
-    return TernaryGrid(lo=first, hi=second) if spec.ternary else IntGrid(scale=first, zero=second, maxq=spec.maxq)
 
 
 class _Tally:

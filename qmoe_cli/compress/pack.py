@@ -132,7 +132,7 @@ def _pack(weights: QuantizedWeights, source: Path, out: Path, cfg: PackConfig,
             records[name] = hasher.submit(file_record, tmp / name)
 
         codec: dict[str, Any]
-        if spec.ternary:
+        if spec.dictionary_coded:
             book, codec = _fit(reader, blocks, cfg, log)
             save_tensors_atomic({"symbols": book.symbols, "lengths": book.lengths}, tmp / DICTIONARY_FILE)
             written(DICTIONARY_FILE)
@@ -154,7 +154,7 @@ def _pack(weights: QuantizedWeights, source: Path, out: Path, cfg: PackConfig,
             log(f"{wide_grids} matrices keep fp32 grids (quantized by a qmoe before bf16 grids; "
                 f"compressing again saves 32 bits a row)")
         files = {name: records[name].result() for name in sorted(records)}
-        manifest = _manifest(quantized, codec, cfg, layers, spec.ternary, files)
+        manifest = _manifest(quantized, codec, cfg, layers, spec.symbol_weights, files)
         write_json_atomic(tmp / "manifest.json", manifest)
     reader.close()
     weights.close()
@@ -292,8 +292,7 @@ def _copy_dense(tmp: Path, weights: QuantizedWeights) -> list[str]:
 
 
 def _manifest(quantized: dict[str, Any], codec: dict[str, Any], cfg: PackConfig, layers: dict[str, LayerSize],
-              ternary: bool, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    per_symbol = 2 if ternary else 1  # weights per counted symbol: pairs, or single b-bit codes
+              per_symbol: int, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
     rows = [layer.summary(name, per_symbol) for name, layer in layers.items()]
     total = LayerSize(weights=sum(r["weights"] for r in rows), code_bytes=sum(r["code_bytes"] for r in rows),
                    all_in_bytes=sum(r["all_in_bytes"] for r in rows),

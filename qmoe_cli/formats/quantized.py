@@ -47,8 +47,8 @@ from torch import nn
 from ..arch import Architecture, ExpertBank, ExpertShape, architecture_from_config, resolve_name
 from ..errors import QmoeError
 from ..files import read_json_object, write_json_atomic
-from ..kernels import round_once_linear
-from ..quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize
+from ..execute.linear import GridLinear
+from ..quant.grids import Grid, QuantSpec, dequantize
 from .integrity import check_manifest_digest, file_records, manifest_digest, verify_file
 from .safetensors_io import SafetensorsFile, TensorEntry
 
@@ -135,11 +135,6 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     write_json_atomic(directory / "manifest.json", manifest)
 
 
-def grid_fields(spec: QuantSpec) -> tuple[str, str]:
-    """Names of a matrix's grid tensors."""
-    return ("lo", "hi") if spec.ternary else ("scale", "zero")
-
-
 # What a file must hold: tensor name -> (dtype, or None for any floating dtype; shape).
 Expected = dict[str, tuple["torch.dtype | None", tuple[int, ...]]]
 
@@ -149,7 +144,7 @@ def matrix_entries(arch: Architecture, spec: QuantSpec, member: int | str, name:
     uint8, grid [rows, G] fp32."""
     rows, cols = member_shape(arch, member).shapes[name]
     prefix, grid = f"{member_prefix(member)}{name}.", (torch.float32, (rows, spec.n_groups(cols)))
-    return {prefix + "codes": (torch.uint8, (rows, cols)), **{prefix + field: grid for field in grid_fields(spec)}}
+    return {prefix + "codes": (torch.uint8, (rows, cols)), **{prefix + field: grid for field in spec.grid_fields}}
 
 
 def expert_entries(arch: Architecture, spec: QuantSpec, experts: range) -> Expected:
@@ -162,13 +157,6 @@ def shared_entries(arch: Architecture, spec: QuantSpec) -> Expected:
     """Every tensor of a block's shared expert file."""
     return {key: value for name in member_shape(arch, SHARED).matrices
             for key, value in matrix_entries(arch, spec, SHARED, name).items()}
-
-
-def grid_from_tensors(spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> TernaryGrid | IntGrid:
-    """Rebuild a grid of one matrix ([rows, G] tensors, given a leading expert dim of 1)."""
-    if spec.ternary:
-        return TernaryGrid(lo=tensors["lo"][None], hi=tensors["hi"][None])
-    return IntGrid(scale=tensors["scale"][None], zero=tensors["zero"][None], maxq=spec.maxq)
 
 
 class QuantizedExperts:
@@ -209,18 +197,17 @@ class QuantizedExperts:
             tensors[field] = file.read(key)
         codes = tensors["codes"]
         if codes.numel() and int(codes.max()) > self.spec.maxq:
-            grid = "ternary" if self.spec.ternary else f"{self.spec.bits}-bit"
-            raise QmoeError(f"{where}: code {int(codes.max())} is beyond the {grid} grid's largest, "
+            raise QmoeError(f"{where}: code {int(codes.max())} is beyond the {self.spec.label} grid's largest, "
                             f"{self.spec.maxq}; the checkpoint is corrupt")
-        if not all(bool(torch.isfinite(tensors[f]).all()) for f in grid_fields(self.spec)):
+        if not all(bool(torch.isfinite(tensors[f]).all()) for f in self.spec.grid_fields):
             raise QmoeError(f"{where}: the grid holds a non-finite value; the checkpoint is corrupt")
         return tensors
 
-    def encoded(self, j: int | str, name: str) -> tuple[torch.Tensor, TernaryGrid | IntGrid]:
+    def encoded(self, j: int | str, name: str) -> tuple[torch.Tensor, Grid]:
         """Matrix `name` of expert `j` (or `SHARED`) as stored: codes [1, rows, cols] uint8 and
         grid [1, rows, G] fp32."""
         tensors = self.stored(j, name)
-        return tensors["codes"][None], grid_from_tensors(self.spec, tensors)
+        return tensors["codes"][None], self.spec.grid_from_tensors(tensors)
 
     def matrix(self, j: int | str, name: str) -> torch.Tensor:
         """Dequantized weight `name` of expert `j` (or `SHARED`) -> [rows, cols] fp32."""
@@ -240,22 +227,6 @@ class QuantizedExperts:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-class GridLinear(nn.Module):
-    """y = x Wᵀ for a dequantized expert matrix W [out, in] (in the run dtype), with the numerics
-    of every compressed expert linear (`round_once_linear`), so a quantized checkpoint computes
-    what its packed form computes on the same device and dtype."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        # A buffer, not a plain attribute: moving or swapping a module's tensors (the host
-        # streamer in `run/resident.py`) must reach it; not persistent, it is no checkpoint tensor.
-        self.register_buffer("weight", weight, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [n, in] -> [n, out], in x's dtype."""
-        return round_once_linear(x, self.weight)
 
 
 class DenseTensorFiles:
