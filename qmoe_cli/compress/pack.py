@@ -34,10 +34,11 @@ from ..codec.bitpack import pack_bits, unpack_bits
 from ..codec.dictionary import NUM_SYMBOLS, Codebook, DictionarySpec, fit_dictionary, pair_symbols, parse_statistics
 from ..codec.rows import decode_matrix, encode_matrix
 from ..errors import QmoeError, os_error_message
-from ..files import atomic_directory, save_tensors_atomic, write_json_atomic
+from ..files import atomic_directory, save_tensors_atomic
 from ..formats.hf import COMPANION_FILES
-from ..formats.integrity import file_record, manifest_digest
-from ..formats.packed import DICTIONARY_FILE, FORMAT_VERSION, KIND
+from ..formats.integrity import file_record
+from ..formats.packed import DICTIONARY_FILE
+from ..formats.packed_manifest import PackedManifest
 from ..formats.quantized import (
     HEAD_FILE,
     SHARED,
@@ -85,13 +86,13 @@ class PackResult:
     """What `pack` wrote and how fast: `manifest` is the packed checkpoint's; `input_bytes` the
     expert files read (codes and grids, sample included), `seconds` the whole run's wall time."""
 
-    manifest: dict[str, Any]
+    manifest: PackedManifest
     seconds: float
     input_bytes: int
 
     def throughput(self) -> dict[str, float]:
         """For `qmoe pack --json`: MB of expert files read per second and weights per second."""
-        weights = self.manifest["totals"]["weights"]
+        weights = self.manifest.totals["weights"]
         return {"seconds": self.seconds, "input_mb": self.input_bytes / 1e6,
                 "mb_per_s": self.input_bytes / 1e6 / self.seconds, "weights_per_s": weights / self.seconds}
 
@@ -155,7 +156,7 @@ def _pack(weights: QuantizedWeights, source: Path, out: Path, cfg: PackConfig,
                 f"compressing again saves 32 bits a row)")
         files = {name: records[name].result() for name in sorted(records)}
         manifest = _manifest(quantized, codec, cfg, layers, spec.symbol_weights, files)
-        write_json_atomic(tmp / "manifest.json", manifest)
+        manifest.write(tmp)
     reader.close()
     weights.close()
     return PackResult(manifest, time.perf_counter() - start, reader.bytes_read)
@@ -292,16 +293,14 @@ def _copy_dense(tmp: Path, weights: QuantizedWeights) -> list[str]:
 
 
 def _manifest(quantized: dict[str, Any], codec: dict[str, Any], cfg: PackConfig, layers: dict[str, LayerSize],
-              per_symbol: int, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+              per_symbol: int, files: dict[str, dict[str, Any]]) -> PackedManifest:
     rows = [layer.summary(name, per_symbol) for name, layer in layers.items()]
     total = LayerSize(weights=sum(r["weights"] for r in rows), code_bytes=sum(r["code_bytes"] for r in rows),
                    all_in_bytes=sum(r["all_in_bytes"] for r in rows),
                    histogram=torch.stack([layer.histogram for layer in layers.values()]).sum(0))
-    manifest = {"kind": KIND, "format_version": FORMAT_VERSION, "source": quantized["source"],
-                "window": quantized["window"], "config": quantized["config"], "settings": quantized["settings"],
-                "quantized_fingerprint": quantized["fingerprint"], "codec": codec,
-                "pack_settings": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "hash_threads")},
-                "totals": total.summary("all", per_symbol), "layers": rows, "files": files,
-                "total_bytes": sum(f["bytes"] for f in files.values())}
-    manifest["manifest_sha256"] = manifest_digest(manifest)
-    return manifest
+    return PackedManifest(
+        source=quantized["source"], window=quantized["window"], config=quantized["config"],
+        settings=quantized["settings"], quantized_fingerprint=quantized["fingerprint"], codec=codec,
+        pack_settings={k: v for k, v in asdict(cfg).items() if k not in ("progress", "hash_threads")},
+        totals=total.summary("all", per_symbol), layers=rows, files=files,
+        total_bytes=sum(f["bytes"] for f in files.values()))

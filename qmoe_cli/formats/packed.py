@@ -38,7 +38,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -53,7 +53,8 @@ from ..execute.grouped import DeviceExperts, DeviceSharedExpert
 from ..execute.linear import PackedLinear
 from ..kernels import codebook_masks, kernel_library
 from ..quant.grids import QuantSpec, dequantize
-from .integrity import manifest_digest, verify_file
+from .integrity import verify_file
+from .packed_manifest import KIND, PackedManifest
 from .quantized import (
     SHARED,
     DenseTensorFiles,
@@ -66,9 +67,7 @@ from .quantized import (
 )
 from .safetensors_io import SafetensorsFile
 
-FORMAT_VERSION = 2  # 2: no stored offsets, bf16 ternary grids
 GRID_DTYPES = (torch.bfloat16, torch.float32)  # stored ternary grids: bf16, fp32 from old quantizers
-KIND = "packed"
 DICTIONARY_FILE = "dictionary.safetensors"
 
 
@@ -284,7 +283,7 @@ class PackedWeights(DenseTensorFiles):
     """`ModelWeights` over a packed directory."""
 
     directory: Path
-    manifest: dict[str, Any]
+    manifest: PackedManifest
     arch: Architecture
     spec: QuantSpec
     group_size: int
@@ -292,10 +291,10 @@ class PackedWeights(DenseTensorFiles):
 
     def __post_init__(self) -> None:
         self._files: dict[str, SafetensorsFile] = {}
-        for name in self.manifest["files"]:  # tokenizer files: read by other code, so checked now
+        for name in self.manifest.files:  # tokenizer files: read by other code, so checked now
             if not name.endswith(".safetensors"):
                 self.verify_file(name)
-        self.check_dense_layout(self.manifest["files"])
+        self.check_dense_layout(self.manifest.files)
         self.codebook = self._read_codebook() if self.spec.dictionary_coded else None
         self._masks: dict[torch.device, torch.Tensor] = {}
 
@@ -309,22 +308,12 @@ class PackedWeights(DenseTensorFiles):
 
     @classmethod
     def open(cls, directory: Path) -> "PackedWeights":
-        manifest = read_manifest(directory)
         where = directory / "manifest.json"
-        version = manifest.get("format_version")
-        if manifest["kind"] == KIND and isinstance(version, int) and version < FORMAT_VERSION:
-            raise QmoeError(f"{where}: packed format version {version} is no longer read (this qmoe reads version "
-                            f"{FORMAT_VERSION}); pack the quantized checkpoint again with `qmoe pack`")
-        if manifest["kind"] != KIND or version != FORMAT_VERSION:
-            raise QmoeError(f"{where}: manifest is kind {manifest['kind']!r} version "
-                            f"{version!r}; expected {KIND!r} version {FORMAT_VERSION}")
-        if manifest.get("manifest_sha256") != manifest_digest(manifest):
-            raise QmoeError(f"{where}: checksum mismatch; the manifest is corrupt")
+        manifest = PackedManifest.from_json(read_manifest(directory), where)
         try:
-            settings = manifest["settings"]
-            arch = architecture_from_config(manifest["config"])
-            return cls(directory, manifest, arch, QuantSpec(settings["bits"], settings.get("grid_group")),
-                       settings["group_size"], stores_shared(arch, settings))
+            arch = architecture_from_config(manifest.config)
+            return cls(directory, manifest, arch, manifest.spec, manifest.group_size,
+                       stores_shared(arch, manifest.settings))
         except (KeyError, TypeError, ValueError) as exc:
             raise QmoeError(f"{where}: malformed manifest ({exc})") from None
 
@@ -334,7 +323,7 @@ class PackedWeights(DenseTensorFiles):
 
     def verify_file(self, name: str) -> Path:
         """The path of file `name` after checking its size and sha256 against the manifest."""
-        return verify_file(self.directory, self.manifest["files"], name, KIND)
+        return verify_file(self.directory, self.manifest.files, name, KIND)
 
     def _read_codebook(self) -> Codebook:
         file = self.open_verified(DICTIONARY_FILE)
