@@ -83,8 +83,8 @@ from ..formats.quantized import (
     expert_file,
     member_prefix,
     shared_file,
-    write_manifest,
 )
+from ..formats.quantized_manifest import write_manifest
 from ..quant.gptq import GPTQResult, experts_per_batch, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
 from ..quant.grids import Grid, QuantSpec, dequantize
 from ..run.stream import ListBuffer, Routing, RunConfig, expert_output, finish_sparse, route

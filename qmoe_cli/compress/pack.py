@@ -39,6 +39,7 @@ from ..formats.hf import COMPANION_FILES
 from ..formats.integrity import file_record
 from ..formats.packed import DICTIONARY_FILE
 from ..formats.packed_manifest import PackedManifest
+from ..formats.quantized_manifest import QuantizedManifest
 from ..formats.quantized import (
     HEAD_FILE,
     SHARED,
@@ -119,6 +120,7 @@ def _pack(weights: QuantizedWeights, source: Path, out: Path, cfg: PackConfig,
           log: Callable[[str], None]) -> PackResult:
     start = time.perf_counter()
     quantized = weights.manifest
+    assert quantized is not None, "QuantizedWeights.open keeps the checked manifest"
     if out.exists():
         raise QmoeError(f"--out {out}: already exists; choose another directory or remove it")
     spec = weights.spec
@@ -292,15 +294,15 @@ def _copy_dense(tmp: Path, weights: QuantizedWeights) -> list[str]:
     return names
 
 
-def _manifest(quantized: dict[str, Any], codec: dict[str, Any], cfg: PackConfig, layers: dict[str, LayerSize],
+def _manifest(quantized: QuantizedManifest, codec: dict[str, Any], cfg: PackConfig, layers: dict[str, LayerSize],
               per_symbol: int, files: dict[str, dict[str, Any]]) -> PackedManifest:
     rows = [layer.summary(name, per_symbol) for name, layer in layers.items()]
     total = LayerSize(weights=sum(r["weights"] for r in rows), code_bytes=sum(r["code_bytes"] for r in rows),
                    all_in_bytes=sum(r["all_in_bytes"] for r in rows),
                    histogram=torch.stack([layer.histogram for layer in layers.values()]).sum(0))
     return PackedManifest(
-        source=quantized["source"], window=quantized["window"], config=quantized["config"],
-        settings=quantized["settings"], quantized_fingerprint=quantized["fingerprint"], codec=codec,
+        source=quantized.source, window=quantized.window, config=quantized.config,
+        settings=quantized.settings, quantized_fingerprint=quantized.fingerprint, codec=codec,
         pack_settings={k: v for k, v in asdict(cfg).items() if k not in ("progress", "hash_threads")},
         totals=total.summary("all", per_symbol), layers=rows, files=files,
         total_bytes=sum(f["bytes"] for f in files.values()))

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import QmoeError
 from . import packed, quantized
+from .quantized_manifest import read_manifest
 from .safetensors_io import SafetensorsFile
 from .stats import LayerSize
 
@@ -27,7 +28,7 @@ def checkpoint_info(directory: Path, verify: bool = False) -> dict[str, Any]:
     (codes only and all-in), entropy bound, and `layers`, one entry per sparse block."""
     if not directory.is_dir():
         raise QmoeError(f"{directory}: not a directory")
-    manifest = quantized.read_manifest(directory)
+    manifest = read_manifest(directory)
     if manifest["kind"] == packed.KIND:
         weights = packed.PackedWeights.open(directory)
         if verify:

@@ -14,7 +14,7 @@ from ..errors import QmoeError
 from ..resources import package_dir
 from . import packed, quantized
 from .hf import CheckpointWeights, resolve_model
-from .quantized import read_manifest
+from .quantized_manifest import read_manifest
 
 # The checkpoint formats with a manifest, by its `kind`: how each opens. A manifest of another
 # kind goes to the quantized reader, whose check names the kind and version it expects.

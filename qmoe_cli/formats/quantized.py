@@ -46,17 +46,14 @@ from torch import nn
 
 from ..arch import Architecture, ExpertBank, ExpertShape, architecture_from_config, resolve_name
 from ..errors import QmoeError
-from ..files import read_json_object, write_json_atomic
 from ..execute.linear import GridLinear
 from ..quant.grids import Grid, QuantSpec, dequantize
-from .integrity import check_manifest_digest, file_records, manifest_digest, verify_file
+from .integrity import verify_file
+from .quantized_manifest import KIND, SHARED_MODES, QuantizedManifest, read_manifest
 from .safetensors_io import SafetensorsFile, TensorEntry
 
-FORMAT_VERSION = 2  # 2: file records and the manifest checksum (1 had neither)
-KIND = "quantized"
 HEAD_FILE = "head.safetensors"
 SHARED = "shared"  # names a block's shared expert where a routed expert's index would go
-SHARED_MODES = ("quantize", "keep")  # `settings.shared_experts`: quantized like routed experts, or as stored
 
 
 def block_file(stack: str, index: int) -> str:
@@ -105,34 +102,6 @@ def dense_file(arch: Architecture, name: str) -> str:
             if name.startswith(arch.block_prefix(stack, i)):
                 return block_file(stack, i)
     return HEAD_FILE
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / "manifest.json"
-    manifest = read_json_object(path, "not a qmoe checkpoint")
-    if "kind" not in manifest:
-        raise QmoeError(f"{path}: not a qmoe manifest (no 'kind')")
-    return manifest
-
-
-def check_manifest(manifest: dict[str, Any], where: Path) -> None:
-    """A quantized manifest of this format version whose checksum holds (QmoeError otherwise)."""
-    kind, version = manifest.get("kind"), manifest.get("format_version")
-    if kind != KIND:
-        raise QmoeError(f"{where}: manifest is kind {kind!r} version {version!r}; "
-                        f"expected {KIND!r} version {FORMAT_VERSION}")
-    if version != FORMAT_VERSION:
-        older = isinstance(version, int) and version < FORMAT_VERSION
-        raise QmoeError(f"{where}: quantized format version {version!r} is not readable by this qmoe, which reads "
-                        f"version {FORMAT_VERSION}; " + ("compress the model again (version 1 has no checksums)"
-                                                         if older else "use the qmoe version that wrote it"))
-    check_manifest_digest(manifest, where)
-
-
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    """Write `manifest` into `directory` with its checksum (atomically)."""
-    manifest["manifest_sha256"] = manifest_digest(manifest)
-    write_json_atomic(directory / "manifest.json", manifest)
 
 
 # What a file must hold: tensor name -> (dtype, or None for any floating dtype; shape).
@@ -308,7 +277,7 @@ class QuantizedWeights(DenseTensorFiles):
     group_size: int  # experts per file under experts/
     files: dict[str, dict[str, Any]]
     shared: bool  # the sparse blocks' shared experts are stored quantized (`shared_file`)
-    manifest: dict[str, Any] | None = None
+    manifest: QuantizedManifest | None = None
 
     def __post_init__(self) -> None:
         self._files: dict[str, SafetensorsFile] = {}
@@ -319,19 +288,11 @@ class QuantizedWeights(DenseTensorFiles):
         """Open a finished quantized checkpoint after checking its manifest and the layout of
         every file (`check_layout`); QmoeError naming the file and the rule otherwise."""
         where = directory / "manifest.json"
-        manifest = read_manifest(directory)
-        check_manifest(manifest, where)
-        if manifest.get("complete") is not True:
-            raise QmoeError(f"{directory}: the quantized checkpoint is incomplete; finish it with "
-                            "`qmoe compress --resume`")
+        manifest = QuantizedManifest.from_json(read_manifest(directory), where)
         try:
-            settings = manifest["settings"]
-            group_size = settings["group_size"]
-            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-                raise ValueError(f"settings.group_size must be an integer >= 1, got {group_size!r}")
-            arch = architecture_from_config(manifest["config"])
-            weights = cls(directory, arch, QuantSpec(settings["bits"], settings.get("grid_group")), group_size,
-                          file_records(manifest, where), stores_shared(arch, settings), manifest)
+            arch = architecture_from_config(manifest.config)
+            weights = cls(directory, arch, manifest.spec, manifest.group_size, manifest.files,
+                          stores_shared(arch, manifest.settings), manifest)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise QmoeError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
         for name in weights.files:  # tokenizer files: read by other code, so checked now
