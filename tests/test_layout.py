@@ -184,7 +184,6 @@ OVERSIZE = {
     "qmoe_cli/cli.py": "being split into commands by the CLI work",
     "qmoe_cli/data/corpus.py": "the synthetic corpus's word lists and templates: data, not logic",
     "qmoe_cli/data/datasets.py": "files, the named sets and span corruption; to split by source",
-    "qmoe_cli/compress/block.py": "ExpertCompressor; to split into plan, solve, exchange and store",
 }
 SCHEME_OWNER = "qmoe_cli/quant/grids.py"  # the quantization scheme (`QuantSpec`)
 
