@@ -15,15 +15,15 @@ from typing import Any
 
 from ..errors import QmoeError
 from ..files import write_json_atomic
-from ..quant.grids import QuantSpec
 from .integrity import file_records, manifest_digest
+from .quantized_manifest import QuantizationSettings
 
 KIND = "packed"
 FORMAT_VERSION = 2  # 2: no stored offsets, bf16 ternary grids
 
 
 @dataclass(frozen=True)
-class PackedManifest:
+class PackedManifest(QuantizationSettings):
     """What `manifest.json` of a packed checkpoint holds (besides `kind`, `format_version` and
     `manifest_sha256`, which `to_json` adds)."""
 
@@ -47,19 +47,7 @@ class PackedManifest:
         for name in ("config", "settings", "codec", "pack_settings", "totals", "files"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"'{name}' must be an object, got {type(getattr(self, name)).__name__}")
-        group_size = self.settings.get("group_size")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"settings.group_size must be an integer >= 1, got {group_size!r}")
-        QuantSpec(self.settings.get("bits"), self.settings.get("grid_group"))  # a scheme, else ValueError
-
-    @property
-    def spec(self) -> QuantSpec:
-        return QuantSpec(self.settings["bits"], self.settings.get("grid_group"))
-
-    @property
-    def group_size(self) -> int:
-        """Experts per expert group file."""
-        return self.settings["group_size"]
+        self.check_settings()
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as written, checksum included."""

@@ -61,8 +61,31 @@ def new_manifest(source: str, window: int, settings: dict[str, Any], config: dic
             "finished": [], "blocks": {}, "complete": False, "files": {}}
 
 
+class QuantizationSettings:
+    """What a compressed checkpoint's manifest answers from its `settings` (both formats carry
+    the quantization's settings as `qmoe compress` recorded them)."""
+
+    settings: dict[str, Any]
+
+    def check_settings(self) -> None:
+        """ValueError naming the field unless group_size and the scheme (bits, grid_group) hold."""
+        group_size = self.settings.get("group_size") if isinstance(self.settings, dict) else None
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"settings.group_size must be an integer >= 1, got {group_size!r}")
+        QuantSpec(self.settings["bits"], self.settings.get("grid_group"))  # a scheme, else ValueError
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.settings["bits"], self.settings.get("grid_group"))
+
+    @property
+    def group_size(self) -> int:
+        """Experts per expert group file."""
+        return self.settings["group_size"]
+
+
 @dataclass(frozen=True)
-class QuantizedManifest:
+class QuantizedManifest(QuantizationSettings):
     """What `manifest.json` of a finished quantized checkpoint holds (besides `kind`,
     `format_version` and `manifest_sha256`, which `to_json` adds)."""
 
@@ -78,22 +101,10 @@ class QuantizedManifest:
     calibration_loss: float | None = None  # absent from a partial run's manifest
 
     def __post_init__(self) -> None:
-        group_size = self.settings.get("group_size") if isinstance(self.settings, dict) else None
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"settings.group_size must be an integer >= 1, got {group_size!r}")
-        QuantSpec(self.settings["bits"], self.settings.get("grid_group"))  # a scheme, else ValueError
+        self.check_settings()
         if self.settings.get("shared_experts", "keep") not in SHARED_MODES:
             raise ValueError(f"settings.shared_experts must be one of {', '.join(SHARED_MODES)}, "
                              f"got {self.settings['shared_experts']!r}")
-
-    @property
-    def spec(self) -> QuantSpec:
-        return QuantSpec(self.settings["bits"], self.settings.get("grid_group"))
-
-    @property
-    def group_size(self) -> int:
-        """Experts per expert group file."""
-        return self.settings["group_size"]
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as written, checksum included."""
