@@ -2,9 +2,10 @@
 
 Subpackages follow the data flow and import only downwards:
 
-    cli ─► compress ─► run ─► formats ─► arch ─► quant, codec, kernels, data ─► errors, files, resources
+    cli ─► compress ─► run ─► formats ─► execute ─► arch ─► quant, codec, kernels, data ─► errors, files, resources
 
-`arch` is the seam between model families and everything else (see `arch.base.Architecture`).
+`arch` is the seam between model families and everything else (see `arch.base.Architecture`);
+`docs/architecture.md` says which module owns which format.
 """
 
 __version__ = "0.1.0"

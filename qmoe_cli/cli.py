@@ -115,7 +115,8 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
                  dtype: str, threads: int | None, as_json: bool) -> None:
     """Loss and perplexity of a model (original, quantized or packed), streamed: masked-LM
     (span corruption) for Switch, next-token for decoder-only models."""
-    from .run.evaluate import evaluate, resolve_device, resolve_dtype
+    from .execute.device import resolve_device, resolve_dtype
+    from .run.evaluate import evaluate
     from .run.stream import RunConfig
 
     run_device = resolve_device(device)
@@ -170,9 +171,9 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
     """Continue text prompts (decoder-only models) or fill the marked spans of prompts (T5 span
     filling), with a model of any kind, on CPU or GPUs."""
     from .data.tokenizer import load_causal_tokenizer, load_tokenizer
+    from .execute.device import resolve_dtype
     from .formats.hf import generation_eos_ids
     from .formats.open import open_model
-    from .run.evaluate import resolve_dtype
     from .run.generate import GenerateConfig, generate, parse_continuation_prompt, parse_prompt
     from .run.limits import check_cache_fits
     from .run.placement import device_budgets, parse_bytes, plan_model
@@ -238,7 +239,7 @@ def resolve_devices(names: tuple[str, ...]) -> list[Any]:
     without one); cuda:N names one; cpu stands alone."""
     import torch
 
-    from .run.evaluate import resolve_device
+    from .execute.device import resolve_device
 
     names = names or ("auto",)
     if len(names) == 1 and names[0] in ("auto", "cuda"):
@@ -324,7 +325,7 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
     from .compress.config import CompressConfig
     from .compress.distributed import DistConfig, process_group
     from .compress.pipeline import compress
-    from .run.evaluate import resolve_device, resolve_dtype
+    from .execute.device import resolve_device, resolve_dtype
     from .run.stream import RunConfig
 
     cfg = CompressConfig(bits=bits, method=method, group_size=group_size, damp=damp, act_order=act_order,

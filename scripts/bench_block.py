@@ -30,12 +30,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gptq import emit_table  # noqa: E402
 from bench_kernel import encode_pool, pooled_ternary, symbol_probs  # noqa: E402
+from benchlib import emit_table  # noqa: E402
 
 from qmoe_cli.arch import Architecture, architecture_from_config  # noqa: E402
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, fit_dictionary  # noqa: E402
-from qmoe_cli.formats.packed_cuda import DeviceExperts, DeviceTernary  # noqa: E402
+from qmoe_cli.execute.grouped import DeviceExperts, DeviceTernary  # noqa: E402
 from qmoe_cli.kernels import DENSE_TOKENS_THRESHOLD, codebook_masks, kernel_library  # noqa: E402
 
 

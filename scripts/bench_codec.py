@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_gptq import emit_table, median_ms, parse_shapes
+from benchlib import emit_table, median_ms, parse_shapes
 
 from qmoe_cli.codec.dictionary import Codebook, fit_dictionary, pair_symbols, symbol_frequencies
 from qmoe_cli.codec.native import codec_extension
 from qmoe_cli.codec.rows import decode_matrix, encode_matrix
-from qmoe_cli.formats.packed import DictionaryMatrix, PackedLinear
+from qmoe_cli.execute.linear import PackedLinear
+from qmoe_cli.formats.packed import DictionaryMatrix
 from qmoe_cli.quant.grids import QuantSpec
 
 DEFAULT_SHAPES = "768x3072,3072x768,2080x6144,6144x2080"

@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gptq import emit_table  # noqa: E402
-from bench_inference import _size, _sync  # noqa: E402
+from benchlib import dtype_bytes, emit_table, sync  # noqa: E402
 from demo_decoder import FAMILIES  # noqa: E402
 
 from qmoe_cli.formats.open import open_model  # noqa: E402
@@ -90,10 +89,10 @@ def compress(model: Path, root: Path, vocab: int, device: str) -> tuple[Path, di
 
 def timed(call, device: torch.device) -> float:
     """ms of `call()`, the device synchronized before and after."""
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     call()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) * 1e3
 
 
@@ -185,7 +184,7 @@ def main() -> None:
     totals, name = manifest["totals"], str(args.dtype).removeprefix("torch.")
     where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
              else f"CPU, {torch.get_num_threads()} threads")
-    memory = f"{totals['weights'] * _size(args.dtype) / 1e6:.2f} | {totals['all_in_bytes'] / 1e6:.2f}"
+    memory = f"{totals['weights'] * dtype_bytes(args.dtype) / 1e6:.2f} | {totals['all_in_bytes'] / 1e6:.2f}"
     lines = [f"# {args.family} generation, packed (rtn ternary) vs {name} experts on {where}: hidden {args.hidden}, "
              f"{args.experts} experts of width {args.expert_width}, top-{args.top_k}, {args.layers} layers, "
              f"{args.heads} heads / {args.kv_heads} kv, vocab {args.vocab}, {args.prompt_tokens}-token prompts, "

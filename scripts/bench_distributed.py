@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from bench_gptq import emit_table
+from benchlib import emit_table
 
 from qmoe_cli.arch.switch.config import SwitchConfig
 from qmoe_cli.arch.switch.model import random_model, save_pretrained

@@ -24,14 +24,12 @@ cols = 6144 shapes spend most of their time in LAPACK and take minutes each.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import torch
+from benchlib import emit_table, median_ms, parse_shapes
 
 from qmoe_cli.quant.gptq import GPTQConfig, experts_per_batch, gptq_quantize
 from qmoe_cli.quant.gptq_triton import unavailable
@@ -39,20 +37,6 @@ from qmoe_cli.quant.grids import QuantSpec
 
 DEFAULT_SHAPES = "768x3072,3072x768,1024x4096,4096x1024,2080x6144,6144x2080"
 TOKENS_PER_EXPERT = 256  # a rare expert's share of calibration tokens: H is low rank, damp makes it PD
-
-
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """"768x3072,3072x768" -> [(768, 3072), (3072, 768)]."""
-    shapes = []
-    for item in text.split(","):
-        try:
-            rows, cols = (int(v) for v in item.lower().split("x"))
-        except ValueError:
-            raise SystemExit(f"error: --shapes: {item!r} is not ROWSxCOLS, e.g. 768x3072") from None
-        if rows < 1 or cols < 1:
-            raise SystemExit(f"error: --shapes: {item!r} must have positive sizes")
-        shapes.append((rows, cols))
-    return shapes
 
 
 def make_inputs(experts: int, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,28 +50,6 @@ def make_inputs(experts: int, rows: int, cols: int, device: torch.device) -> tup
         x = torch.randn(TOKENS_PER_EXPERT, cols, generator=g, device=device) @ mix
         h[e] = 2 * x.T @ x / TOKENS_PER_EXPERT
     return w, h
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of fn() in ms over `repeats` runs, synchronizing CUDA around each."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def emit_table(lines: list[str], out: Path | None) -> None:
-    """Print a benchmark's markdown table on stdout and, with `--out`, write it to that file."""
-    table = "\n".join(lines) + "\n"
-    print(table, end="")
-    if out is not None:
-        out.write_text(table)
 
 
 def bench_shape(rows: int, cols: int, experts: int, device: torch.device, repeats: int, cfg: GPTQConfig,

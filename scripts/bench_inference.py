@@ -27,13 +27,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gptq import emit_table  # noqa: E402
 from bench_kernel import symbol_probs, ternary  # noqa: E402
+from benchlib import dtype_bytes, emit_table, sync  # noqa: E402
 
 from qmoe_cli.arch import architecture_from_config  # noqa: E402
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, fit_dictionary  # noqa: E402
 from qmoe_cli.codec.rows import encode_matrix  # noqa: E402
-from qmoe_cli.formats.packed import DictionaryMatrix, PackedLinear  # noqa: E402
+from qmoe_cli.execute.linear import PackedLinear  # noqa: E402
+from qmoe_cli.formats.packed import DictionaryMatrix  # noqa: E402
 from qmoe_cli.quant.grids import QuantSpec  # noqa: E402
 from qmoe_cli.run.resident import ResidentModel, load_resident  # noqa: E402
 
@@ -106,20 +107,11 @@ def make_models(args: argparse.Namespace) -> tuple[MemoryWeights, MemoryWeights,
                 weight = torch.where(codes == 0, lo, torch.where(codes == 2, hi, torch.zeros(())))
                 parts[m] = (matrix, weight.to(args.dtype))
                 packed_bytes += words.numel() * 2 + offsets.numel() * 4 + 8 * rows
-                dense_bytes += weight.numel() * _size(args.dtype)
+                dense_bytes += weight.numel() * dtype_bytes(args.dtype)
             packed_make.append(lambda d, t, p=parts: arch.make_expert({m: PackedLinear(v[0]) for m, v in p.items()}))
             dense_make.append(lambda d, t, p=parts: arch.make_expert({m: v[1].to(d, t) for m, v in p.items()}))
         packed_banks[(stack, i)], dense_banks[(stack, i)] = MemoryBank(packed_make), MemoryBank(dense_make)
     return MemoryWeights(arch, dense, packed_banks), MemoryWeights(arch, dense, dense_banks), packed_bytes, dense_bytes
-
-
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -134,11 +126,11 @@ def step_ms(model: ResidentModel, batch: int, args: argparse.Namespace) -> float
     last = torch.zeros(batch, 1, dtype=torch.long)
     times = []
     for step in range(args.warmup + args.steps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         hidden = model.run_stack(spec.output_stack, model.embed(spec.output_stack, last), cache)
         last = model.logits(hidden[:, -1]).argmax(-1, keepdim=True).cpu()
-        _sync(device)
+        sync(device)
         if step >= args.warmup:
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
@@ -152,10 +144,10 @@ def block_ms(model: ResidentModel, args: argparse.Namespace) -> float:
     times = []
     for step in range(args.warmup + args.steps):
         x = torch.randn(1, 1, model.weights.arch.d_model, generator=gen).to(model.first_device, model.dtype)
-        _sync(model.first_device)
+        sync(model.first_device)
         start = time.perf_counter()
         ResidentModel._feed_forward(placed, x)
-        _sync(model.first_device)
+        sync(model.first_device)
         if step >= args.warmup:
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)

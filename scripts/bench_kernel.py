@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gptq import emit_table, parse_shapes  # noqa: E402
+from benchlib import emit_table, parse_shapes  # noqa: E402
 
 from qmoe_cli.codec.bitpack import pack_bits  # noqa: E402
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, fit_dictionary  # noqa: E402

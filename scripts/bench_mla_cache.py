@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gptq import emit_table, median_ms  # noqa: E402
+from benchlib import emit_table, median_ms  # noqa: E402
 
 from qmoe_cli.arch import architecture_from_config  # noqa: E402
 from qmoe_cli.arch.decoder_only.incremental import DecoderIncrementalStack, DecoderStackCache, cache_bytes  # noqa: E402

@@ -38,13 +38,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_block import event_ms  # noqa: E402
-from bench_gptq import emit_table  # noqa: E402
 from bench_kernel import encode_pool, pooled_ternary, symbol_probs  # noqa: E402
+from benchlib import emit_table  # noqa: E402
 
 from qmoe_cli.arch import Architecture, architecture_from_config  # noqa: E402
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, fit_dictionary  # noqa: E402
+from qmoe_cli.execute.grouped import DeviceExperts  # noqa: E402
 from qmoe_cli.formats.packed import DictionaryMatrix  # noqa: E402
-from qmoe_cli.formats.packed_cuda import DeviceExperts  # noqa: E402
 from qmoe_cli.kernels import DENSE_TOKENS_THRESHOLD, codebook_masks, kernel_library  # noqa: E402
 from qmoe_cli.quant.grids import QuantSpec  # noqa: E402
 from qmoe_cli.run.stream import ListBuffer, RunConfig, sparse_feed_forward  # noqa: E402

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from qmoe_cli.codec.bitpack import row_bytes, unpack_bits
-from qmoe_cli.kernels.ops import TILE_TOKENS, decode_dense_reference, host_plan
+from qmoe_cli.kernels.ops import TILE_TOKENS, decode_dense_reference, define_ops, host_plan
 
 
 def _ternary_weights(words, bases, offsets, masks, lo, hi, expert: int, cols: int) -> torch.Tensor:
@@ -100,6 +100,7 @@ _OPS = (ternary_tiles, bitpacked_tiles, ternary_dense, bitpacked_dense, route_pl
 @contextlib.contextmanager
 def emulated_kernels() -> Iterator[None]:
     """The qmoe ops run on CPU tensors (as above) inside the block, and only there."""
+    define_ops()
     library = torch.library.Library("qmoe", "IMPL")
     try:
         for op in _OPS:

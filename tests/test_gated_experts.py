@@ -27,9 +27,9 @@ from packed_experts import bitpacked_matrix, reference_linear, ternary_matrix
 from qmoe_cli.arch import ExpertShape
 from qmoe_cli.cli import main
 from qmoe_cli.codec.rows import decode_dense as codec_decode_dense
+from qmoe_cli.execute.grouped import DeviceBitpacked, DeviceExperts, DeviceTernary, stack_bitpacked, stack_ternary
 from qmoe_cli.formats.open import open_model
 from qmoe_cli.formats.packed import BitpackedMatrix, DictionaryMatrix
-from qmoe_cli.formats.packed_cuda import DeviceBitpacked, DeviceExperts, DeviceTernary, stack_bitpacked, stack_ternary
 from qmoe_cli.kernels import codebook_masks, decode_dense_reference
 from qmoe_cli.quant.grids import QuantSpec
 from qmoe_cli.run.stream import RunConfig, streamed_losses
@@ -107,7 +107,7 @@ def test_device_experts_refuse_matrices_that_do_not_chain() -> None:
 
 
 def _make(spec: QuantSpec, rows: int, cols: int, seed: int):
-    if spec.ternary:
+    if spec.dictionary_coded:
         return ternary_matrix(rows, cols, seed=seed)
     return bitpacked_matrix(rows, cols, int(spec.bits), spec.group_size, seed=seed)
 
@@ -153,7 +153,7 @@ def test_device_experts_equal_the_reference(kernel_device, spec: QuantSpec, dtyp
     seed = 100 * k + len(str(spec.bits))
     inputs = [[_make(spec, d_ff, d, seed + 7 * e + i) for i in range(n_inputs)] for e in range(experts)]
     output = [[_make(spec, d, d_ff, seed + 7 * e + 5)] for e in range(experts)]
-    if spec.ternary:
+    if spec.dictionary_coded:
         masks = codebook_masks(inputs[0][0].book).to(kernel_device)
         first, second = (DeviceTernary.upload(m, masks, kernel_device) for m in (inputs, output))
     else:

@@ -320,7 +320,7 @@ def test_swapping_a_block_to_other_tensors_and_back() -> None:
 def test_a_streamed_block_swaps_its_quantized_experts_weights_too() -> None:
     """A host-held block's dequantized experts (`GridLinear`) are among the tensors the streamer
     copies to the GPU and swaps in; a weight kept as a plain attribute would stay on the host."""
-    from qmoe_cli.formats.quantized import GridLinear
+    from qmoe_cli.execute.linear import GridLinear
     from qmoe_cli.run.resident import PlacedBlock, swap_in, swap_out
     from qmoe_cli.run.stream import RunConfig
 

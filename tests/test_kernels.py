@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qmoe_cli.codec.bitpack import pack_bits
 from qmoe_cli.codec.rows import decode_dense as codec_decode_dense
-from qmoe_cli.formats.packed_cuda import DeviceBitpacked, DeviceExperts, DeviceTernary
+from qmoe_cli.execute.grouped import DeviceBitpacked, DeviceExperts, DeviceTernary
 from qmoe_cli.kernels import ops
 from qmoe_cli.kernels.ops import codebook_masks, decode_dense_reference
 from qmoe_cli.quant.grids import QuantSpec
@@ -88,6 +88,7 @@ def test_host_plan_tiles_light_experts_and_lists_heavy_ones() -> None:
 
 
 def test_fake_implementations_give_shapes_without_the_library() -> None:
+    ops.define_ops()
     with FakeTensorMode():
         words, bases = torch.empty(50, dtype=torch.int16), torch.empty(3, dtype=torch.long)
         offsets, masks = torch.empty(3, 8, dtype=torch.int32), torch.empty(4096, 2, dtype=torch.int32)
@@ -216,7 +217,7 @@ def test_gather_transpose(gpu, dtype: torch.dtype) -> None:
 
 def _bank(spec: QuantSpec, experts: int, d: int, d_ff: int, seed: int):
     """(first, second) per expert as packed matrices, and their CPU-decoded fp32 weights."""
-    if spec.ternary:
+    if spec.dictionary_coded:
         make = lambda rows, cols, s: ternary_matrix(rows, cols, seed=s)  # noqa: E731
     else:
         make = lambda rows, cols, s: bitpacked_matrix(rows, cols, int(spec.bits), spec.group_size, seed=s)  # noqa: E731
@@ -227,7 +228,7 @@ def _bank(spec: QuantSpec, experts: int, d: int, d_ff: int, seed: int):
 
 def _device(spec: QuantSpec, first, second, threshold: int = ops.DENSE_TOKENS_THRESHOLD) -> DeviceExperts:
     cuda = torch.device("cuda", torch.cuda.current_device())
-    if spec.ternary:
+    if spec.dictionary_coded:
         masks = codebook_masks(first[0].book).to(cuda)
         up = lambda ms: DeviceTernary.upload([[m] for m in ms], masks, cuda)  # noqa: E731
     else:

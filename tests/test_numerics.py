@@ -19,8 +19,7 @@ import pytest
 import torch
 from packed_experts import assert_contract, bitpacked_matrix, ternary_matrix
 
-from qmoe_cli.formats.packed import SPARSE_MAX_TOKENS, PackedLinear
-from qmoe_cli.formats.quantized import GridLinear
+from qmoe_cli.execute.linear import SPARSE_MAX_TOKENS, GridLinear, PackedLinear
 
 TOKENS = (1, 7, SPARSE_MAX_TOKENS, SPARSE_MAX_TOKENS + 1, 64)  # sparse path up to 32, row blocks beyond
 

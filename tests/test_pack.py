@@ -15,8 +15,9 @@ from test_codec_reference import fixed_probs, ternary
 from qmoe_cli.cli import main
 from qmoe_cli.codec.dictionary import Codebook, build_dictionary
 from qmoe_cli.codec.rows import encode_matrix
+from qmoe_cli.execute.linear import SPARSE_MAX_TOKENS, PackedLinear
 from qmoe_cli.formats.integrity import file_record, manifest_digest
-from qmoe_cli.formats.packed import SPARSE_MAX_TOKENS, DictionaryMatrix, PackedLinear
+from qmoe_cli.formats.packed import DictionaryMatrix
 from qmoe_cli.quant.grids import QuantSpec
 
 CALIB = ["--calib-samples", "32"]

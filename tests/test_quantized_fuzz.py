@@ -110,7 +110,7 @@ def test_pack_refuses_corruption_or_packs_the_original(quantized: Path, tmp_path
         except Exception as exc:  # noqa: BLE001
             pytest.fail(f"{what}: {type(exc).__name__}: {exc}")
         else:
-            assert manifest["files"] == packed["files"] and torch.equal(outputs(out), reference), what
+            assert manifest.files == packed.files and torch.equal(outputs(out), reference), what
             shutil.rmtree(out)
         finally:
             path.write_bytes(original)

@@ -18,10 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qmoe_cli.cli import main
+from qmoe_cli.execute.grouped import DeviceExperts, DeviceSharedExpert
+from qmoe_cli.execute.linear import GridLinear, PackedLinear
 from qmoe_cli.formats.open import open_model
-from qmoe_cli.formats.packed import PackedLinear
-from qmoe_cli.formats.packed_cuda import DeviceExperts, DeviceSharedExpert
-from qmoe_cli.formats.quantized import SHARED, GridLinear, QuantizedWeights, write_manifest
+from qmoe_cli.formats.quantized import SHARED, QuantizedWeights
+from qmoe_cli.formats.quantized_manifest import write_manifest
 from qmoe_cli.run.resident import ResidentBank
 from qmoe_cli.run.stream import RunConfig, default_sparse, load_block, streamed_states
 

@@ -1,8 +1,9 @@
-"""Model families behind one interface (`base.Architecture`), and the presets of known models.
+"""Model families behind one interface (`base.Architecture`), their one registry (`families`),
+and the presets of known models (`presets`).
 
 Holds what differs per family: config parsing, checkpoint names, the block list, dense
 sublayers, the router and the expert FFN: Switch Transformers (`switch/`) and decoder-only MoE
-families (`decoder_only/`: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+families (`decoder_only/`: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3).
 Imports only `errors`, `files`, `resources` and torch; everything above (formats, run, compress)
 asks an `Architecture` and never names a family's classes.
 """
@@ -30,12 +31,7 @@ from .base import (
     resolve_name,
     routed_experts,
 )
-from .decoder_only import FAMILIES as DECODER_FAMILIES
-from .switch import SwitchArchitecture
-from .switch.config import SwitchConfig
-
-# Hugging Face `model_type` -> family. A config without one (manifests written by qmoe) is Switch.
-_FAMILIES = {"switch_transformers": (SwitchConfig, SwitchArchitecture), **DECODER_FAMILIES}
+from .families import BY_MODEL_TYPE, DEFAULT_MODEL_TYPE, FAMILIES, Family, model_types
 
 
 def architecture_from_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Architecture:
@@ -43,15 +39,16 @@ def architecture_from_config(raw: dict[str, Any], overrides: dict[str, Any] | No
 
     QmoeError for a family qmoe does not support; ValueError (naming the field) for a bad value.
     """
-    model_type = raw.get("model_type", "switch_transformers")
-    if model_type not in _FAMILIES:
-        raise QmoeError(f"model_type {model_type!r} is not supported{did_you_mean(str(model_type), _FAMILIES)} "
-                        f"(supported: {', '.join(sorted(_FAMILIES))})")
-    config_class, arch_class = _FAMILIES[model_type]
-    return arch_class(config_class.from_hf_dict(raw, overrides))
+    model_type = raw.get("model_type", DEFAULT_MODEL_TYPE)
+    if model_type not in BY_MODEL_TYPE:
+        raise QmoeError(f"model_type {model_type!r} is not supported{did_you_mean(str(model_type), model_types())} "
+                        f"(supported: {', '.join(model_types())})")
+    family = BY_MODEL_TYPE[model_type]
+    return family.architecture(family.config.from_hf_dict(raw, overrides))
 
 
-__all__ = ["CHAIN_ACTIVATIONS", "Architecture", "ExpertBank", "ExpertShape", "GenerationSpec", "IncrementalStack",
+__all__ = ["CHAIN_ACTIVATIONS", "FAMILIES", "Architecture", "ExpertBank", "ExpertShape", "Family", "GenerationSpec",
+           "IncrementalStack",
            "MoEBlock", "ModelWeights", "RoutedExperts", "StackCache", "StackContext", "TensorReader",
            "architecture_from_config", "bank_shared", "bank_stores_shared",
            "resolve_name", "routed_experts"]

@@ -1,5 +1,10 @@
 """One sparse block of `qmoe compress`, quantized by all ranks of a process group together.
 
+`ExpertCompressor` orchestrates the steps below; the token plan and statistics are in `plan`, the
+codes in memory and on the wire in `encoded` (packed by `wire`), the collectives in
+`distributed`, and the files are written by the quantized format's writer
+(`formats.quantized_writer`).
+
 Every rank holds the hidden states of its own shard of the calibration samples (contiguous, so
 rank order is global sample order). For a sparse block:
 
@@ -72,108 +77,19 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm import tqdm
 
-from ..arch import Architecture, ExpertShape, MoEBlock, TensorReader
-from ..files import save_tensors_atomic
-from ..formats.integrity import file_record
-from ..formats.quantized import (
-    SHARED,
-    GridLinear,
-    QuantizedExperts,
-    QuantizedWeights,
-    expert_file,
-    member_prefix,
-    shared_file,
-    write_manifest,
-)
+from ..arch import Architecture, MoEBlock, TensorReader
+from ..execute.linear import GridLinear
+from ..formats.quantized import SHARED, QuantizedWeights
+from ..formats.quantized_manifest import write_manifest
+from ..formats.quantized_writer import GroupFiles, write_shared
 from ..quant.gptq import GPTQResult, experts_per_batch, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
-from ..quant.grids import Grid, IntGrid, QuantSpec, TernaryGrid, dequantize
 from ..run.stream import ListBuffer, Routing, RunConfig, expert_output, finish_sparse, route
 from .config import CompressConfig
-from .distributed import Comm, TensorSpec, split_evenly
-from .wire import pack_codes, packed_bytes, unpack_codes
+from .distributed import Comm, split_evenly
+from .encoded import Encoded, empty_encoded, input_rows, split_inputs
+from .plan import BlockStats, Tally, TokenPlan, plan_tokens
 
 STATS = 3  # per expert and matrix, sent to rank 0: GPTQ error, fallback (0/1), zero weights
-
-
-@dataclass(frozen=True)
-class BlockStats:
-    """What one sparse block's compression did; stored in the manifest (deterministic fields)."""
-
-    block: str  # "encoder.3"
-    tokens_min: int
-    tokens_median: int
-    tokens_max: int
-    error: float  # sum over experts (the shared one too) and matrices of the GPTQ objective 1/2 tr(dW H dW^T)
-    fallbacks: int  # expert matrices rounded to nearest (no tokens or Hessian not PD)
-    zero_fraction: float  # share of expert weights (shared expert's included) quantized to exactly 0
-
-
-@dataclass(frozen=True)
-class TokenPlan:
-    """Which calibration tokens enter each expert's Hessians, decided from global counts."""
-
-    routed: torch.Tensor  # [E] int64, tokens routed to each expert, all ranks
-    used: torch.Tensor  # [E] int64, tokens in each expert's Hessian, all ranks (usable, capped)
-    take: torch.Tensor  # [E] int64, this rank's share of `used`: its first take[j] usable tokens
-    by_rank: torch.Tensor  # [W, E] int64, tokens routed to each expert on each rank
-
-
-def plan_tokens(index: torch.Tensor, usable: torch.Tensor, num_experts: int, token_cap: float,
-                comm: Comm) -> TokenPlan:
-    """index [A] int64: the expert of each of this rank's routing assignments (A = tokens x k);
-    usable [A] bool: the assignment's token is not a sentinel position.
-
-    An expert's Hessian takes its first `cap` usable tokens in global order; rank r's share
-    is what remains of the cap after the usable tokens of ranks 0..r-1.
-    """
-    local = torch.stack([torch.bincount(index, minlength=num_experts),
-                         torch.bincount(index[usable], minlength=num_experts)])  # [2, E]
-    counts = comm.all_gather(local.to(comm.device), "token counts").cpu()  # [W, 2, E]
-    routed, usable_counts = counts[:, 0].sum(0), counts[:, 1]
-    cap = max(1, math.ceil(token_cap * int(routed.sum()) / num_experts))
-    earlier = usable_counts[:comm.rank].sum(0)  # [E]
-    take = (cap - earlier).clamp(min=0).minimum(usable_counts[comm.rank])
-    return TokenPlan(routed, usable_counts.sum(0).clamp(max=cap), take, counts[:, 0])
-
-
-@dataclass(frozen=True, eq=False)
-class Encoded:
-    """One matrix of n experts as stored: codes [n, rows, cols] uint8, grid [n, rows, G] fp32."""
-
-    codes: torch.Tensor
-    grid: Grid
-
-    @staticmethod
-    def wire_specs(n: int, rows: int, cols: int, spec: QuantSpec) -> list[TensorSpec]:
-        """Shapes and dtypes of `wire()` for n experts of a rows x cols matrix."""
-        grid = ((n, rows, spec.n_groups(cols)), torch.float32)
-        return [((packed_bytes(n * rows * cols, spec),), torch.uint8), grid, grid]
-
-    @classmethod
-    def from_wire(cls, tensors: Sequence[torch.Tensor], n: int, rows: int, cols: int,
-                  spec: QuantSpec) -> "Encoded":
-        packed, first, second = tensors
-        return cls(unpack_codes(packed, spec, (n, rows, cols)), _grid(spec, first, second))
-
-    @classmethod
-    def stored(cls, bank: QuantizedExperts, ids: Sequence[int], name: str) -> "Encoded":
-        """Experts `ids` of a saved block, read from its group files."""
-        parts = [bank.encoded(j, name) for j in ids]
-        codes = torch.cat([c for c, _ in parts])
-        fields = zip(*(grid.tensors().values() for _, grid in parts))
-        return cls(codes, _grid(bank.spec, *(torch.cat(list(f)) for f in fields)))
-
-    def wire(self, spec: QuantSpec) -> list[torch.Tensor]:
-        """Codes packed (`wire.pack_codes`) and the grid's tensors, for another rank."""
-        return [pack_codes(self.codes, spec), *self.grid.tensors().values()]
-
-    def select(self, first: int, stop: int) -> "Encoded":
-        """Experts [first, stop) of this bundle."""
-        return Encoded(self.codes[first:stop], self.grid.map(lambda t: t[first:stop]))
-
-    def values(self, spec: QuantSpec) -> torch.Tensor:
-        """The dequantized weights [n, rows, cols] fp32 (bit for bit GPTQResult.q)."""
-        return dequantize(self.codes, self.grid, spec)
 
 
 @dataclass(frozen=True, eq=False)
@@ -271,7 +187,7 @@ class ExpertCompressor:
         """Quantize every expert of the block, round by round; returns the block's statistics."""
         num = block.experts.num_experts
         plan = plan_tokens(routing.index, routing.per_assignment(~self.skip[stack]), num, self.cfg.token_cap, self.comm)
-        tally = _Tally(_GroupFiles(self.partial, stack, index, self.cfg.group_size, num, self.manifest["files"])
+        tally = Tally(GroupFiles(self.partial, stack, index, self.cfg.group_size, num, self.manifest["files"])
                        if self.root else None)
         for slices in self._rounds(num, f"{stack}.{index} expert rounds", run):
             arrivals = self._send_tokens(buffer, routing, slices, plan, self.skip[stack])
@@ -332,7 +248,7 @@ class ExpertCompressor:
         shape, spec = self.arch.expert, self.cfg.spec
         if not mine:
             n_stats = torch.zeros(0, STATS, 2, dtype=torch.float64)
-            return [_empty_encoded(*shape.shapes[m], spec, run.device) for m in shape.matrices], n_stats
+            return [empty_encoded(*shape.shapes[m], spec, run.device) for m in shape.matrices], n_stats
         weights = block.experts.load(list(mine), run.device, torch.float32)
         used = plan.used[list(mine)]
         gptq = self.cfg.method == "gptq"  # rtn needs no Hessians
@@ -341,13 +257,13 @@ class ExpertCompressor:
         # The input matrices share the input's Hessian: one call, stacked by rows [n, sum rows, d].
         wi = self._solve(torch.stack([torch.cat([getattr(e, m).weight for m in shape.inputs]) for e in weights]),
                          inputs, used)
-        rows = _input_rows(shape)
+        rows = input_rows(shape)
         # The output's inputs, from quantized inputs.
         hidden = [shape.hidden(x, {m: wi.q[e, r] for m, r in rows.items()}) for e, x in enumerate(inputs)]
         wo = self._solve(torch.stack([getattr(e, shape.output).weight for e in weights]), hidden, used)
         stats = torch.stack([torch.stack([r.error.double(), r.fallback.double(), (r.q == 0).sum((1, 2)).double()], 1)
                              for r in (wi, wo)], 2).cpu()  # [n, STATS, 2]
-        return [*_split_inputs(shape, wi), Encoded(wo.codes, wo.grid)], stats
+        return [*split_inputs(shape, wi), Encoded(wo.codes, wo.grid)], stats
 
     def _solve(self, w: torch.Tensor, features: list[torch.Tensor], used: torch.Tensor) -> GPTQResult:
         """w [n, rows, cols] fp32; features: each expert's Hessian inputs [n_j, cols] (unused by
@@ -369,7 +285,7 @@ class ExpertCompressor:
     # --- step 6: the shared expert, every token's ------------------------------------------
 
     def _quantize_shared(self, stack: str, index: int, block: MoEBlock, buffer: ListBuffer, run: RunConfig,
-                         tally: "_Tally") -> None:
+                         tally: "Tally") -> None:
         """Quantize the block's shared expert on rank 0 from every rank's tokens, write it, and
         make every rank's block use it."""
         shape, spec = self.shared, self.cfg.spec
@@ -379,7 +295,7 @@ class ExpertCompressor:
         first = self._shared_hessian(block, buffer, usable, run, lambda x: x)
         wi = (self._solve_sums(torch.cat([weights[m] for m in shape.inputs])[None], *first)
               if self.root else None)
-        inputs = self._shared_from_root(_split_inputs(shape, wi) if self.root else None, shape.inputs)
+        inputs = self._shared_from_root(split_inputs(shape, wi) if self.root else None, shape.inputs)
         q = {m: enc.values(spec)[0].to(run.device) for m, enc in zip(shape.inputs, inputs)}  # [rows, d] fp32
         second = self._shared_hessian(block, buffer, usable, run, lambda x: shape.hidden(x, q))
         wo = self._solve_sums(weights[shape.output][None], *second) if self.root else None
@@ -388,13 +304,7 @@ class ExpertCompressor:
         self._use_shared(block, encoded, run)
         if not self.root:
             return
-        tensors = {}
-        for m, enc in zip(shape.matrices, encoded):
-            tensors[f"{member_prefix(SHARED)}{m}.codes"] = enc.codes[0].cpu()
-            tensors.update({f"{member_prefix(SHARED)}{m}.{f}": t[0].cpu() for f, t in enc.grid.tensors().items()})
-        name = shared_file(stack, index)
-        save_tensors_atomic(tensors, self.partial / name)
-        self.manifest["files"][name] = file_record(self.partial / name)
+        write_shared(self.partial, stack, index, dict(zip(shape.matrices, encoded)), self.manifest["files"])
         tally.errors.extend([float(wi.error[0]), float(wo.error[0])])
         tally.fallbacks += int(wi.fallback.sum()) + int(wo.fallback.sum())
         tally.zeros += int((wi.q == 0).sum()) + int((wo.q == 0).sum())
@@ -481,7 +391,7 @@ class ExpertCompressor:
     # --- step 5 (and replay): codes between rank 0 and the owners ---------------------------
 
     def _collect(self, slices: list[Sequence[int]], encoded: list[Encoded], stats: torch.Tensor,
-                 tally: "_Tally") -> None:
+                 tally: "Tally") -> None:
         """Every owner's codes, grids and statistics onto rank 0, which writes them."""
         shapes, spec, matrices = self.arch.expert.shapes, self.cfg.spec, self.arch.expert.matrices
         own = [t for enc in encoded for t in enc.wire(spec)] + [stats] if not self.root else [*encoded, stats]
@@ -523,62 +433,3 @@ class ExpertCompressor:
         if self.root:
             return bundle
         return [Encoded.from_wire(bundle[3 * i:3 * i + 3], len(ids), *shapes[m], spec) for i, m in enumerate(matrices)]
-
-
-def _input_rows(shape: ExpertShape) -> dict[str, slice]:
-    """Each input matrix's rows in the inputs stacked by rows (as one GPTQ call takes them)."""
-    bounds = [0]
-    for m in shape.inputs:
-        bounds.append(bounds[-1] + shape.shapes[m][0])
-    return {m: slice(a, b) for m, a, b in zip(shape.inputs, bounds, bounds[1:])}
-
-
-def _split_inputs(shape: ExpertShape, stacked: GPTQResult) -> list[Encoded]:
-    """The stacked input matrices' codes and grids [n, sum rows, ...] -> one Encoded per input."""
-    return [Encoded(stacked.codes[:, r].contiguous(), stacked.grid.map(lambda t, r=r: t[:, r].contiguous()))
-            for r in _input_rows(shape).values()]
-
-
-def _empty_encoded(rows: int, cols: int, spec: QuantSpec, device: torch.device) -> Encoded:
-    """No experts of a rows x cols matrix (a rank whose slice of a round is empty)."""
-    codes = torch.empty(0, rows, cols, dtype=torch.uint8, device=device)
-    grid = torch.empty(0, rows, spec.n_groups(cols), device=device)
-    return Encoded(codes, _grid(spec, grid, grid))
-
-
-def _grid(spec: QuantSpec, first: torch.Tensor, second: torch.Tensor) -> Grid:
-    """The grid of `spec` from its two [n, rows, G] fp32 tensors, in `Grid.tensors()` order."""
-    return TernaryGrid(lo=first, hi=second) if spec.ternary else IntGrid(scale=first, zero=second, maxq=spec.maxq)
-
-
-class _Tally:
-    """Rank 0's running statistics of a block, and its file writer (None on other ranks)."""
-
-    def __init__(self, files: "_GroupFiles | None"):
-        self.files = files
-        self.errors: list[float] = []  # per expert and matrix; summed with fsum, so order-free
-        self.fallbacks = self.zeros = self.total = 0
-
-
-class _GroupFiles:
-    """Rank 0's writer: a block's expert tensors, saved one group file at a time once complete,
-    each recorded in `records` (the manifest's `files`)."""
-
-    def __init__(self, partial: Path, stack: str, index: int, group_size: int, num_experts: int,
-                 records: dict[str, dict]):
-        self.partial, self.stack, self.index = partial, stack, index
-        self.group_size, self.num_experts, self.records = group_size, num_experts, records
-        self.pending: dict[str, torch.Tensor] = {}
-
-    def add(self, ids: Sequence[int], encoded: dict[str, Encoded]) -> None:
-        for e, j in enumerate(ids):
-            for name, enc in encoded.items():
-                prefix = f"expert_{j}.{name}."
-                self.pending[prefix + "codes"] = enc.codes[e].cpu()
-                for field, value in enc.grid.tensors().items():
-                    self.pending[prefix + field] = value[e].cpu()
-            if (j + 1) % self.group_size == 0 or j + 1 == self.num_experts:
-                name = expert_file(self.stack, self.index, j // self.group_size)
-                save_tensors_atomic(self.pending, self.partial / name)
-                self.records[name] = file_record(self.partial / name)
-                self.pending = {}

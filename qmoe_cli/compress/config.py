@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..arch import Architecture
-from ..formats.quantized import SHARED_MODES
+from ..formats.quantized_manifest import SHARED_MODES
 from ..quant.gptq import GPTQConfig
 from ..quant.grids import QuantSpec
 

@@ -34,10 +34,11 @@ from ..codec.bitpack import pack_bits, unpack_bits
 from ..codec.dictionary import NUM_SYMBOLS, Codebook, DictionarySpec, fit_dictionary, pair_symbols, parse_statistics
 from ..codec.rows import decode_matrix, encode_matrix
 from ..errors import QmoeError, os_error_message, os_error_remedy
-from ..files import atomic_directory, save_tensors_atomic, write_json_atomic
+from ..files import atomic_directory, save_tensors_atomic
 from ..formats.hf import COMPANION_FILES
-from ..formats.integrity import file_record, manifest_digest
-from ..formats.packed import DICTIONARY_FILE, FORMAT_VERSION, KIND
+from ..formats.integrity import file_record
+from ..formats.packed import DICTIONARY_FILE
+from ..formats.packed_manifest import PackedManifest
 from ..formats.quantized import (
     HEAD_FILE,
     SHARED,
@@ -50,6 +51,7 @@ from ..formats.quantized import (
     member_shape,
     shared_file,
 )
+from ..formats.quantized_manifest import QuantizedManifest
 from ..formats.stats import LayerSize
 from ..locks import output_lock
 from ..quant.grids import QuantSpec
@@ -85,13 +87,13 @@ class PackResult:
     """What `pack` wrote and how fast: `manifest` is the packed checkpoint's; `input_bytes` the
     expert files read (codes and grids, sample included), `seconds` the whole run's wall time."""
 
-    manifest: dict[str, Any]
+    manifest: PackedManifest
     seconds: float
     input_bytes: int
 
     def throughput(self) -> dict[str, float]:
         """For `qmoe pack --json`: MB of expert files read per second and weights per second."""
-        weights = self.manifest["totals"]["weights"]
+        weights = self.manifest.totals["weights"]
         return {"seconds": self.seconds, "input_mb": self.input_bytes / 1e6,
                 "mb_per_s": self.input_bytes / 1e6 / self.seconds, "weights_per_s": weights / self.seconds}
 
@@ -118,6 +120,7 @@ def _pack(weights: QuantizedWeights, source: Path, out: Path, cfg: PackConfig,
           log: Callable[[str], None]) -> PackResult:
     start = time.perf_counter()
     quantized = weights.manifest
+    assert quantized is not None, "QuantizedWeights.open keeps the checked manifest"
     if out.exists():
         raise QmoeError(f"--out {out}: already exists; choose another directory or remove it")
     spec = weights.spec
@@ -132,7 +135,7 @@ def _pack(weights: QuantizedWeights, source: Path, out: Path, cfg: PackConfig,
             records[name] = hasher.submit(file_record, tmp / name)
 
         codec: dict[str, Any]
-        if spec.ternary:
+        if spec.dictionary_coded:
             book, codec = _fit(reader, blocks, cfg, log)
             save_tensors_atomic({"symbols": book.symbols, "lengths": book.lengths}, tmp / DICTIONARY_FILE)
             written(DICTIONARY_FILE)
@@ -154,8 +157,8 @@ def _pack(weights: QuantizedWeights, source: Path, out: Path, cfg: PackConfig,
             log(f"{wide_grids} matrices keep fp32 grids (quantized by a qmoe before bf16 grids; "
                 f"compressing again saves 32 bits a row)")
         files = {name: records[name].result() for name in sorted(records)}
-        manifest = _manifest(quantized, codec, cfg, layers, spec.ternary, files)
-        write_json_atomic(tmp / "manifest.json", manifest)
+        manifest = _manifest(quantized, codec, cfg, layers, spec.symbol_weights, files)
+        manifest.write(tmp)
     reader.close()
     weights.close()
     return PackResult(manifest, time.perf_counter() - start, reader.bytes_read)
@@ -291,18 +294,15 @@ def _copy_dense(tmp: Path, weights: QuantizedWeights) -> list[str]:
     return names
 
 
-def _manifest(quantized: dict[str, Any], codec: dict[str, Any], cfg: PackConfig, layers: dict[str, LayerSize],
-              ternary: bool, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    per_symbol = 2 if ternary else 1  # weights per counted symbol: pairs, or single b-bit codes
+def _manifest(quantized: QuantizedManifest, codec: dict[str, Any], cfg: PackConfig, layers: dict[str, LayerSize],
+              per_symbol: int, files: dict[str, dict[str, Any]]) -> PackedManifest:
     rows = [layer.summary(name, per_symbol) for name, layer in layers.items()]
     total = LayerSize(weights=sum(r["weights"] for r in rows), code_bytes=sum(r["code_bytes"] for r in rows),
                    all_in_bytes=sum(r["all_in_bytes"] for r in rows),
                    histogram=torch.stack([layer.histogram for layer in layers.values()]).sum(0))
-    manifest = {"kind": KIND, "format_version": FORMAT_VERSION, "source": quantized["source"],
-                "window": quantized["window"], "config": quantized["config"], "settings": quantized["settings"],
-                "quantized_fingerprint": quantized["fingerprint"], "codec": codec,
-                "pack_settings": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "hash_threads")},
-                "totals": total.summary("all", per_symbol), "layers": rows, "files": files,
-                "total_bytes": sum(f["bytes"] for f in files.values())}
-    manifest["manifest_sha256"] = manifest_digest(manifest)
-    return manifest
+    return PackedManifest(
+        source=quantized.source, window=quantized.window, config=quantized.config,
+        settings=quantized.settings, quantized_fingerprint=quantized.fingerprint, codec=codec,
+        pack_settings={k: v for k, v in asdict(cfg).items() if k not in ("progress", "hash_threads")},
+        totals=total.summary("all", per_symbol), layers=rows, files=files,
+        total_bytes=sum(f["bytes"] for f in files.values()))

@@ -46,15 +46,8 @@ from ..files import save_tensors_atomic, temporary_name
 from ..formats.hf import COMPANION_FILES
 from ..formats.integrity import file_record
 from ..formats.open import OpenModel
-from ..formats.quantized import (
-    FORMAT_VERSION,
-    HEAD_FILE,
-    KIND,
-    block_file,
-    check_manifest,
-    read_manifest,
-    write_manifest,
-)
+from ..formats.quantized import HEAD_FILE, block_file
+from ..formats.quantized_manifest import check_manifest, new_manifest, read_manifest, write_manifest
 from ..locks import output_lock
 from ..run.stream import RunConfig, streamed_losses
 from .block import ExpertCompressor
@@ -179,9 +172,7 @@ def _start(model: OpenModel, cfg: CompressConfig, digest: str, partial: Path) ->
     """Create the partial directory: manifest, config, tokenizer, non-expert weights."""
     partial.mkdir(parents=True)
     arch = model.weights.arch
-    manifest = {"kind": KIND, "format_version": FORMAT_VERSION, "source": model.label, "window": model.window,
-                "settings": cfg.settings_of(arch), "config": arch.config.to_dict(), "fingerprint": digest,
-                "finished": [], "blocks": {}, "complete": False, "files": {}}
+    manifest = new_manifest(model.label, model.window, cfg.settings_of(arch), arch.config.to_dict(), digest)
     for name in COMPANION_FILES:
         if (model.tokenizer_dir / name).is_file():
             shutil.copyfile(model.tokenizer_dir / name, partial / name)

@@ -22,10 +22,7 @@ from ..quant.grids import QuantSpec
 
 def layout(spec: QuantSpec) -> tuple[int, int]:
     """(codes per word k, bytes per word m) for `spec`'s codes; a word stays below 2^63."""
-    if spec.ternary:
-        return 5, 1
-    bits = int(spec.bits)
-    return (8, bits) if bits < 8 else (1, 1)
+    return spec.wire_layout
 
 
 def packed_bytes(count: int, spec: QuantSpec) -> int:

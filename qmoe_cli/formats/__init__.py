@@ -1,7 +1,12 @@
-"""Checkpoints on disk: original Hugging Face checkpoints (`hf`: lazy, per tensor), quantized and
-packed checkpoints (`quantized`, `packed`), the safetensors reader (`safetensors_io`), storage
-statistics (`stats`), `qmoe info` (`info`) and opening whatever `--model` names (`open`).
+"""Checkpoints on disk, one owner per format: original Hugging Face checkpoints (`hf`: lazy, per
+tensor; `fp8`), quantized checkpoints (`quantized`: layout and reader; `quantized_manifest`: its
+typed manifest; `quantized_writer`: its expert files), packed checkpoints (`packed`: layout,
+validated matrices and reader; `packed_manifest`: its typed manifest), checksums (`integrity`),
+the safetensors reader (`safetensors_io`), storage statistics (`stats`), `qmoe info` (`info`)
+and opening whatever `--model` names (`open`, with `READERS` by manifest kind).
 
-May import `arch`, `codec`, `quant`, `errors`, `files`, `resources`; never `run` or `compress`.
-Every checkpoint kind offers the same `arch.ModelWeights`, so the runner cannot tell them apart.
+Readers hand validated matrices to `execute`, which multiplies them: nothing here is an
+nn.Module. May import `execute`, `arch`, `codec`, `quant`, `kernels`, `data`, `errors`, `files`,
+`resources`; never `run` or `compress`. Every checkpoint kind offers the same
+`arch.ModelWeights`, so the runner cannot tell them apart.
 """

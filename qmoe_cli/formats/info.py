@@ -18,6 +18,7 @@ import torch
 
 from ..errors import QmoeError
 from . import packed, quantized
+from .quantized_manifest import read_manifest
 from .safetensors_io import SafetensorsFile
 from .stats import LayerSize
 
@@ -27,12 +28,12 @@ def checkpoint_info(directory: Path, verify: bool = False) -> dict[str, Any]:
     (codes only and all-in), entropy bound, and `layers`, one entry per sparse block."""
     if not directory.is_dir():
         raise QmoeError(f"{directory}: not a directory")
-    manifest = quantized.read_manifest(directory)
+    manifest = read_manifest(directory)
     if manifest["kind"] == packed.KIND:
         weights = packed.PackedWeights.open(directory)
         if verify:
             _verify(weights)
-        info = {**manifest["totals"], "codec": manifest["codec"], "layers": manifest["layers"]}
+        info = {**weights.manifest.totals, "codec": weights.manifest.codec, "layers": weights.manifest.layers}
         info.pop("name")
     else:
         weights = quantized.QuantizedWeights.open(directory)
@@ -77,7 +78,7 @@ def _quantized_sizes(weights: quantized.QuantizedWeights) -> dict[str, Any]:
 def _verify(weights: packed.PackedWeights) -> None:
     """Check every file's checksum and validate every expert matrix (raises QmoeError)."""
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # sha256 releases the GIL
-        list(pool.map(weights.verify_file, weights.manifest["files"]))
+        list(pool.map(weights.verify_file, weights.manifest.files))
     for stack, i in weights.arch.sparse_blocks():
         bank = weights.experts(stack, i)
         bank.load(range(weights.arch.num_experts), torch.device("cpu"), torch.float32)

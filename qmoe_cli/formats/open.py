@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -13,7 +14,19 @@ from ..errors import QmoeError
 from ..resources import package_dir
 from . import packed, quantized
 from .hf import CheckpointWeights, resolve_model
-from .quantized import read_manifest
+from .quantized_manifest import read_manifest
+
+# The checkpoint formats with a manifest, by its `kind`: how each opens. A manifest of another
+# kind goes to the quantized reader, whose check names the kind and version it expects.
+READERS: dict[str, Callable[[Path], ModelWeights]] = {quantized.KIND: quantized.QuantizedWeights.open,
+                                                      packed.KIND: packed.PackedWeights.open}
+
+
+def open_compressed(directory: Path) -> tuple[str, ModelWeights]:
+    """(kind, weights) of the compressed checkpoint in `directory` (it has a manifest.json)."""
+    kind = read_manifest(directory)["kind"]
+    return kind, READERS.get(kind, quantized.QuantizedWeights.open)(directory)
+
 
 DEFAULT_WINDOW = 512  # Switch Transformers were trained on 512-token inputs
 DEFAULT_DATA = "c4"
@@ -57,8 +70,7 @@ def open_model(name: str) -> OpenModel:
     path = Path(name).expanduser()
     if path.is_dir() and (path / "manifest.json").is_file():
         manifest = read_manifest(path)
-        kind = manifest["kind"]
-        weights = packed.PackedWeights.open(path) if kind == packed.KIND else quantized.QuantizedWeights.open(path)
+        kind, weights = open_compressed(path)
         window, source = manifest.get("window"), manifest.get("source")
         if not isinstance(window, int) or window < 2 or not isinstance(source, str):
             raise QmoeError(f"{path / 'manifest.json'}: malformed manifest (needs a 'source' name and a 'window' >= 2)")

@@ -38,7 +38,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -48,15 +48,17 @@ from ..codec.bitpack import row_bytes, unpack_bits
 from ..codec.dictionary import Codebook
 from ..codec.rows import decode_dense, row_offsets, row_widths, ternary_matmul
 from ..errors import QmoeError
-from ..kernels import codebook_masks, kernel_library, round_once_linear
+from ..execute.device import cuda_device
+from ..execute.grouped import DeviceExperts, DeviceSharedExpert
+from ..execute.linear import PackedLinear
+from ..kernels import codebook_masks, kernel_library
 from ..quant.grids import QuantSpec, dequantize
-from .integrity import check_manifest_digest, file_records, verify_file
-from .packed_cuda import DeviceExperts, DeviceSharedExpert
+from .integrity import verify_file
+from .packed_manifest import KIND, PackedManifest
 from .quantized import (
     SHARED,
     DenseTensorFiles,
     expert_file,
-    grid_from_tensors,
     member_prefix,
     member_shape,
     read_manifest,
@@ -65,14 +67,8 @@ from .quantized import (
 )
 from .safetensors_io import SafetensorsFile
 
-FORMAT_VERSION = 2  # 2: no stored offsets, bf16 ternary grids
 GRID_DTYPES = (torch.bfloat16, torch.float32)  # stored ternary grids: bf16, fp32 from old quantizers
-KIND = "packed"
 DICTIONARY_FILE = "dictionary.safetensors"
-_BLOCK_BYTES = 1 << 22  # fp32 bytes of weights one decode-matmul step materialises
-# Up to this many tokens the sparse product straight from the codewords beats decoding to fp32
-# and calling BLAS on the 2-core development CPU (scripts/bench_codec.py); beyond it BLAS wins.
-SPARSE_MAX_TOKENS = 32
 
 
 class DictionaryMatrix:
@@ -133,8 +129,12 @@ class BitpackedMatrix:
 
     def dense(self, begin: int, end: int) -> torch.Tensor:
         codes = unpack_bits(self.packed[begin:end], int(self.spec.bits), self.cols)
-        grid = grid_from_tensors(self.spec, {k: v[begin:end] for k, v in self.grid_tensors.items()})
+        grid = self.spec.grid_from_tensors({k: v[begin:end] for k, v in self.grid_tensors.items()})
         return dequantize(codes[None], grid, self.spec)[0]
+
+    def sparse_matmul(self, x: torch.Tensor) -> None:
+        """None: every b-bit code is a weight, so there is nothing to skip; decode and multiply."""
+        return None
 
 
 def _expect(where: str, name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None) -> None:
@@ -142,34 +142,6 @@ def _expect(where: str, name: str, tensor: torch.Tensor, dtype: torch.dtype, sha
             or (shape is not None and tuple(tensor.shape) != shape)):
         wanted = f"{dtype}{list(shape) if shape else '[n]'}"
         raise QmoeError(f"{where}: '{name}' is {tensor.dtype}{list(tensor.shape)}, expected {wanted}")
-
-
-class PackedLinear(nn.Module):
-    """y = x Wᵀ for a packed W [out, in] that is never dense whole: the CPU decode-matmul.
-
-    A few tokens on a ternary matrix: summed straight from the codewords (only non-zero weights
-    cost work). Otherwise: decoded a block of rows at a time (at most 4 MB of fp32), multiplied
-    with BLAS, dropped. Either way with `round_once_linear`'s numerics: the grid rounded to x's
-    dtype, fp32 sums, one rounding, so the row blocks (each its own BLAS problem shape) give
-    what one product over the whole matrix gives, and what the quantized checkpoint gives.
-    """
-
-    def __init__(self, matrix: DictionaryMatrix | BitpackedMatrix):
-        super().__init__()
-        self.matrix = matrix
-        self.block_rows = max(1, _BLOCK_BYTES // (4 * matrix.cols))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [n, in] -> [n, out], in x's dtype and device."""
-        if x.device.type == "cpu" and x.shape[0] <= SPARSE_MAX_TOKENS and isinstance(self.matrix, DictionaryMatrix):
-            y = self.matrix.sparse_matmul(x)
-            if y is not None:
-                return y
-        parts = []
-        for begin in range(0, self.matrix.rows, self.block_rows):
-            end = min(self.matrix.rows, begin + self.block_rows)
-            parts.append(round_once_linear(x, self.matrix.dense(begin, end).to(device=x.device, dtype=x.dtype)))
-        return torch.cat(parts, dim=-1)
 
 
 class PackedExperts:
@@ -203,7 +175,7 @@ class PackedExperts:
         as one module run by the grouped kernels (`DeviceSharedExpert`); uploaded on first use,
         kept while this bank lives, like `routed`. None (after one warning saying why) where the
         kernels cannot run it: then `shared`, on the CPU."""
-        device = _cuda_device(device)
+        device = cuda_device(device)
         if device is None:
             return None
         if self._shared_device is None or self._shared_device.experts.device != device:
@@ -237,7 +209,7 @@ class PackedExperts:
         """All experts of the block resident and compressed on a CUDA device, run by the grouped
         kernels (`DeviceExperts`); uploaded on first use, kept while this bank lives. None (after
         one warning saying why) where the kernels cannot run them: then `load`, on the CPU."""
-        device = _cuda_device(device)
+        device = cuda_device(device)
         if device is None:
             return None
         if self._device is None or self._device.device != device:
@@ -262,7 +234,7 @@ class PackedExperts:
         arch, spec, book = self.checkpoint.arch, self.checkpoint.spec, self.checkpoint.codebook
         if shape.chain_activation is None:
             return f"the GPU kernels run ReLU and SwiGLU experts, not {arch.family}'s"
-        if spec.ternary and spec.group_size is not None:
+        if spec.dictionary_coded and spec.group_size is not None:
             return "the GPU kernels take one ternary grid per row, this checkpoint has one per " \
                    f"{spec.group_size} columns"
         if book is not None and book.masks is None:
@@ -273,24 +245,17 @@ class PackedExperts:
         """Matrix `name` of expert `j` (or `SHARED`) of open file `file`, validated."""
         spec = self.checkpoint.spec
         rows, cols = member_shape(self.checkpoint.arch, j).shapes[name]
-        fields = ("words", "lo", "hi") if spec.ternary else ("packed", "scale", "zero")
+        fields = spec.packed_fields
         prefix = f"{member_prefix(j)}{name}."
         where = f"{file.path} {prefix[:-1]}"
         missing = [f for f in fields if prefix + f not in file.entries]
         if missing:
             raise QmoeError(f"{where}: missing {', '.join(missing)}; the checkpoint is corrupt")
         tensors = {f: file.read(prefix + f) for f in fields}
-        if not spec.ternary:
+        if not spec.dictionary_coded:
             return BitpackedMatrix(tensors, rows, cols, spec, where)
         return DictionaryMatrix(_stored_ternary(tensors, self.checkpoint.codebook, rows, cols, where),
                                 self.checkpoint.codebook, rows, cols, spec, where)
-
-
-def _cuda_device(device: torch.device) -> torch.device | None:
-    """`device` with its index if it is a CUDA device (the grouped kernels' only kind), else None."""
-    if device.type != "cuda":
-        return None
-    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def _stored_ternary(tensors: dict[str, torch.Tensor], book: Codebook, rows: int, cols: int,
@@ -318,7 +283,7 @@ class PackedWeights(DenseTensorFiles):
     """`ModelWeights` over a packed directory."""
 
     directory: Path
-    manifest: dict[str, Any]
+    manifest: PackedManifest
     arch: Architecture
     spec: QuantSpec
     group_size: int
@@ -326,11 +291,11 @@ class PackedWeights(DenseTensorFiles):
 
     def __post_init__(self) -> None:
         self._files: dict[str, SafetensorsFile] = {}
-        for name in self.manifest["files"]:  # tokenizer files: read by other code, so checked now
+        for name in self.manifest.files:  # tokenizer files: read by other code, so checked now
             if not name.endswith(".safetensors"):
                 self.verify_file(name)
-        self.check_dense_layout(self.manifest["files"])
-        self.codebook = self._read_codebook() if self.spec.ternary else None
+        self.check_dense_layout(self.manifest.files)
+        self.codebook = self._read_codebook() if self.spec.dictionary_coded else None
         self._masks: dict[torch.device, torch.Tensor] = {}
 
     def device_masks(self, device: torch.device) -> torch.Tensor:
@@ -343,22 +308,12 @@ class PackedWeights(DenseTensorFiles):
 
     @classmethod
     def open(cls, directory: Path) -> "PackedWeights":
-        manifest = read_manifest(directory)
         where = directory / "manifest.json"
-        version = manifest.get("format_version")
-        if manifest["kind"] == KIND and isinstance(version, int) and version < FORMAT_VERSION:
-            raise QmoeError(f"{where}: packed format version {version} is no longer read (this qmoe reads version "
-                            f"{FORMAT_VERSION}); pack the quantized checkpoint again with `qmoe pack`")
-        if manifest["kind"] != KIND or version != FORMAT_VERSION:
-            raise QmoeError(f"{where}: manifest is kind {manifest['kind']!r} version "
-                            f"{version!r}; expected {KIND!r} version {FORMAT_VERSION}")
-        check_manifest_digest(manifest, where)
-        file_records(manifest, where)  # every record inside the checkpoint, as the quantized reader asks
+        manifest = PackedManifest.from_json(read_manifest(directory), where)
         try:
-            settings = manifest["settings"]
-            arch = architecture_from_config(manifest["config"])
-            return cls(directory, manifest, arch, QuantSpec(settings["bits"], settings.get("grid_group")),
-                       settings["group_size"], stores_shared(arch, settings))
+            arch = architecture_from_config(manifest.config)
+            return cls(directory, manifest, arch, manifest.spec, manifest.group_size,
+                       stores_shared(arch, manifest.settings))
         except (KeyError, TypeError, ValueError) as exc:
             raise QmoeError(f"{where}: malformed manifest ({exc})") from None
 
@@ -368,7 +323,7 @@ class PackedWeights(DenseTensorFiles):
 
     def verify_file(self, name: str) -> Path:
         """The path of file `name` after checking its size and sha256 against the manifest."""
-        return verify_file(self.directory, self.manifest["files"], name, KIND)
+        return verify_file(self.directory, self.manifest.files, name, KIND)
 
     def _read_codebook(self) -> Codebook:
         file = self.open_verified(DICTIONARY_FILE)

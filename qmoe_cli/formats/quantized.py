@@ -46,17 +46,14 @@ from torch import nn
 
 from ..arch import Architecture, ExpertBank, ExpertShape, architecture_from_config, resolve_name
 from ..errors import QmoeError
-from ..files import read_json_object, write_json_atomic
-from ..kernels import round_once_linear
-from ..quant.grids import IntGrid, QuantSpec, TernaryGrid, dequantize
-from .integrity import check_manifest_digest, file_records, manifest_digest, verify_file
+from ..execute.linear import GridLinear
+from ..quant.grids import Grid, QuantSpec, dequantize
+from .integrity import verify_file
+from .quantized_manifest import KIND, SHARED_MODES, QuantizedManifest, read_manifest
 from .safetensors_io import SafetensorsFile, TensorEntry
 
-FORMAT_VERSION = 2  # 2: file records and the manifest checksum (1 had neither)
-KIND = "quantized"
 HEAD_FILE = "head.safetensors"
 SHARED = "shared"  # names a block's shared expert where a routed expert's index would go
-SHARED_MODES = ("quantize", "keep")  # `settings.shared_experts`: quantized like routed experts, or as stored
 
 
 def block_file(stack: str, index: int) -> str:
@@ -107,39 +104,6 @@ def dense_file(arch: Architecture, name: str) -> str:
     return HEAD_FILE
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / "manifest.json"
-    manifest = read_json_object(path, "not a qmoe checkpoint")
-    if "kind" not in manifest:
-        raise QmoeError(f"{path}: not a qmoe manifest (no 'kind')")
-    return manifest
-
-
-def check_manifest(manifest: dict[str, Any], where: Path) -> None:
-    """A quantized manifest of this format version whose checksum holds (QmoeError otherwise)."""
-    kind, version = manifest.get("kind"), manifest.get("format_version")
-    if kind != KIND:
-        raise QmoeError(f"{where}: manifest is kind {kind!r} version {version!r}; "
-                        f"expected {KIND!r} version {FORMAT_VERSION}")
-    if version != FORMAT_VERSION:
-        older = isinstance(version, int) and version < FORMAT_VERSION
-        raise QmoeError(f"{where}: quantized format version {version!r} is not readable by this qmoe, which reads "
-                        f"version {FORMAT_VERSION}; " + ("compress the model again (version 1 has no checksums)"
-                                                         if older else "use the qmoe version that wrote it"))
-    check_manifest_digest(manifest, where)
-
-
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    """Write `manifest` into `directory` with its checksum (atomically)."""
-    manifest["manifest_sha256"] = manifest_digest(manifest)
-    write_json_atomic(directory / "manifest.json", manifest)
-
-
-def grid_fields(spec: QuantSpec) -> tuple[str, str]:
-    """Names of a matrix's grid tensors."""
-    return ("lo", "hi") if spec.ternary else ("scale", "zero")
-
-
 # What a file must hold: tensor name -> (dtype, or None for any floating dtype; shape).
 Expected = dict[str, tuple["torch.dtype | None", tuple[int, ...]]]
 
@@ -149,7 +113,7 @@ def matrix_entries(arch: Architecture, spec: QuantSpec, member: int | str, name:
     uint8, grid [rows, G] fp32."""
     rows, cols = member_shape(arch, member).shapes[name]
     prefix, grid = f"{member_prefix(member)}{name}.", (torch.float32, (rows, spec.n_groups(cols)))
-    return {prefix + "codes": (torch.uint8, (rows, cols)), **{prefix + field: grid for field in grid_fields(spec)}}
+    return {prefix + "codes": (torch.uint8, (rows, cols)), **{prefix + field: grid for field in spec.grid_fields}}
 
 
 def expert_entries(arch: Architecture, spec: QuantSpec, experts: range) -> Expected:
@@ -162,13 +126,6 @@ def shared_entries(arch: Architecture, spec: QuantSpec) -> Expected:
     """Every tensor of a block's shared expert file."""
     return {key: value for name in member_shape(arch, SHARED).matrices
             for key, value in matrix_entries(arch, spec, SHARED, name).items()}
-
-
-def grid_from_tensors(spec: QuantSpec, tensors: dict[str, torch.Tensor]) -> TernaryGrid | IntGrid:
-    """Rebuild a grid of one matrix ([rows, G] tensors, given a leading expert dim of 1)."""
-    if spec.ternary:
-        return TernaryGrid(lo=tensors["lo"][None], hi=tensors["hi"][None])
-    return IntGrid(scale=tensors["scale"][None], zero=tensors["zero"][None], maxq=spec.maxq)
 
 
 class QuantizedExperts:
@@ -209,18 +166,17 @@ class QuantizedExperts:
             tensors[field] = file.read(key)
         codes = tensors["codes"]
         if codes.numel() and int(codes.max()) > self.spec.maxq:
-            grid = "ternary" if self.spec.ternary else f"{self.spec.bits}-bit"
-            raise QmoeError(f"{where}: code {int(codes.max())} is beyond the {grid} grid's largest, "
+            raise QmoeError(f"{where}: code {int(codes.max())} is beyond the {self.spec.label} grid's largest, "
                             f"{self.spec.maxq}; the checkpoint is corrupt")
-        if not all(bool(torch.isfinite(tensors[f]).all()) for f in grid_fields(self.spec)):
+        if not all(bool(torch.isfinite(tensors[f]).all()) for f in self.spec.grid_fields):
             raise QmoeError(f"{where}: the grid holds a non-finite value; the checkpoint is corrupt")
         return tensors
 
-    def encoded(self, j: int | str, name: str) -> tuple[torch.Tensor, TernaryGrid | IntGrid]:
+    def encoded(self, j: int | str, name: str) -> tuple[torch.Tensor, Grid]:
         """Matrix `name` of expert `j` (or `SHARED`) as stored: codes [1, rows, cols] uint8 and
         grid [1, rows, G] fp32."""
         tensors = self.stored(j, name)
-        return tensors["codes"][None], grid_from_tensors(self.spec, tensors)
+        return tensors["codes"][None], self.spec.grid_from_tensors(tensors)
 
     def matrix(self, j: int | str, name: str) -> torch.Tensor:
         """Dequantized weight `name` of expert `j` (or `SHARED`) -> [rows, cols] fp32."""
@@ -240,22 +196,6 @@ class QuantizedExperts:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-class GridLinear(nn.Module):
-    """y = x Wᵀ for a dequantized expert matrix W [out, in] (in the run dtype), with the numerics
-    of every compressed expert linear (`round_once_linear`), so a quantized checkpoint computes
-    what its packed form computes on the same device and dtype."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        # A buffer, not a plain attribute: moving or swapping a module's tensors (the host
-        # streamer in `run/resident.py`) must reach it; not persistent, it is no checkpoint tensor.
-        self.register_buffer("weight", weight, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [n, in] -> [n, out], in x's dtype."""
-        return round_once_linear(x, self.weight)
 
 
 class DenseTensorFiles:
@@ -337,7 +277,7 @@ class QuantizedWeights(DenseTensorFiles):
     group_size: int  # experts per file under experts/
     files: dict[str, dict[str, Any]]
     shared: bool  # the sparse blocks' shared experts are stored quantized (`shared_file`)
-    manifest: dict[str, Any] | None = None
+    manifest: QuantizedManifest | None = None
 
     def __post_init__(self) -> None:
         self._files: dict[str, SafetensorsFile] = {}
@@ -348,19 +288,11 @@ class QuantizedWeights(DenseTensorFiles):
         """Open a finished quantized checkpoint after checking its manifest and the layout of
         every file (`check_layout`); QmoeError naming the file and the rule otherwise."""
         where = directory / "manifest.json"
-        manifest = read_manifest(directory)
-        check_manifest(manifest, where)
-        if manifest.get("complete") is not True:
-            raise QmoeError(f"{directory}: the quantized checkpoint is incomplete; finish it with "
-                            "`qmoe compress --resume`")
+        manifest = QuantizedManifest.from_json(read_manifest(directory), where)
         try:
-            settings = manifest["settings"]
-            group_size = settings["group_size"]
-            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-                raise ValueError(f"settings.group_size must be an integer >= 1, got {group_size!r}")
-            arch = architecture_from_config(manifest["config"])
-            weights = cls(directory, arch, QuantSpec(settings["bits"], settings.get("grid_group")), group_size,
-                          file_records(manifest, where), stores_shared(arch, settings), manifest)
+            arch = architecture_from_config(manifest.config)
+            weights = cls(directory, arch, manifest.spec, manifest.group_size, manifest.files,
+                          stores_shared(arch, manifest.settings), manifest)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise QmoeError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
         for name in weights.files:  # tokenizer files: read by other code, so checked now

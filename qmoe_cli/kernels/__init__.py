@@ -1,7 +1,7 @@
 """GPU kernels: the grouped decode-matmul of compressed experts (dictionary-coded ternary and
-bit-packed b-bit) as `torch.library` ops (`ops`), and `round_once_linear`, the numerics every
-compressed expert linear follows; the CUDA sources are in the top-level `kernels/`. Imports
-`codec`, `errors`, `resources`.
+bit-packed b-bit) as `torch.library` ops (`ops`; defined on first use, `define_ops`, never at
+import), and `round_once_linear`, the numerics every compressed expert linear follows; the CUDA
+sources are in the top-level `kernels/`. Imports `codec`, `errors`, `resources`, `native_build`.
 """
 
 from .ops import (
@@ -16,6 +16,7 @@ from .ops import (
                   decode_dense,
                   decode_dense_reference,
                   decode_matmul,
+                  define_ops,
                   device_bitpacked,
                   gather_transpose,
                   host_plan,
@@ -28,5 +29,5 @@ from .ops import (
 
 __all__ = ["DENSE_TOKENS_THRESHOLD", "MAX_PLAN_TOKENS", "TILE_TOKENS", "KernelBuild", "bitpacked_dense",
            "bitpacked_tiles", "build_kernels", "codebook_masks", "decode_dense", "decode_dense_reference",
-           "decode_matmul", "device_bitpacked", "gather_transpose", "host_plan", "kernel_library",
+           "decode_matmul", "define_ops", "device_bitpacked", "gather_transpose", "host_plan", "kernel_library",
            "round_once_linear", "route_plan", "ternary_dense", "ternary_tiles"]

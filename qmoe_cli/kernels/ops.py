@@ -1,7 +1,7 @@
 """The CUDA kernels (top-level `kernels/`) as `torch.library` ops, with typed wrappers.
 
-Ops, defined here so their fake (meta) implementations work without the compiled library (shapes
-and layouts in `kernels/decode_matmul.h`; x and the outputs are fp32, bf16 or fp16):
+Ops, defined here (on first use, `define_ops`) so their fake (meta) implementations work without the
+compiled library (shapes and layouts in `kernels/decode_matmul.h`; x and the outputs are fp32, bf16 or fp16):
 
     qmoe::ternary_tiles(words, bases?, offsets, masks, lo, hi, x, x_transposed, tiles?, order?,
                         relu, out_transposed) -> y      dictionary-coded ternary experts
@@ -19,7 +19,7 @@ matrix however many experts are active, and an expert without tokens costs nothi
 The CUDA implementations come from `kernels/binding.cpp`, JIT-built by `torch.utils.cpp_extension`
 for sm_80 and sm_90 (plus sm_90 PTX, so newer GPUs can JIT it) on first use and cached by the
 sources' hash (`qmoe_cli.native_build`). Without nvcc or a CUDA build of torch, `kernel_library()`
-warns once and returns None and callers keep the CPU path (`qmoe_cli.formats.packed.PackedLinear`).
+warns once and returns None and callers keep the CPU path (`qmoe_cli.execute.linear.PackedLinear`).
 
 The GPU reads the dictionary as `masks` [size, 2] int32 (`codebook_masks`): 8 bytes a codeword
 instead of the 28-byte code table plus a length, so one aligned 8-byte load decodes a codeword.
@@ -59,56 +59,64 @@ PTX_ARCH = "90"  # also embedded as PTX, for GPUs newer than the listed archs
 EXTENSION_NAME = "qmoe_kernels"
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
-torch.library.define("qmoe::ternary_tiles",
-                     "(Tensor words, Tensor? bases, Tensor offsets, Tensor masks, Tensor lo, Tensor hi, Tensor x, "
-                     "bool x_transposed, Tensor? tiles, Tensor? order, bool relu, bool out_transposed) -> Tensor")
-torch.library.define("qmoe::bitpacked_tiles",
-                     "(Tensor packed, Tensor scale, Tensor zero, int bits, int group_cols, Tensor x, "
-                     "bool x_transposed, Tensor? tiles, Tensor? order, bool relu, bool out_transposed) -> Tensor")
-torch.library.define("qmoe::ternary_dense",
-                     "(Tensor words, Tensor? bases, Tensor offsets, Tensor masks, Tensor lo, Tensor hi, int expert, "
-                     "int cols, ScalarType dtype) -> Tensor")
-torch.library.define("qmoe::bitpacked_dense",
-                     "(Tensor packed, Tensor scale, Tensor zero, int bits, int group_cols, int cols, int expert, "
-                     "ScalarType dtype) -> Tensor")
-torch.library.define("qmoe::route_plan", "(Tensor index, int num_experts) -> (Tensor, Tensor)")
-torch.library.define("qmoe::gather_transpose", "(Tensor x, Tensor order) -> Tensor")
-
 
 def _tiles_out(x: torch.Tensor, x_transposed: bool, rows: int, out_transposed: bool) -> torch.Tensor:
     n = x.shape[1] if x_transposed else x.shape[0]
     return x.new_empty(rows, n) if out_transposed else x.new_empty(n, rows)
 
 
-@torch.library.register_fake("qmoe::ternary_tiles")
 def _ternary_tiles_fake(words, bases, offsets, masks, lo, hi, x, x_transposed, tiles, order, relu, out_transposed):
     return _tiles_out(x, x_transposed, offsets.shape[1] - 1, out_transposed)
 
 
-@torch.library.register_fake("qmoe::bitpacked_tiles")
 def _bitpacked_tiles_fake(packed, scale, zero, bits, group_cols, x, x_transposed, tiles, order, relu, out_transposed):
     return _tiles_out(x, x_transposed, packed.shape[1], out_transposed)
 
 
-@torch.library.register_fake("qmoe::ternary_dense")
 def _ternary_dense_fake(words, bases, offsets, masks, lo, hi, expert, cols, dtype):
     return words.new_empty(offsets.shape[1] - 1, cols, dtype=dtype)
 
 
-@torch.library.register_fake("qmoe::bitpacked_dense")
 def _bitpacked_dense_fake(packed, scale, zero, bits, group_cols, cols, expert, dtype):
     return packed.new_empty(packed.shape[1], cols, dtype=dtype)
 
 
-@torch.library.register_fake("qmoe::route_plan")
 def _route_plan_fake(index, num_experts):
     n = index.shape[0]
     return index.new_empty(n, dtype=torch.int32), index.new_empty(n, 3, dtype=torch.int32)
 
 
-@torch.library.register_fake("qmoe::gather_transpose")
 def _gather_transpose_fake(x, order):
     return x.new_empty(x.shape[1], order.shape[0])
+
+
+@functools.cache
+def define_ops() -> None:
+    """Define the qmoe ops and their fake (meta) implementations, once per process.
+
+    Called on first use (every wrapper below, and before the CUDA library loads), never at
+    import: importing qmoe on a CPU-only machine leaves torch's op registry untouched.
+    """
+    torch.library.define("qmoe::ternary_tiles",
+                         "(Tensor words, Tensor? bases, Tensor offsets, Tensor masks, Tensor lo, Tensor hi, Tensor x, "
+                         "bool x_transposed, Tensor? tiles, Tensor? order, bool relu, bool out_transposed) -> Tensor")
+    torch.library.define("qmoe::bitpacked_tiles",
+                         "(Tensor packed, Tensor scale, Tensor zero, int bits, int group_cols, Tensor x, "
+                         "bool x_transposed, Tensor? tiles, Tensor? order, bool relu, bool out_transposed) -> Tensor")
+    torch.library.define("qmoe::ternary_dense",
+                         "(Tensor words, Tensor? bases, Tensor offsets, Tensor masks, Tensor lo, Tensor hi, int expert, "
+                         "int cols, ScalarType dtype) -> Tensor")
+    torch.library.define("qmoe::bitpacked_dense",
+                         "(Tensor packed, Tensor scale, Tensor zero, int bits, int group_cols, int cols, int expert, "
+                         "ScalarType dtype) -> Tensor")
+    torch.library.define("qmoe::route_plan", "(Tensor index, int num_experts) -> (Tensor, Tensor)")
+    torch.library.define("qmoe::gather_transpose", "(Tensor x, Tensor order) -> Tensor")
+    torch.library.register_fake("qmoe::ternary_tiles", _ternary_tiles_fake)
+    torch.library.register_fake("qmoe::bitpacked_tiles", _bitpacked_tiles_fake)
+    torch.library.register_fake("qmoe::ternary_dense", _ternary_dense_fake)
+    torch.library.register_fake("qmoe::bitpacked_dense", _bitpacked_dense_fake)
+    torch.library.register_fake("qmoe::route_plan", _route_plan_fake)
+    torch.library.register_fake("qmoe::gather_transpose", _gather_transpose_fake)
 
 
 def codebook_masks(book: Codebook) -> torch.Tensor:
@@ -199,6 +207,7 @@ def build_kernels(verbose: bool = False) -> KernelBuild:
     nvcc = _find_nvcc()
     start = time.perf_counter()
     try:
+        define_ops()  # the library registers CUDA implementations of these schemas
         library, _ = load_native(kernels_build(), verbose)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         lines = str(exc).strip().splitlines()
@@ -251,6 +260,7 @@ def ternary_tiles(words: torch.Tensor, bases: torch.Tensor | None, offsets: torc
     order [n] int32 or None. Returns [rows, n] (out_transposed) or [n, rows] with position p
     written to row order[p] (or p), in x's dtype; positions in no tile are left unwritten.
     """
+    define_ops()
     return torch.ops.qmoe.ternary_tiles(words, bases, offsets, masks, lo, hi, x, True, tiles, order, relu,
                                         out_transposed)
 
@@ -260,6 +270,7 @@ def bitpacked_tiles(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
                     out_transposed: bool) -> torch.Tensor:
     """`ternary_tiles` for b-bit experts: packed [E, rows, ceil(cols / 32) * bits] int32
     (`device_bitpacked`), scale/zero [E, rows, ceil(cols / group_cols)] fp32."""
+    define_ops()
     return torch.ops.qmoe.bitpacked_tiles(packed, scale, zero, bits, group_cols, x, True, tiles, order, relu,
                                           out_transposed)
 
@@ -267,6 +278,7 @@ def bitpacked_tiles(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 def route_plan(index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens sorted by expert on the GPU, no host sync: index [n] int64 (n <= MAX_PLAN_TOKENS)
     -> order [n] int32 (position -> token, stable) and tiles [n, 3] int32."""
+    define_ops()
     return torch.ops.qmoe.route_plan(index, num_experts)
 
 
@@ -286,6 +298,7 @@ def host_plan(counts: list[int], threshold: int) -> tuple[torch.Tensor, list[tup
 def gather_transpose(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """x [N, cols] -> [cols, n] with column p = x[order[p]] (order [n] int32, any n: a row may be
     gathered several times), on the GPU."""
+    define_ops()
     return torch.ops.qmoe.gather_transpose(x, order)
 
 
@@ -319,6 +332,7 @@ def decode_dense(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor
                  hi: torch.Tensor, cols: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The decoded weights [rows, cols] in `dtype`, on the GPU (arguments as `decode_matmul`)."""
     _check_one_grid(lo)
+    define_ops()
     return torch.ops.qmoe.ternary_dense(words, None, offsets[None], masks, lo.reshape(1, -1), hi.reshape(1, -1), 0,
                                         cols, dtype)
 
@@ -334,10 +348,12 @@ def device_bitpacked(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor
 def bitpacked_dense(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_cols: int,
                     cols: int, expert: int, dtype: torch.dtype) -> torch.Tensor:
     """Expert `expert`'s b-bit weights [rows, cols] in `dtype` (arguments as `bitpacked_tiles`)."""
+    define_ops()
     return torch.ops.qmoe.bitpacked_dense(packed, scale, zero, bits, group_cols, cols, expert, dtype)
 
 
 def ternary_dense(words: torch.Tensor, bases: torch.Tensor | None, offsets: torch.Tensor, masks: torch.Tensor,
                   lo: torch.Tensor, hi: torch.Tensor, expert: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """Expert `expert`'s ternary weights [rows, cols] in `dtype` (arguments as `ternary_tiles`)."""
+    define_ops()
     return torch.ops.qmoe.ternary_dense(words, bases, offsets, masks, lo, hi, expert, cols, dtype)

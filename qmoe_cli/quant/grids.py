@@ -54,12 +54,65 @@ class QuantSpec:
 
     @property
     def ternary(self) -> bool:
+        """Only this module branches on it: everything else asks the methods below."""
         return self.bits == "ternary"
+
+    @property
+    def label(self) -> str:
+        """The scheme in messages: "ternary" or "3-bit"."""
+        return "ternary" if self.ternary else f"{self.bits}-bit"
 
     @property
     def levels(self) -> int:
         """Number of distinct values one grid holds: 3 for ternary, 2^b otherwise."""
         return 3 if self.ternary else 2 ** int(self.bits)
+
+    @property
+    def code_bits(self) -> int | None:
+        """Bits of a bit-packed code (b), or None for ternary, whose codes are entropy-coded."""
+        return None if self.ternary else int(self.bits)
+
+    @property
+    def dictionary_coded(self) -> bool:
+        """Whether the packed format codes these codes with the fitted dictionary (pairs of ternary
+        codes, `codec.dictionary`); otherwise they are bit-packed at `code_bits` each."""
+        return self.ternary
+
+    @property
+    def symbol_weights(self) -> int:
+        """Weights per symbol the packed statistics count: pairs of ternary codes, or one b-bit code."""
+        return 2 if self.ternary else 1
+
+    @property
+    def grid_fields(self) -> tuple[str, str]:
+        """Names of a matrix's two grid tensors, in `Grid.tensors()` order."""
+        return ("lo", "hi") if self.ternary else ("scale", "zero")
+
+    @property
+    def packed_fields(self) -> tuple[str, str, str]:
+        """A packed matrix's stored tensors: the codes' field, then the grid's."""
+        return ("words" if self.ternary else "packed", *self.grid_fields)
+
+    @property
+    def wire_layout(self) -> tuple[int, int]:
+        """(codes per word k, bytes per word m) of codes sent between ranks (`compress.wire`):
+        ternary 5 codes a byte (3^5 = 243 <= 256), b-bit 8 codes per b bytes (8-bit as they are)."""
+        if self.ternary:
+            return 5, 1
+        bits = int(self.bits)
+        return (8, bits) if bits < 8 else (1, 1)
+
+    def make_grid(self, first: Tensor, second: Tensor) -> "Grid":
+        """The grid of this scheme from its two [E, rows, G] fp32 tensors, in `grid_fields` order."""
+        if self.ternary:
+            return TernaryGrid(lo=first, hi=second)
+        return IntGrid(scale=first, zero=second, maxq=self.maxq)
+
+    def grid_from_tensors(self, tensors: dict[str, Tensor]) -> "Grid":
+        """The grid of one stored matrix: `tensors` holds the `grid_fields` [rows, G] (a leading
+        expert dim of 1 is added)."""
+        first, second = self.grid_fields
+        return self.make_grid(tensors[first][None], tensors[second][None])
 
     @property
     def maxq(self) -> int:

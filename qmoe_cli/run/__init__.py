@@ -1,5 +1,6 @@
-"""Streamed execution: the list buffer and block-by-block runner (`stream`) and evaluation.
+"""Streamed execution: the list buffer and block-by-block runner (`stream`), resident and
+placed models (`resident`, `placement`), generation (`generate`) and evaluation (`evaluate`).
 
-May import `formats`, `arch`, `data` and below; never `compress` (which plugs into the runner
-through its sparse-block hook).
+May import `formats`, `execute` (devices, the modules that multiply), `arch`, `data` and below;
+never `compress` (which plugs into the runner through its sparse-block hook).
 """

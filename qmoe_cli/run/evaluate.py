@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import torch
-
 from ..data.datasets import LoadedData
 from .stream import ModelWeights, RunConfig, streamed_losses
 
@@ -51,27 +49,3 @@ def evaluate(weights: ModelWeights, datasets: list[LoadedData], run: RunConfig) 
         first = last
     overall = _report(loss_sum.sum().item(), int(tokens.sum()), len(samples))
     return EvalReport(overall, per_dataset)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the first GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # torch: "Expected one of cpu, cuda, ... device type at start of device string"
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: not a device here; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-    return device
-
-
-def resolve_dtype(name: str, stored: torch.dtype, device: torch.device) -> torch.dtype:
-    """`auto`: fp32 on CPU; on a GPU the stored dtype, except fp32 checkpoints run in bf16."""
-    if name != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    if device.type == "cpu":
-        return torch.float32
-    return torch.bfloat16 if stored == torch.float32 else stored

@@ -163,7 +163,7 @@ def block_bytes(weights: ModelWeights, stack: str, index: int, dtype: torch.dtyp
         return total
     if isinstance(weights, PackedWeights):
         prefix = expert_file(stack, index, 0).rpartition("/")[0] + "/"
-        return total + sum(r["bytes"] for name, r in weights.manifest["files"].items() if name.startswith(prefix))
+        return total + sum(r["bytes"] for name, r in weights.manifest.files.items() if name.startswith(prefix))
     per_expert = sum(rows * cols for rows, cols in arch.expert.shapes.values())
     return total + arch.num_experts * per_expert * size
 

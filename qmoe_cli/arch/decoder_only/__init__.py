@@ -3,22 +3,10 @@
 `config` (DecoderConfig, what the layers read), `rope` (rotary frequencies, scaled for long
 context), `layers` (attention, router, SwiGLU experts, the block), `family` (the
 `Architecture`), and one small file per family that turns its Hugging Face `config.json` into a
-DecoderConfig: what differs, and nothing else.
+DecoderConfig: what differs, and nothing else. Each family is one line of the registry,
+`arch.families.FAMILIES`.
 """
 
-from .deepseek_v3 import DeepseekV3Config
 from .family import DecoderArchitecture
-from .mixtral import MixtralConfig
-from .olmoe import OlmoeConfig
-from .qwen_moe import Qwen2MoeConfig, Qwen3MoeConfig
 
-# Hugging Face `model_type` -> (config class, architecture)
-FAMILIES = {
-    "mixtral": (MixtralConfig, DecoderArchitecture),
-    "qwen2_moe": (Qwen2MoeConfig, DecoderArchitecture),
-    "qwen3_moe": (Qwen3MoeConfig, DecoderArchitecture),
-    "olmoe": (OlmoeConfig, DecoderArchitecture),
-    "deepseek_v3": (DeepseekV3Config, DecoderArchitecture),
-}
-
-__all__ = ["DecoderArchitecture", "FAMILIES"]
+__all__ = ["DecoderArchitecture"]

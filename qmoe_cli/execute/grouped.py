@@ -1,5 +1,7 @@
 """Packed experts resident on a GPU, still compressed, run by the grouped kernels (`qmoe_cli.kernels`).
 
+The packed reader (`formats.packed`) uploads its validated matrices here; this module never reads files.
+
 One `DeviceExperts` holds all experts of one sparse block on one CUDA device as two device
 matrices per expert: `first`, the matrices applied to the expert's input stacked by rows (Switch:
 `wi`; SwiGLU: gate then up, 2 d_ff rows, so one launch computes both), and `second`, the one
@@ -197,7 +199,7 @@ class DeviceExperts:
         for _, parts in matrices:
             inputs.append([parts[name] for name in shape.inputs])
             outputs.append([parts[shape.output]])
-        if spec.ternary:
+        if spec.dictionary_coded:
             first, second = (DeviceTernary.upload(m, masks, device) for m in (inputs, outputs))
         else:
             first, second = (DeviceBitpacked.upload(m, spec, device) for m in (inputs, outputs))
