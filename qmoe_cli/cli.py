@@ -192,10 +192,17 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
                    "<extra_id_0>, <extra_id_1>, ... (Switch); repeat for several.")
 @click.option("--input", "input_file", type=click.Path(path_type=Path), default=None, metavar="FILE.jsonl",
               help='Prompts, one JSON object a line: {"prompt": TEXT} (or "text").')
+@click.option("--chat", is_flag=True,
+              help="Each prompt is a user's message, laid out by the tokenizer's chat template (decoder-only models).")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Most tokens generated per prompt.")
 @click.option("--greedy", is_flag=True, help="Most likely token each step (the default without --temperature).")
 @click.option("--temperature", type=float, default=None, help="Sample at this temperature instead of greedy.")
+@click.option("--top-k", type=int, default=None, help="Sample from the K most likely tokens (all).")
 @click.option("--top-p", type=float, default=None, help="Sample from the smallest set of tokens with this mass (1.0).")
+@click.option("--repetition-penalty", type=float, default=None,
+              help="Make tokens already seen less likely, as transformers' (1.0: none; 1.1-1.3 usual).")
+@click.option("--stop", "stop", multiple=True, metavar="STRING",
+              help="End a sequence once its text holds STRING (cut before it); repeatable.")
 @click.option("--seed", type=int, default=None, help="Seed of the sampler (0).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts decoded together.")
 @click.option("--device", "devices", multiple=True, metavar="DEVICE",
@@ -205,90 +212,94 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
                    "The rest streams from host memory.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Compute dtype; auto: float32 on CPU, the stored dtype (bfloat16 for float32 checkpoints) on GPU.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object on stdout (else the text is printed as it is generated).")
 @handle_errors
-def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path | None, max_new_tokens: int,
-                     greedy: bool, temperature: float | None, top_p: float | None, seed: int | None, batch_size: int,
-                     devices: tuple[str, ...], max_memory: tuple[str, ...], dtype: str, as_json: bool) -> None:
+def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path | None, chat: bool,
+                     max_new_tokens: int, greedy: bool, temperature: float | None, top_k: int | None,
+                     top_p: float | None, repetition_penalty: float | None, stop: tuple[str, ...], seed: int | None,
+                     batch_size: int, devices: tuple[str, ...], max_memory: tuple[str, ...], dtype: str,
+                     as_json: bool) -> None:
     """Continue text prompts (decoder-only models) or fill the marked spans of prompts (T5 span
-    filling), with a model of any kind, on CPU or GPUs."""
-    from .data.tokenizer import load_causal_tokenizer, load_tokenizer
-    from .formats.hf import generation_eos_ids
-    from .formats.open import open_model
-    from .run.evaluate import resolve_dtype
-    from .run.generate import GenerateConfig, generate, parse_continuation_prompt, parse_prompt
-    from .run.placement import device_budgets, parse_bytes, plan_model
-    from .run.resident import load_resident
+    filling), with a model of any kind, on CPU or GPUs. Timing goes to stderr (and --json)."""
+    from .api import CacheReserve, check_room, open_checkpoint, resolve_devices
+    from .run.generate import GenerateConfig, GenerationStats
+    from .run.placement import parse_bytes
 
     if bool(prompts) == (input_file is not None):
         raise ValueError("give prompts with --prompt TEXT (repeatable) or --input FILE.jsonl, not both or neither")
     if greedy and temperature is not None:
         raise ValueError("--greedy and --temperature exclude each other")
-    if temperature is None and (top_p is not None or seed is not None):
-        raise ValueError("--top-p and --seed apply to sampling; give --temperature too")
+    if temperature is None and (top_p is not None or top_k is not None or seed is not None):
+        raise ValueError("--top-p, --top-k and --seed apply to sampling; give --temperature too")
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=1.0 if top_p is None else top_p, seed=seed or 0, batch_size=batch_size)
+                         top_p=1.0 if top_p is None else top_p, top_k=top_k,
+                         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+                         stop=stop, seed=seed or 0, batch_size=batch_size)
     caps = [parse_bytes(m) for m in max_memory]
     run_devices = resolve_devices(devices)
     if caps and run_devices[0].type != "cuda":
         raise ValueError("--max-memory caps GPUs; it does not apply to --device cpu")
     texts = [(f"--prompt {i + 1}", t) for i, t in enumerate(prompts)] or _read_prompts(input_file)
-    model = open_model(model_name)
-    arch = model.weights.arch
-    spec = arch.generation()
-    suffix = len(spec.prompt_suffix)
-    window = spec.max_positions or model.window
-    if arch.objective == "causal_lm":  # continues plain text (its GenerationSpec has no prompt stack)
-        tokenizer = load_causal_tokenizer(model.tokenizer_dir)
-        parsed = [parse_continuation_prompt(text, tokenizer, where, window, arch.config.vocab_size)
-                  for where, text in texts]
-    else:
-        tokenizer = load_tokenizer(model.tokenizer_dir)
-        parsed = [parse_prompt(text, tokenizer, where, window, arch.config.vocab_size, suffix)
-                  for where, text in texts]
-    if spec.prompt_stack is None and spec.max_positions:  # prompt and continuation share the positions
-        longest = max(len(p.ids) for p in parsed)
-        if longest + max_new_tokens > spec.max_positions:
-            raise ValueError(f"--max-new-tokens {max_new_tokens}: with the longest prompt's {longest} tokens that is "
-                             f"past the model's {spec.max_positions} positions; give at most "
-                             f"{max(spec.max_positions - longest, 0)}, or a shorter prompt")
-    cfg = dataclasses.replace(cfg, eos_tokens=generation_eos_ids(model.tokenizer_dir))
-    run_dtype = resolve_dtype(dtype, model.stored_dtype, run_devices[0])
-    placement = None
-    if run_devices[0].type == "cuda":
-        longest = max(len(p.ids) for p in parsed) + suffix
-        placement = plan_model(model.weights, device_budgets(run_devices, caps), run_dtype,
-                               min(batch_size, len(parsed)), max_new_tokens, longest)
-        for line in placement.describe():
-            note(line)
-    resident = load_resident(model.weights, placement, run_devices, run_dtype)
-    outputs = generate(resident, parsed, tokenizer, cfg)
+    checkpoint = open_checkpoint(model_name)
+    tokenizer = checkpoint.require_tokenizer()
+    parsed = tokenizer.parse_prompts(texts, chat=chat)
+    longest = max(len(p.ids) for p in parsed)
+    check_room(checkpoint.opened.weights.arch.generation(), longest, max_new_tokens, "--max-new-tokens")
+    reserve = CacheReserve(min(batch_size, len(parsed)), longest + len(tokenizer.suffix), max_new_tokens)
+    model = checkpoint.load(run_devices, dtype, caps, reserve, log=note)
+    stats = GenerationStats()
+    printer = None if as_json else _Printer(parsed, cfg.stop)
+    outputs = model.generate_text(parsed, cfg, streamer=printer, stats=stats)
+    note(stats.describe())
     if as_json:
-        click.echo(json.dumps({"model": model_name, "kind": model.kind, "outputs": [o.to_json() for o in outputs]}))
-        return
-    for i, o in enumerate(outputs):
-        filled = "" if o.spans is None else f"\n    filled: {o.filled()}"
-        click.echo(f"[{i + 1}] {o.prompt}\n    -> {o.text}{filled}")
+        click.echo(json.dumps({"model": model_name, "kind": model.kind, "outputs": [o.to_json() for o in outputs],
+                               "timing": stats.to_json()}))
 
 
-def resolve_devices(names: tuple[str, ...]) -> list[Any]:
-    """--device values -> torch devices: auto and cuda take every visible GPU (auto: the CPU
-    without one); cuda:N names one; cpu stands alone."""
-    import torch
+class _Printer:
+    """`qmoe generate`'s text output, `[i] PROMPT`, `-> TEXT` (and, filling spans, `filled: ...`),
+    prompt by prompt in order, the text of the prompt being printed shown as its tokens come.
+    Later prompts of the same batch wait until it is done, then show what they have so far.
+    Text that may yet turn out to be the start of a stop string is held back until it is known."""
 
-    from .run.evaluate import resolve_device
+    def __init__(self, prompts: list[Any], stop: tuple[str, ...]):
+        self.prompts, self.current, self.shown = prompts, 0, None
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.texts: dict[int, str] = {}
+        self.done: dict[int, Any] = {}
 
-    names = names or ("auto",)
-    if len(names) == 1 and names[0] in ("auto", "cuda"):
-        device = resolve_device(names[0])
-        return ([torch.device("cuda", i) for i in range(torch.cuda.device_count())] if device.type == "cuda"
-                else [device])
-    resolved = [resolve_device(n) for n in names]
-    if len(resolved) > 1 and any(d.type != "cuda" or d.index is None for d in resolved):
-        raise ValueError(f"--device: several devices must each be cuda:N, got {', '.join(names)}")
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"--device: each device may be given once, got {', '.join(names)}")
-    return resolved
+    def on_text(self, index: int, text: str) -> None:
+        self.texts[index] = text
+        self._advance()
+
+    def on_output(self, index: int, output: Any) -> None:
+        self.done[index] = output
+        self._advance()
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            click.echo(text[len(self.shown):], nl=False)
+            sys.stdout.flush()
+            self.shown = text
+
+    def _advance(self) -> None:
+        while self.current < len(self.prompts):
+            i = self.current
+            if self.shown is None:
+                click.echo(f"[{i + 1}] {self.prompts[i].text}\n    -> ", nl=False)
+                self.shown = ""
+            if i not in self.done:
+                text = self.texts.get(i, "").rstrip().rstrip("\ufffd")  # an incomplete character waits too
+                self._show(text[:len(text) - self.hold] if self.hold else text)
+                return
+            output = self.done.pop(i)
+            if not output.text.startswith(self.shown):  # the final text differs from the streamed one
+                click.echo("\n    -> ", nl=False)
+                self.shown = ""
+            self._show(output.text)
+            click.echo("" if output.spans is None else f"\n    filled: {output.filled()}")
+            self.current, self.shown = i + 1, None
 
 
 def _read_prompts(path: Path) -> list[tuple[str, str]]:

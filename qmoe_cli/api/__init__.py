@@ -14,12 +14,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..data.tokenizer import load_causal_tokenizer, load_tokenizer
+from ..errors import QmoeError
 from ..formats.open import OpenModel, open_model
 from ..run.evaluate import resolve_device, resolve_dtype
 from ..run.generate import GenerateConfig, GenerationStats, Output, Prompt
 from ..run.placement import device_budgets, parse_bytes, plan_model
 from ..run.resident import load_resident
-from .model import ModelOutput, QmoeModel
+from .model import ModelOutput, QmoeModel, check_room
 from .ops import compress, evaluate, pack
 from .tokenizer import QmoeTokenizer
 
@@ -54,6 +56,15 @@ class Checkpoint:
     @property
     def kind(self) -> str:
         return self.opened.kind
+
+    def require_tokenizer(self) -> QmoeTokenizer:
+        """The tokenizer; QmoeError naming the directory and the file it lacks when there is none."""
+        if self.tokenizer is None:
+            arch = self.opened.weights.arch
+            load = load_causal_tokenizer if arch.objective == "causal_lm" else load_tokenizer
+            load(self.opened.tokenizer_dir)  # raises, naming what is missing
+            raise QmoeError(f"{self.opened.tokenizer_dir}: no tokenizer")
+        return self.tokenizer
 
     def load(self, device: str | torch.device | Sequence[str | torch.device] = "auto",
              dtype: str | torch.dtype = "auto", max_memory: int | str | Sequence[int | str] | None = None,
@@ -131,5 +142,5 @@ def _caps(max_memory: int | str | Sequence[int | str] | None) -> list[int]:
 
 
 __all__ = ["CacheReserve", "Checkpoint", "GenerateConfig", "GenerationStats", "ModelOutput", "Output", "Prompt",
-           "QmoeModel", "QmoeTokenizer", "compress", "evaluate", "load", "open_checkpoint", "pack",
+           "QmoeModel", "QmoeTokenizer", "check_room", "compress", "evaluate", "load", "open_checkpoint", "pack",
            "resolve_devices"]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch import GenerationSpec
 from ..formats.open import OpenModel
 from ..run.generate import (
     PREFILL_TOKENS,
@@ -58,6 +59,16 @@ class BaseStreamer(Protocol):
     def put(self, value: torch.Tensor) -> None: ...
 
     def end(self) -> None: ...
+
+
+def check_room(spec: GenerationSpec, longest: int, max_new_tokens: int, flag: str = "max_new_tokens") -> None:
+    """ValueError where a decoder-only model's prompt and continuation (they share its positions)
+    exceed the positions it has."""
+    limit = spec.max_positions
+    if spec.prompt_stack is None and limit and longest + max_new_tokens > limit:
+        raise ValueError(f"{flag} {max_new_tokens}: with the longest prompt's {longest} tokens that is "
+                         f"past the model's {limit} positions; give at most {max(limit - longest, 0)}, "
+                         "or a shorter prompt")
 
 
 class QmoeModel(nn.Module):
@@ -227,12 +238,7 @@ class QmoeModel(nn.Module):
         return generation_eos_ids(self.checkpoint.tokenizer_dir)
 
     def _check_room(self, longest: int, max_new_tokens: int) -> None:
-        """ValueError where prompt and continuation exceed the positions a decoder-only model has."""
-        limit = self.spec.max_positions
-        if self.spec.prompt_stack is None and limit and longest + max_new_tokens > limit:
-            raise ValueError(f"max_new_tokens {max_new_tokens}: with the longest prompt's {longest} tokens that is "
-                             f"past the model's {limit} positions; give at most {max(limit - longest, 0)}, "
-                             "or a shorter prompt")
+        check_room(self.spec, longest, max_new_tokens)
 
     def generate_text(self, prompts: Sequence[str | Prompt], config: GenerateConfig | None = None, *,
                       chat: bool = False, streamer: TokenStreamer | None = None,

@@ -427,10 +427,11 @@ def describe_continuation(tokens: Sequence[int], prompt: Prompt, tokenizer: Caus
 
 
 class TokenStreamer(Protocol):
-    """Receives a `generate` call's tokens as they are produced (the CLI prints them)."""
+    """Hears a `generate` call's text as its tokens are produced (the CLI prints it)."""
 
-    def on_tokens(self, index: int, tokens: Sequence[int]) -> None:
-        """Prompt `index` (in the call's order) has generated `tokens` so far (one more than last time)."""
+    def on_text(self, index: int, text: str) -> None:
+        """Prompt `index` (in the call's order) has generated one more token: its text so far, as
+        `Output.text` would be (cut before a stop string); it grows, it may change at its end."""
         ...
 
     def on_output(self, index: int, output: Output) -> None:
@@ -478,7 +479,8 @@ def generate(model: ResidentModel, prompts: Sequence[Prompt], tokenizer: Tokeniz
             for b, token in enumerate(new):
                 if token is not None:
                     tokens[b].append(token)
-                    streamer.on_tokens(first + b, tokens[b])
+                    text = output_text(tokens[b], batch[b], tokenizer, arch, stops[b])
+                    streamer.on_text(first + b, cut_at_stop(text, config.stop)[0])
 
         ids = generate_ids(model, [p.ids for p in batch], stops, config, generator,
                            ended=ended if config.stop else None, on_step=on_step if streamer else None, stats=stats)
