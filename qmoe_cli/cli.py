@@ -7,7 +7,6 @@ anything else, with a one-line `error: ...` message and no traceback unless `--d
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import sys
@@ -27,10 +26,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def note(message: str) -> None:
     """A line for the user on stderr (stdout is for results)."""
     click.echo(message, err=True)
-
-
-def _quiet(message: str) -> None:
-    """The log of ranks other than 0: their lines would repeat rank 0's."""
 
 
 def handle_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -113,37 +108,6 @@ def main() -> None:
     """Compress Mixture-of-Experts models below one bit per expert weight, and run them."""
 
 
-def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, seed: int, split: str,
-                    calib: bool) -> tuple[Any, Any, list[Any]]:
-    """Open the model, its tokenizer (None when it has none) and the datasets to run."""
-    from .data.datasets import DataSpec, load_samples
-    from .data.tokenizer import has_tokenizer, load_causal_tokenizer, load_tokenizer
-    from .formats.open import open_model
-
-    model = open_model(model_name)
-    objective = model.weights.arch.objective
-    load = load_causal_tokenizer if objective == "causal_lm" else load_tokenizer
-    tokenizer = load(model.tokenizer_dir) if has_tokenizer(model.tokenizer_dir) else None
-    flag = "--calib" if calib else "--data"
-    sources = sources or ((model.default_calib if calib else model.default_data),)
-    if len(set(sources)) != len(sources):
-        raise ValueError(f"{flag}: each dataset may be given once, got {', '.join(sources)}")
-    datasets = []
-    for source in sources:
-        spec = DataSpec(source=source, split=split, num_samples=samples, seed=seed, window=model.window,
-                        objective=objective)
-        data = load_samples(spec, tokenizer, model.weights.arch.config.vocab_size)
-        if data.short:
-            note(f"note: {data.name} has only {len(data.samples)} usable samples (asked for {samples}); using them all")
-        if data.skipped_too_long:
-            note(f"note: {data.name}: skipped {data.skipped_too_long} texts longer than the window of {model.window}")
-        datasets.append(data)
-    names = [d.name for d in datasets]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{flag}: datasets need distinct file names, got {', '.join(names)}")
-    return model, tokenizer, datasets
-
-
 @main.command("eval")
 @click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
               help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")
@@ -164,20 +128,17 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
                  dtype: str, threads: int | None, as_json: bool) -> None:
     """Loss and perplexity of a model (original, quantized or packed), streamed: masked-LM
     (span corruption) for Switch, next-token for decoder-only models."""
-    from .run.evaluate import evaluate, resolve_device, resolve_dtype
-    from .run.stream import RunConfig
+    from .api import evaluate
 
-    run_device = resolve_device(device)
     threads = _use_threads(threads)
-    model, _, datasets = _open_with_data(model_name, data_sources, samples, seed, "validation", calib=False)
-    run = RunConfig(device=run_device, dtype=resolve_dtype(dtype, model.stored_dtype, run_device),
-                    progress=not as_json and sys.stderr.isatty())
-    report = evaluate(model.weights, datasets, run)
+    result = evaluate(model_name, data_sources, samples=samples, seed=seed, device=device, dtype=dtype,
+                      progress=not as_json and sys.stderr.isatty(), log=note)
+    report = result.report
     if as_json:
-        click.echo(json.dumps({"model": model_name, "kind": model.kind, **report.to_json(), "threads": threads}))
+        click.echo(json.dumps({"model": model_name, "kind": result.kind, **report.to_json(), "threads": threads}))
         return
-    click.echo(f"model {model_name} ({model.kind}) on {run.device} ({threads} CPU threads), "
-               f"{str(run.dtype).removeprefix('torch.')}")
+    click.echo(f"model {model_name} ({result.kind}) on {result.device} ({threads} CPU threads), "
+               f"{str(result.dtype).removeprefix('torch.')}")
     click.echo(f"{'dataset':<24} {'samples':>8} {'tokens':>9} {'loss':>8} {'ppl':>10}")
     rows = list(report.datasets.items()) + ([("all", report.overall)] if len(report.datasets) > 1 else [])
     for name, r in rows:
@@ -368,50 +329,32 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
     rank: calibration samples are sharded, the experts of each group are split across ranks, and
     rank 0 writes the checkpoint.
     """
+    from .api import compress
     from .compress.config import CompressConfig
-    from .compress.distributed import DistConfig, process_group
-    from .compress.pipeline import compress
-    from .run.evaluate import resolve_device, resolve_dtype
-    from .run.stream import RunConfig
+    from .formats.info import checkpoint_info
 
     cfg = CompressConfig(bits=bits, method=method, group_size=group_size, damp=damp, act_order=act_order,
                          grid_group=grid_group, token_cap=token_cap, shared_experts=shared_experts)
-    dist_cfg = DistConfig(timeout_s=dist_timeout)
     threads = _use_threads(threads)
-    comm = click.get_current_context().with_resource(process_group(dist_cfg, resolve_device(device), distributed))
-    run_device = comm.device  # this rank's: cuda:LOCAL_RANK under torchrun on GPUs
-    model, tokenizer, datasets = _open_with_data(model_name, (calib_source,) if calib_source else (),
-                                                 calib_samples, seed, "train", calib=True)
-    out = out_dir or Path(f"{Path(model_name).name}-{method}-{bits}")
-    packed_out = out.with_name(out.name + "-packed")
-    if then_pack and packed_out.exists():  # fail before hours of compression, not after
-        raise QmoeError(f"--pack: {packed_out} already exists; choose another --out or remove it")
-    run = RunConfig(device=run_device, dtype=resolve_dtype("auto", model.stored_dtype, run_device),
-                    group_size=group_size, progress=sys.stderr.isatty() and comm.rank == 0)
-    sentinels = tokenizer.sentinel_ids if tokenizer else ()
-    manifest = compress(model, datasets[0], cfg, out, run, resume, sentinels, note if comm.rank == 0 else _quiet, comm)
-    if comm.rank != 0:
+    result = compress(model_name, cfg, calib=calib_source, calib_samples=calib_samples, seed=seed, out=out_dir,
+                      resume=resume, then_pack=then_pack, device=device, distributed=distributed,
+                      dist_timeout=dist_timeout, progress=sys.stderr.isatty(), log=note)
+    if result.manifest is None:
         return  # rank 0 reports (and packs)
+    manifest, out = result.manifest, result.out
     summary = {"out": str(out), "calibration_loss": manifest["calibration_loss"], "settings": manifest["settings"],
                "fallbacks": sum(b["fallbacks"] for b in manifest["blocks"].values()), "blocks": manifest["blocks"]}
-    summary.update(world_size=comm.world_size, communicated_bytes=comm.traffic, threads=threads)  # rank 0's
-    if then_pack:
-        from .compress.pack import PackConfig, pack
-        from .formats.info import checkpoint_info
-
-        try:
-            pack(out, packed_out, PackConfig(progress=sys.stderr.isatty()), note)
-        except KeyboardInterrupt:
-            note(f"note: {out} is complete; pack it with `qmoe pack {out} --out {packed_out}`")
-            raise
-        summary["packed"] = checkpoint_info(packed_out)
+    summary.update(world_size=result.world_size, communicated_bytes=result.communicated_bytes,
+                   threads=threads)  # rank 0's
+    if result.packed is not None:
+        summary["packed"] = checkpoint_info(result.packed)
     if as_json:
         click.echo(json.dumps(summary))
     else:
         click.echo(f"wrote {out} (calibration loss {manifest['calibration_loss']:.4f}, "
                    f"{summary['fallbacks']} fallbacks); evaluate with: qmoe eval --model {out}")
-        if then_pack:
-            _echo_packed(packed_out, summary["packed"])
+        if result.packed is not None:
+            _echo_packed(result.packed, summary["packed"])
 
 
 @main.command("pack")
@@ -431,15 +374,14 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
 def pack_command(source: Path, out_dir: Path | None, dictionary_size: int, max_pairs: int, sample_matrices: int,
                  threads: int | None, as_json: bool) -> None:
     """Entropy-code a quantized checkpoint (ternary: dictionary code; b-bit: bit-packed)."""
-    from .compress.pack import PackConfig, pack
+    from .api import pack
+    from .compress.pack import PackConfig
     from .formats.info import checkpoint_info
 
     cfg = PackConfig(dictionary_size=dictionary_size, max_pairs=max_pairs, sample_matrices=sample_matrices,
                      progress=sys.stderr.isatty())
     threads = _use_threads(threads)
-    source = source.resolve() if source.name in ("", "..") else source  # `qmoe pack .`: a name for -packed
-    out = out_dir or source.with_name(source.name + "-packed")
-    result = pack(source, out, cfg, note)
+    out, result = pack(source, out_dir, cfg, note)
     info = {**checkpoint_info(out), "throughput": result.throughput()}
     if as_json:
         click.echo(json.dumps({**info, "threads": threads}))

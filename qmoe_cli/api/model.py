@@ -203,14 +203,12 @@ class QmoeModel(nn.Module):
         sentinels = self.tokenizer.sentinel_ids if self.tokenizer is not None else ()
         prompts = [Prompt("", tuple(r), sum(t in sentinels for t in r)) for r in rows]
         stops = [stop_tokens(self.arch, sentinels, p) | set(config.eos_tokens) for p in prompts]
-        ended = None
-        if config.stop:
-            if self.tokenizer is None:
-                raise ValueError("stop strings need the model's tokenizer, and this checkpoint has none")
+        if config.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the model's tokenizer, and this checkpoint has none")
 
-            def ended(b: int, so_far: list[int]) -> bool:
-                text = output_text(so_far, prompts[b], self.tokenizer.inner, self.arch, stops[b])
-                return cut_at_stop(text, config.stop)[1]
+        def stopped(b: int, so_far: list[int]) -> bool:
+            text = output_text(so_far, prompts[b], self.tokenizer.inner, self.arch, stops[b])
+            return cut_at_stop(text, config.stop)[1]
 
         if streamer is not None:
             start = torch.full((len(rows), 1), self.spec.start_token) if self.encoder_decoder else ids
@@ -220,7 +218,7 @@ class QmoeModel(nn.Module):
         generator = None if config.greedy else torch.Generator().manual_seed(seed)
         if stats is not None:
             stats.devices = [self.device]
-        new = generate_ids(self.resident, rows, stops, config, generator, ended=ended, on_step=on_step, stats=stats,
+        new = generate_ids(self.resident, rows, stops, config, generator, ended=stopped if config.stop else None, on_step=on_step, stats=stats,
                            add_suffix=False)
         if streamer is not None:
             streamer.end()
