@@ -14,8 +14,8 @@ The public API (`api`) is imported on first use of one of its names, so `qmoe --
 
 __version__ = "0.1.0"
 
-_API = ("CacheReserve", "Checkpoint", "GenerateConfig", "GenerationStats", "ModelOutput", "Output", "QmoeModel",
-        "QmoeTokenizer", "compress", "evaluate", "load", "open_checkpoint", "pack")
+_API = ("CacheReserve", "Checkpoint", "CompressConfig", "GenerateConfig", "GenerationStats", "ModelOutput", "Output",
+        "PackConfig", "QmoeModel", "QmoeTokenizer", "compress", "evaluate", "load", "open_checkpoint", "pack")
 
 
 def __getattr__(name: str):

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..compress.config import CompressConfig
+from ..compress.pack import PackConfig
 from ..data.tokenizer import load_causal_tokenizer, load_tokenizer
 from ..errors import QmoeError
 from ..formats.open import OpenModel, open_model
@@ -141,6 +143,19 @@ def _caps(max_memory: int | str | Sequence[int | str] | None) -> list[int]:
     return [v if isinstance(v, int) else parse_bytes(v) for v in values]
 
 
-__all__ = ["CacheReserve", "Checkpoint", "GenerateConfig", "GenerationStats", "ModelOutput", "Output", "Prompt",
+__all__ = ["CacheReserve", "Checkpoint", "CompressConfig", "GenerateConfig", "GenerationStats", "ModelOutput", "Output", "PackConfig", "Prompt",
            "QmoeModel", "QmoeTokenizer", "check_room", "compress", "evaluate", "load", "open_checkpoint", "pack",
            "resolve_devices"]
+
+
+def _expose_compress() -> None:
+    """`qmoe_cli.compress` is also the name of the compress subpackage, which Python binds on the
+    package when it is first imported (above, by this module), hiding the public `compress`
+    function behind the module. The package attribute is pointed at the function; the
+    subpackage stays importable by its full name (`from qmoe_cli.compress.pack import ...`)."""
+    import sys
+
+    sys.modules[__name__.rpartition(".")[0]].compress = compress
+
+
+_expose_compress()

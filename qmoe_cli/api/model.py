@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import GenerationSpec
+from ..formats.hf import generation_eos_ids
 from ..formats.open import OpenModel
 from ..run.generate import (
     PREFILL_TOKENS,
@@ -32,6 +33,7 @@ from ..run.generate import (
     Prompt,
     TokenStreamer,
     cut_at_stop,
+    devices_of,
     generate,
     generate_ids,
     output_text,
@@ -217,9 +219,9 @@ class QmoeModel(nn.Module):
             lambda new: streamer.put(torch.tensor([self.spec.pad_token if t is None else t for t in new])))
         generator = None if config.greedy else torch.Generator().manual_seed(seed)
         if stats is not None:
-            stats.devices = [self.device]
-        new = generate_ids(self.resident, rows, stops, config, generator, ended=stopped if config.stop else None, on_step=on_step, stats=stats,
-                           add_suffix=False)
+            stats.devices = devices_of(self.resident)
+        new = generate_ids(self.resident, rows, stops, config, generator, ended=stopped if config.stop else None,
+                           on_step=on_step, stats=stats, add_suffix=False)
         if streamer is not None:
             streamer.end()
         width = max(len(t) for t in new)
@@ -231,8 +233,6 @@ class QmoeModel(nn.Module):
 
     def checkpoint_eos(self) -> tuple[int, ...]:
         """EOS ids beyond the architecture's: generation_config.json's (as `qmoe generate`)."""
-        from ..formats.hf import generation_eos_ids
-
         return generation_eos_ids(self.checkpoint.tokenizer_dir)
 
     def _check_room(self, longest: int, max_new_tokens: int) -> None:

@@ -276,6 +276,11 @@ def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
 
+def devices_of(model: ResidentModel) -> list[torch.device]:
+    """Every device the model computes on (whose peak memory `GenerationStats` reports)."""
+    return sorted({p.run.device for blocks in model.blocks.values() for p in blocks} | {model.first_device}, key=str)
+
+
 def peak_rss_bytes() -> int:
     """The process's peak resident set so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -465,8 +470,7 @@ def generate(model: ResidentModel, prompts: Sequence[Prompt], tokenizer: Tokeniz
     generator = None if config.greedy else torch.Generator().manual_seed(config.seed)
     outputs: list[Output] = []
     if stats is not None:
-        stats.devices = sorted({p.run.device for blocks in model.blocks.values() for p in blocks} |
-                               {model.first_device}, key=str)
+        stats.devices = devices_of(model)
     for first in range(0, len(prompts), config.batch_size):
         batch = prompts[first:first + config.batch_size]
         stops = [stop_tokens(arch, tokenizer.sentinel_ids, p) | set(config.eos_tokens) for p in batch]
