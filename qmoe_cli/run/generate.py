@@ -381,11 +381,11 @@ def warp(logits: torch.Tensor, config: GenerateConfig) -> torch.Tensor:
         kth = logits.topk(config.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if config.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # A token stays if the mass of the tokens before it falls short of top_p.
-        cut = (probs.cumsum(dim=-1) - probs) >= config.top_p
-        cut[:, 0] = False
+        # transformers' arithmetic, so boundary cases round alike: ascending order, a token goes
+        # when it and every less likely one hold at most 1 - top_p; the most likely always stays.
+        sorted_logits, order = logits.sort(dim=-1)
+        cut = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - config.top_p
+        cut[:, -1] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(cut, float("-inf")))
     return logits
 
