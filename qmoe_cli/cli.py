@@ -184,7 +184,8 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
     """Continue text prompts (decoder-only models) or fill the marked spans of prompts (T5 span
     filling), with a model of any kind, on CPU or GPUs. Timing goes to stderr (and --json)."""
     from .api import CacheReserve, check_room, open_checkpoint, resolve_devices
-    from .run.generate import GenerateConfig, GenerationStats
+    from .run.generate import GenerateConfig
+    from .run.timing import GenerationStats
     from .run.placement import parse_bytes
 
     if bool(prompts) == (input_file is not None):

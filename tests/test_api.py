@@ -309,3 +309,15 @@ def test_bad_arguments_are_one_line_value_errors(tmp_path: Path) -> None:
         model(ids, decoder_input_ids=ids)
     with pytest.raises(RuntimeError, match="load it again"):
         model.to(torch.float64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_packed_model_on_a_gpu_equals_the_cpu(tiny_mixtral_compressed) -> None:
+    """float32 on the GPU (packed experts through the CUDA decode-matmul): the CPU's greedy tokens,
+    and logits within 1e-4 (fp32 sums of a few hundred terms in other orders, logits of size ~10)."""
+    _, packed = tiny_mixtral_compressed
+    cpu, gpu = qmoe.load(packed, device="cpu"), qmoe.load(packed, device="cuda:0", dtype="float32")
+    assert gpu.device.type == "cuda"
+    batch = cpu.tokenizer(["the cat sat", "a small dog ran to the"])
+    torch.testing.assert_close(gpu(**batch).logits.cpu(), cpu(**batch).logits, atol=1e-4, rtol=0)
+    assert torch.equal(gpu.generate(**batch, max_new_tokens=8), cpu.generate(**batch, max_new_tokens=8))

@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from qmoe_cli.cli import main
-from qmoe_cli.run.generate import GenerateConfig, choose, cut_at_stop, penalize, seen_mask, warp
+from qmoe_cli.run.generate import GenerateConfig, cut_at_stop
+from qmoe_cli.run.sampling import choose, penalize, seen_mask, warp
 
 generation = pytest.importorskip("transformers.generation.logits_process")
 

@@ -20,7 +20,8 @@ from ..data.tokenizer import load_causal_tokenizer, load_tokenizer
 from ..errors import QmoeError
 from ..formats.open import OpenModel, open_model
 from ..run.evaluate import resolve_device, resolve_dtype
-from ..run.generate import GenerateConfig, GenerationStats, Output, Prompt
+from ..run.generate import GenerateConfig, Output, Prompt
+from ..run.timing import GenerationStats
 from ..run.placement import device_budgets, parse_bytes, plan_model
 from ..run.resident import load_resident
 from .model import ModelOutput, QmoeModel, check_room

@@ -28,18 +28,17 @@ from ..formats.open import OpenModel
 from ..run.generate import (
     PREFILL_TOKENS,
     GenerateConfig,
-    GenerationStats,
     Output,
     Prompt,
     TokenStreamer,
     cut_at_stop,
-    devices_of,
     generate,
     generate_ids,
     output_text,
     stop_tokens,
 )
 from ..run.placement import Placement
+from ..run.timing import GenerationStats, devices_of
 from ..run.resident import ResidentModel
 from .tokenizer import QmoeTokenizer
 

@@ -31,12 +31,10 @@ on one sample of that many tokens.
 
 from __future__ import annotations
 
-import re
-import resource
-import sys
-import time
 import dataclasses
-from dataclasses import dataclass, field
+import re
+import time
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -46,6 +44,8 @@ from ..data.chat import ChatTemplate
 from ..data.tokenizer import CausalTokenizer, Tokenizer, sentinel_token
 from ..errors import QmoeError
 from .resident import ResidentModel
+from .sampling import choose, seen_mask
+from .timing import GenerationStats, devices_of
 
 _SENTINEL_RE = re.compile(r"<extra_id_(\d+)>")
 PREFILL_TOKENS = 2048  # prompt tokens (over the batch) per prefill call: bounds its attention scores
@@ -236,57 +236,6 @@ def prefill(model: ResidentModel, prompts: Sequence[Sequence[int]],
     return cache, hidden[:, -1]
 
 
-@dataclass
-class GenerationStats:
-    """Where the time of `generate` went, summed over its batches: prefill (prompt stack, or the
-    decoder-only prompt, up to the first token chosen) and decode (every later step)."""
-
-    prompt_tokens: int = 0  # real prompt tokens (a family's suffix included), padding not
-    first_tokens: int = 0  # tokens the prefill steps chose (one per sequence)
-    decode_tokens: int = 0  # tokens the decode steps chose for sequences still running
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    time_to_first_token_s: float | None = None  # from the start to the first batch's first token
-    devices: list[torch.device] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        """Rates (tokens/s), time to first token, and peak memory: the process's peak resident
-        set (ru_maxrss) and, on GPUs, the most torch held allocated on each."""
-        cuda = {str(d): torch.cuda.max_memory_allocated(d) for d in self.devices if d.type == "cuda"}
-        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.first_tokens + self.decode_tokens,
-                "prefill_s": self.prefill_s, "decode_s": self.decode_s,
-                "prefill_tokens_per_s": _rate(self.prompt_tokens, self.prefill_s),
-                "decode_tokens_per_s": _rate(self.decode_tokens, self.decode_s),
-                "time_to_first_token_s": self.time_to_first_token_s,
-                "peak_rss_bytes": peak_rss_bytes(), **({"cuda_max_allocated_bytes": cuda} if cuda else {})}
-
-    def describe(self) -> str:
-        """One line for stderr."""
-        report = self.to_json()
-        rates = (f"prefill {report['prompt_tokens']} tokens at {report['prefill_tokens_per_s']:.1f} tokens/s, "
-                 f"decode {self.decode_tokens} tokens at {report['decode_tokens_per_s']:.1f} tokens/s, "
-                 f"first token after {self.time_to_first_token_s or 0.0:.3f} s")
-        memory = f"peak RSS {report['peak_rss_bytes'] / (1 << 20):.0f} MiB"
-        for device, held in report.get("cuda_max_allocated_bytes", {}).items():
-            memory += f", {device} max allocated {held / (1 << 20):.0f} MiB"
-        return f"timing: {rates}; {memory}"
-
-
-def _rate(tokens: int, seconds: float) -> float:
-    return tokens / seconds if seconds > 0 else 0.0
-
-
-def devices_of(model: ResidentModel) -> list[torch.device]:
-    """Every device the model computes on (whose peak memory `GenerationStats` reports)."""
-    return sorted({p.run.device for blocks in model.blocks.values() for p in blocks} | {model.first_device}, key=str)
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident set so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 # Per step: each sequence's new token, None for those already done.
 StepCallback = Callable[[list[int | None]], None]
 # (sequence in the batch, its generated tokens so far) -> whether it has ended (a stop string).
@@ -353,53 +302,6 @@ def generate_ids(model: ResidentModel, prompts: Sequence[Sequence[int]], stops: 
         stats.decode_s += time.perf_counter() - first_chosen
     model.finish()
     return generated
-
-
-def seen_mask(ids: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[B, vocab] bool: True where row b's tokens so far include the id (ids outside the vocab,
-    which a head narrower than the tokenizer cannot score, are left out)."""
-    mask = torch.zeros(len(ids), vocab, dtype=torch.bool)
-    for b, row in enumerate(ids):
-        mask[b, [i for i in row if 0 <= i < vocab]] = True
-    return mask.to(device)
-
-
-def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' repetition penalty: logits [B, V] fp32 of tokens seen (`seen` [B, V] bool)
-    divided by `penalty` where positive, multiplied where negative (either way less likely for
-    penalty > 1); a token counts once however often it was seen."""
-    scaled = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, scaled, logits)
-
-
-def warp(logits: torch.Tensor, config: GenerateConfig) -> torch.Tensor:
-    """Sampling's logits [B, V] fp32 as transformers' warpers leave them, in their order:
-    temperature, then top-k, then top-p (the smallest set of most likely tokens holding
-    `top_p` of the probability, at least one); tokens cut off are -inf."""
-    logits = logits / config.temperature
-    if config.top_k is not None and config.top_k < logits.shape[-1]:
-        kth = logits.topk(config.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if config.top_p < 1.0:
-        # transformers' arithmetic, so boundary cases round alike: ascending order, a token goes
-        # when it and every less likely one hold at most 1 - top_p; the most likely always stays.
-        sorted_logits, order = logits.sort(dim=-1)
-        cut = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - config.top_p
-        cut[:, -1] = False
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(cut, float("-inf")))
-    return logits
-
-
-def choose(logits: torch.Tensor, config: GenerateConfig, generator: torch.Generator | None,
-           seen: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [B, vocab] fp32 (seen [B, vocab] bool: tokens the repetition penalty applies to)
-    -> next token [B] int64 (CPU): argmax, or a sample of the warped distribution."""
-    if seen is not None:
-        logits = penalize(logits, seen, config.repetition_penalty)
-    if config.greedy:
-        return logits.argmax(dim=-1).cpu()
-    probs = warp(logits.cpu(), config).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def describe(tokens: Sequence[int], prompt: Prompt, tokenizer: Tokenizer, arch: Architecture) -> Output:
