@@ -1,11 +1,30 @@
 """qmoe: compress Mixture-of-Experts models below one bit per expert weight and run them compressed.
 
+    import qmoe_cli as qmoe
+    model = qmoe.load("tiny-mixtral", device="cpu")   # a torch.nn.Module (see docs/python.md)
+
 Subpackages follow the data flow and import only downwards:
 
-    cli ─► compress ─► run ─► formats ─► execute ─► arch ─► quant, codec, kernels, data ─► errors, files, resources
+    cli, api ─► compress ─► run ─► formats ─► execute ─► arch ─► quant, codec, kernels, data ─► errors, files, resources
 
 `arch` is the seam between model families and everything else (see `arch.base.Architecture`);
-`docs/architecture.md` says which module owns which format.
+`docs/architecture.md` says which module owns which format. The public API (`api`) is imported on
+first use of one of its names, so `qmoe --version` and `import qmoe_cli` stay quick (no torch import).
 """
 
 __version__ = "0.1.0"
+
+_API = ("CacheReserve", "Checkpoint", "CompressConfig", "GenerateConfig", "GenerationStats", "ModelOutput", "Output",
+        "PackConfig", "QmoeModel", "QmoeTokenizer", "compress", "evaluate", "load", "open_checkpoint", "pack")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'qmoe_cli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -7,7 +7,6 @@ anything else, with a one-line `error: ...` message and no traceback unless `--d
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,15 +16,10 @@ import click
 
 from . import __version__
 from .cli_contract import Choice, Finite, Main, handle_errors, note, output_dir
-from .errors import QmoeError, UsageError, did_you_mean
-from .files import check_output_dir
+from .errors import QmoeError, UsageError
 
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def _quiet(message: str) -> None:
-    """The log of ranks other than 0: their lines would repeat rank 0's."""
 
 
 def threads_option(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,49 +46,6 @@ def main() -> None:
     """Compress Mixture-of-Experts models below one bit per expert weight, and run them."""
 
 
-def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, seed: int, split: str,
-                    calib: bool) -> tuple[Any, Any, list[Any]]:
-    """Open the model, its tokenizer (None when it has none) and the datasets to run."""
-    from .data.datasets import DataSpec, load_samples
-    from .data.tokenizer import has_tokenizer, load_causal_tokenizer, load_tokenizer
-    from .formats.open import open_model
-
-    flag = "--calib" if calib else "--data"
-    for source in sources:  # before the model is opened: a typo must not cost a download
-        check_data_source(source, flag)
-    model = open_model(model_name)
-    objective = model.weights.arch.objective
-    load = load_causal_tokenizer if objective == "causal_lm" else load_tokenizer
-    tokenizer = load(model.tokenizer_dir) if has_tokenizer(model.tokenizer_dir) else None
-    sources = sources or ((model.default_calib if calib else model.default_data),)
-    if len(set(sources)) != len(sources):
-        raise ValueError(f"{flag}: each dataset may be given once, got {', '.join(sources)}")
-    datasets = []
-    for source in sources:
-        spec = DataSpec(source=source, split=split, num_samples=samples, seed=seed, window=model.window,
-                        objective=objective)
-        data = load_samples(spec, tokenizer, model.weights.arch.config.vocab_size)
-        if data.short:
-            note(f"note: {data.name} has only {len(data.samples)} usable samples (asked for {samples}); using them all")
-        if data.skipped_too_long:
-            note(f"note: {data.name}: skipped {data.skipped_too_long} texts longer than the window of {model.window}")
-        datasets.append(data)
-    names = [d.name for d in datasets]
-    if len(set(names)) != len(names):
-        raise ValueError(f"{flag}: datasets need distinct file names, got {', '.join(names)}")
-    return model, tokenizer, datasets
-
-
-def check_data_source(source: str, flag: str) -> None:
-    """UsageError unless `source` is a named dataset or an existing path (what it holds is
-    checked when it is read)."""
-    from .data.hub import NAMED
-
-    if source not in NAMED and not Path(source).expanduser().exists():
-        raise UsageError(f"{flag} {source}: no such file, and not a named dataset ({', '.join(NAMED)})"
-                         f"{did_you_mean(source, NAMED)}")
-
-
 @main.command("eval")
 @click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
               help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")
@@ -115,21 +66,17 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
                  dtype: str, threads: int | None, as_json: bool) -> None:
     """Loss and perplexity of a model (original, quantized or packed), streamed: masked-LM
     (span corruption) for Switch, next-token for decoder-only models."""
-    from .execute.device import resolve_device, resolve_dtype
-    from .run.evaluate import evaluate
-    from .run.stream import RunConfig
+    from .api import evaluate
 
-    run_device = resolve_device(device)
     threads = _use_threads(threads)
-    model, _, datasets = _open_with_data(model_name, data_sources, samples, seed, "validation", calib=False)
-    run = RunConfig(device=run_device, dtype=resolve_dtype(dtype, model.stored_dtype, run_device),
-                    progress=not as_json and sys.stderr.isatty())
-    report = evaluate(model.weights, datasets, run)
+    result = evaluate(model_name, data_sources, samples=samples, seed=seed, device=device, dtype=dtype,
+                      progress=not as_json and sys.stderr.isatty(), log=note)
+    report = result.report
     if as_json:
-        click.echo(json.dumps({"model": model_name, "kind": model.kind, **report.to_json(), "threads": threads}))
+        click.echo(json.dumps({"model": model_name, "kind": result.kind, **report.to_json(), "threads": threads}))
         return
-    click.echo(f"model {model_name} ({model.kind}) on {run.device} ({threads} CPU threads), "
-               f"{str(run.dtype).removeprefix('torch.')}")
+    click.echo(f"model {model_name} ({result.kind}) on {result.device} ({threads} CPU threads), "
+               f"{str(result.dtype).removeprefix('torch.')}")
     click.echo(f"{'dataset':<24} {'samples':>8} {'tokens':>9} {'loss':>8} {'ppl':>10}")
     rows = list(report.datasets.items()) + ([("all", report.overall)] if len(report.datasets) > 1 else [])
     for name, r in rows:
@@ -144,13 +91,20 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
                    "<extra_id_0>, <extra_id_1>, ... (Switch); repeat for several.")
 @click.option("--input", "input_file", type=click.Path(path_type=Path), default=None, metavar="FILE.jsonl",
               help='Prompts, one JSON object a line: {"prompt": TEXT} (or "text").')
+@click.option("--chat", is_flag=True,
+              help="Each prompt is a user's message, laid out by the tokenizer's chat template (decoder-only models).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Most tokens generated per prompt.")
 @click.option("--greedy", is_flag=True, help="Most likely token each step (the default without --temperature).")
 @click.option("--temperature", type=Finite(min=0, min_open=True), default=None,
               help="Sample at this temperature instead of greedy.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Sample from the K most likely tokens (all).")
 @click.option("--top-p", type=Finite(min=0, max=1, min_open=True), default=None,
               help="Sample from the smallest set of tokens with this mass (1.0).")
+@click.option("--repetition-penalty", type=Finite(min=0, min_open=True), default=None,
+              help="Make tokens already seen less likely, as transformers' (1.0: none; 1.1-1.3 usual).")
+@click.option("--stop", "stop", multiple=True, metavar="STRING",
+              help="End a sequence once its text holds STRING (cut before it); repeatable.")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed of the sampler (0).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Prompts decoded together.")
@@ -162,96 +116,96 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
 @click.option("--dtype", type=Choice(DTYPES), default="auto", show_default=True,
               help="Compute dtype; auto: float32 on CPU, the stored dtype (bfloat16 for float32 checkpoints) on GPU.")
 @threads_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object on stdout (else the text is printed as it is generated).")
 @handle_errors
-def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path | None, max_new_tokens: int,
-                     greedy: bool, temperature: float | None, top_p: float | None, seed: int | None, batch_size: int,
-                     devices: tuple[str, ...], max_memory: tuple[str, ...], dtype: str, threads: int | None,
-                     as_json: bool) -> None:
+def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path | None, chat: bool,
+                     max_new_tokens: int, greedy: bool, temperature: float | None, top_k: int | None,
+                     top_p: float | None, repetition_penalty: float | None, stop: tuple[str, ...], seed: int | None,
+                     batch_size: int, devices: tuple[str, ...], max_memory: tuple[str, ...], dtype: str,
+                     threads: int | None, as_json: bool) -> None:
     """Continue text prompts (decoder-only models) or fill the marked spans of prompts (T5 span
-    filling), with a model of any kind, on CPU or GPUs."""
-    from .data.tokenizer import load_causal_tokenizer, load_tokenizer
-    from .execute.device import resolve_dtype
-    from .formats.hf import generation_eos_ids
-    from .formats.open import open_model
-    from .run.generate import GenerateConfig, generate, parse_continuation_prompt, parse_prompt
-    from .run.limits import check_cache_fits
-    from .run.placement import device_budgets, parse_bytes, plan_model
-    from .run.resident import load_resident
+    filling), with a model of any kind, on CPU or GPUs. Timing goes to stderr (and --json)."""
+    from .api import CacheReserve, check_room, open_checkpoint, resolve_devices
+    from .run.generate import GenerateConfig
+    from .run.placement import parse_bytes
+    from .run.timing import GenerationStats
 
     if bool(prompts) == (input_file is not None):
         raise ValueError("give prompts with --prompt TEXT (repeatable) or --input FILE.jsonl, not both or neither")
     if greedy and temperature is not None:
         raise ValueError("--greedy and --temperature exclude each other")
-    if temperature is None and (top_p is not None or seed is not None):
-        raise ValueError("--top-p and --seed apply to sampling; give --temperature too")
-    threads = _use_threads(threads)
+    if temperature is None and (top_p is not None or top_k is not None or seed is not None):
+        raise ValueError("--top-p, --top-k and --seed apply to sampling; give --temperature too")
+    _use_threads(threads)
     cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=1.0 if top_p is None else top_p, seed=seed or 0, batch_size=batch_size)
+                         top_p=1.0 if top_p is None else top_p, top_k=top_k,
+                         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+                         stop=stop, seed=seed or 0, batch_size=batch_size)
     caps = [parse_bytes(m) for m in max_memory]
     run_devices = resolve_devices(devices)
     if caps and run_devices[0].type != "cuda":
         raise ValueError("--max-memory caps GPUs; it does not apply to --device cpu")
     texts = [(f"--prompt {i + 1}", t) for i, t in enumerate(prompts)] or _read_prompts(input_file)
-    model = open_model(model_name)
-    arch = model.weights.arch
-    spec = arch.generation()
-    suffix = len(spec.prompt_suffix)
-    window = spec.max_positions or model.window
-    if arch.objective == "causal_lm":  # continues plain text (its GenerationSpec has no prompt stack)
-        tokenizer = load_causal_tokenizer(model.tokenizer_dir)
-        parsed = [parse_continuation_prompt(text, tokenizer, where, window, arch.config.vocab_size)
-                  for where, text in texts]
-    else:
-        tokenizer = load_tokenizer(model.tokenizer_dir)
-        parsed = [parse_prompt(text, tokenizer, where, window, arch.config.vocab_size, suffix)
-                  for where, text in texts]
-    if spec.prompt_stack is None and spec.max_positions:  # prompt and continuation share the positions
-        longest = max(len(p.ids) for p in parsed)
-        if longest + max_new_tokens > spec.max_positions:
-            raise ValueError(f"--max-new-tokens {max_new_tokens}: with the longest prompt's {longest} tokens that is "
-                             f"past the model's {spec.max_positions} positions; give at most "
-                             f"{max(spec.max_positions - longest, 0)}, or a shorter prompt")
-    cfg = dataclasses.replace(cfg, eos_tokens=generation_eos_ids(model.tokenizer_dir, arch.config.vocab_size))
-    run_dtype = resolve_dtype(dtype, model.stored_dtype, run_devices[0])
-    if run_devices[0].type == "cpu":  # GPUs: plan_model weighs the caches against each device's memory
-        check_cache_fits(arch, min(batch_size, len(parsed)), max(len(p.ids) for p in parsed) + suffix,
-                         max_new_tokens, run_dtype)
-    placement = None
-    if run_devices[0].type == "cuda":
-        longest = max(len(p.ids) for p in parsed) + suffix
-        placement = plan_model(model.weights, device_budgets(run_devices, caps), run_dtype,
-                               min(batch_size, len(parsed)), max_new_tokens, longest)
-        for line in placement.describe():
-            note(line)
-    resident = load_resident(model.weights, placement, run_devices, run_dtype)
-    outputs = generate(resident, parsed, tokenizer, cfg)
+    checkpoint = open_checkpoint(model_name)
+    tokenizer = checkpoint.require_tokenizer()
+    parsed = tokenizer.parse_prompts(texts, chat=chat)
+    longest = max(len(p.ids) for p in parsed)
+    check_room(checkpoint.opened.weights.arch.generation(), longest, max_new_tokens, "--max-new-tokens")
+    reserve = CacheReserve(min(batch_size, len(parsed)), longest + len(tokenizer.suffix), max_new_tokens)
+    model = checkpoint.load(run_devices, dtype, caps, reserve, log=note)
+    stats = GenerationStats()
+    printer = None if as_json else _Printer(parsed, cfg.stop)
+    outputs = model.generate_text(parsed, cfg, streamer=printer, stats=stats)
+    note(stats.describe())
     if as_json:
-        click.echo(json.dumps({"model": model_name, "kind": model.kind, "outputs": [o.to_json() for o in outputs]}))
-        return
-    for i, o in enumerate(outputs):
-        filled = "" if o.spans is None else f"\n    filled: {o.filled()}"
-        click.echo(f"[{i + 1}] {o.prompt}\n    -> {o.text}{filled}")
+        click.echo(json.dumps({"model": model_name, "kind": model.kind, "outputs": [o.to_json() for o in outputs],
+                               "timing": stats.to_json()}))
 
 
-def resolve_devices(names: tuple[str, ...]) -> list[Any]:
-    """--device values -> torch devices: auto and cuda take every visible GPU (auto: the CPU
-    without one); cuda:N names one; cpu stands alone."""
-    import torch
+class _Printer:
+    """`qmoe generate`'s text output, `[i] PROMPT`, `-> TEXT` (and, filling spans, `filled: ...`),
+    prompt by prompt in order, the text of the prompt being printed shown as its tokens come.
+    Later prompts of the same batch wait until it is done, then show what they have so far.
+    Text that may yet turn out to be the start of a stop string is held back until it is known."""
 
-    from .execute.device import resolve_device
+    def __init__(self, prompts: list[Any], stop: tuple[str, ...]):
+        self.prompts, self.current, self.shown = prompts, 0, None
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.texts: dict[int, str] = {}
+        self.done: dict[int, Any] = {}
 
-    names = names or ("auto",)
-    if len(names) == 1 and names[0] in ("auto", "cuda"):
-        device = resolve_device(names[0])
-        return ([torch.device("cuda", i) for i in range(torch.cuda.device_count())] if device.type == "cuda"
-                else [device])
-    resolved = [resolve_device(n) for n in names]
-    if len(resolved) > 1 and any(d.type != "cuda" or d.index is None for d in resolved):
-        raise ValueError(f"--device: several devices must each be cuda:N, got {', '.join(names)}")
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"--device: each device may be given once, got {', '.join(names)}")
-    return resolved
+    def on_text(self, index: int, text: str) -> None:
+        self.texts[index] = text
+        self._advance()
+
+    def on_output(self, index: int, output: Any) -> None:
+        self.done[index] = output
+        self._advance()
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            click.echo(text[len(self.shown):], nl=False)
+            sys.stdout.flush()
+            self.shown = text
+
+    def _advance(self) -> None:
+        while self.current < len(self.prompts):
+            i = self.current
+            if self.shown is None:
+                click.echo(f"[{i + 1}] {self.prompts[i].text}\n    -> ", nl=False)
+                self.shown = ""
+            if i not in self.done:
+                text = self.texts.get(i, "").rstrip().rstrip("\ufffd")  # an incomplete character waits too
+                self._show(text[:len(text) - self.hold] if self.hold else text)
+                return
+            output = self.done.pop(i)
+            if not output.text.startswith(self.shown):  # the final text differs from the streamed one
+                click.echo("\n    -> ", nl=False)
+                self.shown = ""
+            self._show(output.text)
+            click.echo("" if output.spans is None else f"\n    filled: {output.filled()}")
+            self.current, self.shown = i + 1, None
 
 
 def _read_prompts(path: Path) -> list[tuple[str, str]]:
@@ -322,51 +276,32 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
     rank: calibration samples are sharded, the experts of each group are split across ranks, and
     rank 0 writes the checkpoint.
     """
+    from .api import compress
     from .compress.config import CompressConfig
-    from .compress.distributed import DistConfig, process_group
-    from .compress.pipeline import compress
-    from .execute.device import resolve_device, resolve_dtype
-    from .run.stream import RunConfig
+    from .formats.info import checkpoint_info
 
     cfg = CompressConfig(bits=bits, method=method, group_size=group_size, damp=damp, act_order=act_order,
                          grid_group=grid_group, token_cap=token_cap, shared_experts=shared_experts)
-    dist_cfg = DistConfig(timeout_s=dist_timeout)
-    out = out_dir or Path(f"{Path(model_name).name}-{method}-{bits}")
-    check_output_dir(out, "--out")  # before the model is read: a run must not fail at its end
     threads = _use_threads(threads)
-    comm = click.get_current_context().with_resource(process_group(dist_cfg, resolve_device(device), distributed))
-    run_device = comm.device  # this rank's: cuda:LOCAL_RANK under torchrun on GPUs
-    model, tokenizer, datasets = _open_with_data(model_name, (calib_source,) if calib_source else (),
-                                                 calib_samples, seed, "train", calib=True)
-    packed_out = out.with_name(out.name + "-packed")
-    if then_pack and packed_out.exists():  # fail before hours of compression, not after
-        raise QmoeError(f"--pack: {packed_out} already exists; choose another --out or remove it")
-    run = RunConfig(device=run_device, dtype=resolve_dtype("auto", model.stored_dtype, run_device),
-                    group_size=group_size, progress=sys.stderr.isatty() and comm.rank == 0)
-    sentinels = tokenizer.sentinel_ids if tokenizer else ()
-    manifest = compress(model, datasets[0], cfg, out, run, resume, sentinels, note if comm.rank == 0 else _quiet, comm)
-    if comm.rank != 0:
+    result = compress(model_name, cfg, calib=calib_source, calib_samples=calib_samples, seed=seed, out=out_dir,
+                      resume=resume, then_pack=then_pack, device=device, distributed=distributed,
+                      dist_timeout=dist_timeout, progress=sys.stderr.isatty(), log=note)
+    if result.manifest is None:
         return  # rank 0 reports (and packs)
+    manifest, out = result.manifest, result.out
     summary = {"out": str(out), "calibration_loss": manifest["calibration_loss"], "settings": manifest["settings"],
                "fallbacks": sum(b["fallbacks"] for b in manifest["blocks"].values()), "blocks": manifest["blocks"]}
-    summary.update(world_size=comm.world_size, communicated_bytes=comm.traffic, threads=threads)  # rank 0's
-    if then_pack:
-        from .compress.pack import PackConfig, pack
-        from .formats.info import checkpoint_info
-
-        try:
-            pack(out, packed_out, PackConfig(progress=sys.stderr.isatty()), note)
-        except KeyboardInterrupt:
-            note(f"note: {out} is complete; pack it with `qmoe pack {out} --out {packed_out}`")
-            raise
-        summary["packed"] = checkpoint_info(packed_out)
+    summary.update(world_size=result.world_size, communicated_bytes=result.communicated_bytes,
+                   threads=threads)  # rank 0's
+    if result.packed is not None:
+        summary["packed"] = checkpoint_info(result.packed)
     if as_json:
         click.echo(json.dumps(summary))
     else:
         click.echo(f"wrote {out} (calibration loss {manifest['calibration_loss']:.4f}, "
                    f"{summary['fallbacks']} fallbacks); evaluate with: qmoe eval --model {out}")
-        if then_pack:
-            _echo_packed(packed_out, summary["packed"])
+        if result.packed is not None:
+            _echo_packed(result.packed, summary["packed"])
 
 
 @main.command("pack")
@@ -386,16 +321,14 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
 def pack_command(source: Path, out_dir: Path | None, dictionary_size: int, max_pairs: int, sample_matrices: int,
                  threads: int | None, as_json: bool) -> None:
     """Entropy-code a quantized checkpoint (ternary: dictionary code; b-bit: bit-packed)."""
-    from .compress.pack import PackConfig, pack
+    from .api import pack
+    from .compress.pack import PackConfig
     from .formats.info import checkpoint_info
 
     cfg = PackConfig(dictionary_size=dictionary_size, max_pairs=max_pairs, sample_matrices=sample_matrices,
                      progress=sys.stderr.isatty())
     threads = _use_threads(threads)
-    source = source.resolve() if source.name in ("", "..") else source  # `qmoe pack .`: a name for -packed
-    out = out_dir or source.with_name(source.name + "-packed")
-    check_output_dir(out, "--out")
-    result = pack(source, out, cfg, note)
+    out, result = pack(source, out_dir, cfg, note)
     info = {**checkpoint_info(out), "throughput": result.throughput()}
     if as_json:
         click.echo(json.dumps({**info, "threads": threads}))

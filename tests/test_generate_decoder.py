@@ -262,7 +262,7 @@ def test_text_prompts_through_the_cli(family) -> None:
     _, directory, _ = family
     args = [a for t in TEXTS for a in ("--prompt", t)]
     report = _generate_json(directory, *args, "--max-new-tokens", "5")
-    assert set(report) == {"model", "kind", "outputs"} and report["kind"] == "original"
+    assert set(report) == {"model", "kind", "outputs", "timing"} and report["kind"] == "original"
     opened = open_model(str(directory))
     tokenizer = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
     spec = opened.weights.arch.generation()

@@ -20,6 +20,7 @@ PACKAGE = ROOT / "qmoe_cli"
 BASE = {"errors", "files", "resources", "locks", "native_build", "threads"}
 # What each subpackage may import (besides itself); `cli` and `__main__` may import anything.
 ALLOWED = {
+    "api": {"compress", "run", "formats", "execute", "arch", "quant", "codec", "kernels", "data"} | BASE,
     "compress": {"run", "formats", "execute", "arch", "quant", "codec", "kernels", "data"} | BASE,
     "run": {"formats", "execute", "arch", "quant", "codec", "kernels", "data"} | BASE,
     "formats": {"execute", "arch", "quant", "codec", "kernels", "data"} | BASE,

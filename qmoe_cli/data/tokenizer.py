@@ -160,8 +160,10 @@ class CausalTokenizer:
     backend: tokenizers.Tokenizer = field(repr=False, compare=False)
     sentinel_ids: tuple[int, ...] = ()  # no span corruption, so no positions to leave out of Hessians
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids of `text`; without the post-processor's special tokens for text that already holds
+        them (a rendered chat template writes its own <s>)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids` as the tokenizer's decoder writes it, special tokens kept visible."""

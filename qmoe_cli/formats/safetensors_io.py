@@ -122,9 +122,9 @@ class SafetensorsFile:
             return torch.empty(entry.shape, dtype=entry.dtype)
         return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
 
-    def close(self) -> None:
+    def close(self, _close=os.close) -> None:  # bound now: at interpreter exit `os` may already be None
         if self._fd >= 0:
-            os.close(self._fd)
+            _close(self._fd)
             self._fd = -1
 
     def __del__(self) -> None:  # file descriptors are bounded; never leak one
