@@ -442,6 +442,24 @@ def _echo_packed(out: Path, info: dict[str, Any]) -> None:
                f"evaluate with: qmoe eval --model {out}")
 
 
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path), metavar="CHECKPOINT")
+@click.option("--format", "fmt", type=click.Choice(["hf", "compressed-tensors"]), required=True,
+              help="hf: dequantized Hugging Face checkpoint; compressed-tensors: packed b-bit experts.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, callback=_output_dir,
+              help="Output directory (written under a temporary name, never overwritten).")
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None, metavar="FILE|DIR",
+              help="The source model's config.json, if its source is not on this machine.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
+@handle_errors
+def export_command(checkpoint: Path, fmt: str, out_dir: Path, config: Path | None, as_json: bool) -> None:
+    """Write CHECKPOINT (original, quantized or packed) as a checkpoint transformers loads."""
+    from .export.writer import ExportConfig, export
+
+    summary = export(checkpoint, out_dir, ExportConfig(fmt, config), note)
+    click.echo(json.dumps(summary) if as_json else f"wrote {out_dir} ({fmt}, {summary['shards']} shards)")
+
+
 @main.command("info")
 @click.argument("directory", type=click.Path(path_type=Path), metavar="DIR")
 @click.option("--verify", is_flag=True, help="Also check every file's checksum and validate every expert matrix.")

@@ -19,6 +19,7 @@ BASE = {"errors", "files", "resources", "locks", "native_build", "threads"}
 # What each subpackage may import (besides itself); `cli` and `__main__` may import anything.
 ALLOWED = {
     "compress": {"run", "formats", "arch", "quant", "codec", "kernels", "data"} | BASE,
+    "export": {"run", "formats", "arch", "quant", "codec", "kernels", "data"} | BASE,
     "run": {"formats", "arch", "quant", "codec", "kernels", "data"} | BASE,
     "formats": {"arch", "quant", "codec", "kernels", "data"} | BASE,
     "arch": BASE,
