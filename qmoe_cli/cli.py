@@ -456,7 +456,7 @@ def export_command(checkpoint: Path, fmt: str, out_dir: Path, config: Path | Non
     """Write CHECKPOINT (original, quantized or packed) as a checkpoint transformers loads."""
     from .export.writer import ExportConfig, export
 
-    summary = export(checkpoint, out_dir, ExportConfig(fmt, config), note)
+    summary = export(checkpoint, out_dir, ExportConfig(fmt, config), note if sys.stderr.isatty() else _quiet)
     click.echo(json.dumps(summary) if as_json else f"wrote {out_dir} ({fmt}, {summary['shards']} shards)")
 
 
