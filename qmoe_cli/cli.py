@@ -157,18 +157,28 @@ def _open_with_data(model_name: str, sources: tuple[str, ...], samples: int, see
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Compute dtype; auto: float32 on CPU, the stored dtype (bfloat16 for float32 checkpoints) on GPU.")
+@click.option("--tasks", default=None, metavar="TASK,...",
+              help="Run lm-evaluation-harness tasks (e.g. arc_easy,hellaswag) instead; needs `pip install qmoe[eval]`.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="With --tasks: examples per task.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=None, help="With --tasks: few-shot examples.")
+@click.option("--include-path", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="With --tasks: a directory of extra lm-eval task YAML files.")
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @handle_errors
 def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, seed: int, device: str,
-                 dtype: str, threads: int | None, as_json: bool) -> None:
+                 dtype: str, tasks: str | None, limit: int | None, num_fewshot: int | None,
+                 include_path: Path | None, threads: int | None, as_json: bool) -> None:
     """Loss and perplexity of a model (original, quantized or packed), streamed: masked-LM
-    (span corruption) for Switch, next-token for decoder-only models."""
+    (span corruption) for Switch, next-token for decoder-only models; or lm-eval --tasks."""
     from .run.evaluate import evaluate, resolve_device, resolve_dtype
     from .run.stream import RunConfig
 
     run_device = resolve_device(device)
     threads = _use_threads(threads)
+    if tasks is not None:
+        _harness(model_name, tasks, limit, num_fewshot, include_path, run_device, dtype, as_json)
+        return
     model, _, datasets = _open_with_data(model_name, data_sources, samples, seed, "validation", calib=False)
     run = RunConfig(device=run_device, dtype=resolve_dtype(dtype, model.stored_dtype, run_device),
                     progress=not as_json and sys.stderr.isatty())
@@ -182,6 +192,31 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
     rows = list(report.datasets.items()) + ([("all", report.overall)] if len(report.datasets) > 1 else [])
     for name, r in rows:
         click.echo(f"{name:<24} {r.samples:>8} {r.tokens:>9} {r.loss:>8.4f} {r.perplexity:>10.3f}")
+
+
+def _harness(model_name: str, tasks: str, limit: int | None, num_fewshot: int | None, include_path: Path | None,
+             run_device: Any, dtype: str, as_json: bool) -> None:
+    """`qmoe eval --tasks`: lm-eval's table, or with --json its results object."""
+    from .formats.open import open_model
+    from .run.evaluate import resolve_dtype
+    from .run.stream import RunConfig
+
+    try:
+        from .run import harness
+    except ImportError:
+        raise QmoeError("--tasks needs lm-evaluation-harness, which is not installed: pip install 'qmoe[eval]' "
+                        "(or pip install lm-eval)") from None
+    cfg = harness.HarnessConfig(tuple(t.strip() for t in tasks.split(",")), limit, num_fewshot,
+                                None if include_path is None else str(include_path))
+    model = open_model(model_name)
+    run = RunConfig(device=run_device, dtype=resolve_dtype(dtype, model.stored_dtype, run_device), progress=False)
+    results = harness.run_tasks(model, run, cfg)
+    if as_json:
+        keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+        click.echo(json.dumps({"model": model_name, "kind": model.kind,
+                               **{k: results[k] for k in keep if k in results}}, default=str))
+    else:
+        click.echo(harness.results_table(results))
 
 
 @main.command("generate")
