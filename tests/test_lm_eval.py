@@ -128,8 +128,11 @@ def test_unknown_task_and_switch_are_one_line_usage_errors(setup: dict) -> None:
 def test_missing_lm_eval_says_how_to_install(monkeypatch, setup: dict) -> None:
     import sys
 
+    import qmoe_cli.run
+
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     monkeypatch.delitem(sys.modules, "qmoe_cli.run.harness", raising=False)
+    monkeypatch.delattr(qmoe_cli.run, "harness", raising=False)  # else `from .run import harness` reuses it
     result = CliRunner().invoke(main, ["eval", "--model", str(setup["model"]), "--tasks", "qmoe_tiny_choice"])
     assert result.exit_code == 1 and "pip install 'qmoe[eval]'" in result.output
     assert len(result.output.strip().splitlines()) == 1

@@ -35,6 +35,7 @@ from ..codec.dictionary import NUM_SYMBOLS, Codebook, DictionarySpec, fit_dictio
 from ..codec.rows import decode_matrix, encode_matrix
 from ..errors import QmoeError, os_error_message
 from ..files import atomic_directory, save_tensors_atomic, write_json_atomic
+from ..formats.card import manifest_facts, write_card
 from ..formats.hf import COMPANION_FILES
 from ..formats.integrity import file_record, manifest_digest
 from ..formats.packed import DICTIONARY_FILE, FORMAT_VERSION, KIND
@@ -155,6 +156,10 @@ def _pack(weights: QuantizedWeights, source: Path, out: Path, cfg: PackConfig,
                 f"compressing again saves 32 bits a row)")
         files = {name: records[name].result() for name in sorted(records)}
         manifest = _manifest(quantized, codec, cfg, layers, spec.ternary, files)
+        card = write_card(tmp, manifest_facts(manifest))  # checksummed like every other file
+        manifest["files"][card.name] = file_record(card)
+        manifest["total_bytes"] += manifest["files"][card.name]["bytes"]
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         write_json_atomic(tmp / "manifest.json", manifest)
     reader.close()
     weights.close()

@@ -22,7 +22,7 @@ import torch
 
 from ..files import atomic_directory, save_tensors_atomic, write_json_atomic
 from . import compressed_tensors as ct
-from .card import write_card
+from ..formats.card import write_card
 from .source import ExportSource, Shard
 
 FORMATS = ("hf", "compressed-tensors")

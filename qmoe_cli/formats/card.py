@@ -73,3 +73,12 @@ def _usage(facts: dict[str, Any]) -> str:
 
 def _show(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def manifest_facts(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The card facts a quantized or packed manifest records."""
+    settings = manifest.get("settings") or {}
+    return {"base_model": manifest.get("source"), "kind": manifest.get("kind"), "bits": settings.get("bits"),
+            "grid_group": settings.get("grid_group"), "method": settings.get("method"),
+            "calibration_loss": manifest.get("calibration_loss"),
+            "bits_per_weight": (manifest.get("totals") or {}).get("bits_per_weight_codes")}
