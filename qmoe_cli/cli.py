@@ -17,6 +17,7 @@ import click
 from . import __version__
 from .cli_contract import Choice, Finite, Main, handle_errors, note, output_dir
 from .errors import QmoeError, UsageError
+from .files import check_output_dir
 
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -59,16 +60,28 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", type=Choice(DTYPES), default="auto", show_default=True,
               help="Compute dtype; auto: float32 on CPU, the stored dtype (bfloat16 for float32 checkpoints) on GPU.")
+@click.option("--tasks", default=None, metavar="TASK,...",
+              help="Run lm-evaluation-harness tasks (e.g. arc_easy,hellaswag) instead; needs `pip install qmoe[eval]`.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="With --tasks: examples per task.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=None, help="With --tasks: few-shot examples.")
+@click.option("--include-path", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="With --tasks: a directory of extra lm-eval task YAML files.")
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @handle_errors
 def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, seed: int, device: str,
-                 dtype: str, threads: int | None, as_json: bool) -> None:
+                 dtype: str, tasks: str | None, limit: int | None, num_fewshot: int | None,
+                 include_path: Path | None, threads: int | None, as_json: bool) -> None:
     """Loss and perplexity of a model (original, quantized or packed), streamed: masked-LM
-    (span corruption) for Switch, next-token for decoder-only models."""
+    (span corruption) for Switch, next-token for decoder-only models; or lm-eval --tasks."""
     from .api import evaluate
 
     threads = _use_threads(threads)
+    if tasks is not None:
+        from .execute.device import resolve_device
+
+        _harness(model_name, tasks, limit, num_fewshot, include_path, resolve_device(device), dtype, as_json)
+        return
     result = evaluate(model_name, data_sources, samples=samples, seed=seed, device=device, dtype=dtype,
                       progress=not as_json and sys.stderr.isatty(), log=note)
     report = result.report
@@ -81,6 +94,31 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
     rows = list(report.datasets.items()) + ([("all", report.overall)] if len(report.datasets) > 1 else [])
     for name, r in rows:
         click.echo(f"{name:<24} {r.samples:>8} {r.tokens:>9} {r.loss:>8.4f} {r.perplexity:>10.3f}")
+
+
+def _harness(model_name: str, tasks: str, limit: int | None, num_fewshot: int | None, include_path: Path | None,
+             run_device: Any, dtype: str, as_json: bool) -> None:
+    """`qmoe eval --tasks`: lm-eval's table, or with --json its results object."""
+    from .execute.device import resolve_dtype
+    from .formats.open import open_model
+    from .run.stream import RunConfig
+
+    try:
+        from .run import harness
+    except ImportError:
+        raise QmoeError("--tasks needs lm-evaluation-harness, which is not installed: pip install 'qmoe[eval]' "
+                        "(or pip install lm-eval)") from None
+    cfg = harness.HarnessConfig(tuple(t.strip() for t in tasks.split(",")), limit, num_fewshot,
+                                None if include_path is None else str(include_path))
+    model = open_model(model_name)
+    run = RunConfig(device=run_device, dtype=resolve_dtype(dtype, model.stored_dtype, run_device), progress=False)
+    results = harness.run_tasks(model, run, cfg)
+    if as_json:
+        keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+        click.echo(json.dumps({"model": model_name, "kind": model.kind,
+                               **{k: results[k] for k in keep if k in results}}, default=str))
+    else:
+        click.echo(harness.results_table(results))
 
 
 @main.command("generate")
@@ -336,10 +374,33 @@ def pack_command(source: Path, out_dir: Path | None, dictionary_size: int, max_p
         _echo_packed(out, info)
 
 
+def _silent(line: str) -> None:
+    """The log when stderr is not a terminal: `qmoe export` reports progress only to a person."""
+
+
 def _echo_packed(out: Path, info: dict[str, Any]) -> None:
     click.echo(f"wrote {out}: {info['bits_per_weight_codes']:.4f} bits per expert weight "
                f"({info['bits_per_weight_all_in']:.4f} all-in), {info['total_bytes'] / 1e6:.2f} MB; "
                f"evaluate with: qmoe eval --model {out}")
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path), metavar="CHECKPOINT")
+@click.option("--format", "fmt", type=Choice(["hf", "compressed-tensors"]), required=True,
+              help="hf: dequantized Hugging Face checkpoint; compressed-tensors: packed b-bit experts.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, callback=output_dir,
+              help="Output directory (written under a temporary name, never overwritten).")
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None, metavar="FILE|DIR",
+              help="The source model's config.json, if its source is not on this machine.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
+@handle_errors
+def export_command(checkpoint: Path, fmt: str, out_dir: Path, config: Path | None, as_json: bool) -> None:
+    """Write CHECKPOINT (original, quantized or packed) as a checkpoint transformers loads."""
+    from .export.writer import ExportConfig, export
+
+    check_output_dir(out_dir, "--out")  # before anything is read
+    summary = export(checkpoint, out_dir, ExportConfig(fmt, config), note if sys.stderr.isatty() else _silent)
+    click.echo(json.dumps(summary) if as_json else f"wrote {out_dir} ({fmt}, {summary['shards']} shards)")
 
 
 @main.command("info")

@@ -22,6 +22,7 @@ BASE = {"errors", "files", "resources", "locks", "native_build", "threads"}
 ALLOWED = {
     "api": {"compress", "run", "formats", "execute", "arch", "quant", "codec", "kernels", "data"} | BASE,
     "compress": {"run", "formats", "execute", "arch", "quant", "codec", "kernels", "data"} | BASE,
+    "export": {"run", "formats", "execute", "arch", "quant", "codec", "kernels", "data"} | BASE,
     "run": {"formats", "execute", "arch", "quant", "codec", "kernels", "data"} | BASE,
     "formats": {"execute", "arch", "quant", "codec", "kernels", "data"} | BASE,
     "execute": {"arch", "quant", "codec", "kernels"} | BASE,

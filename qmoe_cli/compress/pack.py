@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,6 +35,7 @@ from ..codec.dictionary import NUM_SYMBOLS, Codebook, DictionarySpec, fit_dictio
 from ..codec.rows import decode_matrix, encode_matrix
 from ..errors import QmoeError, os_error_message, os_error_remedy
 from ..files import atomic_directory, save_tensors_atomic
+from ..formats.card import manifest_facts, write_card
 from ..formats.hf import COMPANION_FILES
 from ..formats.integrity import file_record
 from ..formats.packed import DICTIONARY_FILE
@@ -158,6 +159,10 @@ def _pack(weights: QuantizedWeights, source: Path, out: Path, cfg: PackConfig,
                 f"compressing again saves 32 bits a row)")
         files = {name: records[name].result() for name in sorted(records)}
         manifest = _manifest(quantized, codec, cfg, layers, spec.symbol_weights, files)
+        card = write_card(tmp, manifest_facts(manifest.to_json()))  # checksummed like every other file
+        record = file_record(card)
+        manifest = replace(manifest, files={**manifest.files, card.name: record},
+                           total_bytes=manifest.total_bytes + record["bytes"])
         manifest.write(tmp)
     reader.close()
     weights.close()

@@ -43,6 +43,7 @@ from ..arch import Architecture
 from ..data.datasets import LoadedData, Sample
 from ..errors import QmoeError, os_error_message, os_error_remedy
 from ..files import save_tensors_atomic, temporary_name
+from ..formats.card import manifest_facts, write_card
 from ..formats.hf import COMPANION_FILES
 from ..formats.integrity import file_record
 from ..formats.open import OpenModel
@@ -163,6 +164,8 @@ def _finish(manifest: dict, out: Path) -> dict:
     """Rank 0: mark the run complete and move it into place."""
     partial = temporary_name(out)
     manifest["complete"] = True
+    card = write_card(partial, manifest_facts(manifest))  # checksummed like every other file
+    manifest["files"][card.name] = file_record(card)
     write_manifest(partial, manifest)
     partial.rename(out)
     return manifest
