@@ -160,6 +160,67 @@ AVX512 bool ternary_row_avx512(const Ternary& m, int64_t r, const Tile& tile) {
   return true;
 }
 
+// ---------------------------------------------------------------- ternary, AVX-512 BF16 (bf16 x)
+// A bf16 x and bf16 grids multiply exactly in fp32, so `vdpbf16ps` (32 bf16 products a
+// instruction, summed in fp32) keeps round_once_linear's numerics while doing half the FMAs of
+// the fp32 path: one 32-lane register holds a whole codeword (28 weights). Two codewords a step
+// into separate accumulators: the dot product's latency, not its throughput, bounds one token.
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+
+struct TileBf16 {  // as Tile, x in bf16 bits
+  const uint16_t* x;
+  int64_t stride, n;
+  float* y;
+  int64_t rows;
+};
+
+AVX512BF16 inline __m512i bf16_weights(uint32_t lo_mask, uint32_t hi_mask, __m512i lov, __m512i hiv) {
+  return _mm512_mask_mov_epi16(_mm512_maskz_mov_epi16(__mmask32(hi_mask), hiv), __mmask32(lo_mask & 0x0FFFFFFFu), lov);
+}
+
+template <int NT>
+AVX512BF16 bool ternary_row_bf16(const Ternary& m, int64_t r, const TileBf16& tile) {
+  __m512 a[NT], b[NT];
+  for (int t = 0; t < NT; ++t) a[t] = b[t] = _mm512_setzero_ps();
+  uint32_t lo_bits, hi_bits;  // the grids are bf16 values: their top 16 bits are exact
+  std::memcpy(&lo_bits, m.lo + r, 4);
+  std::memcpy(&hi_bits, m.hi + r, 4);
+  const __m512i lov = _mm512_set1_epi16(short(lo_bits >> 16)), hiv = _mm512_set1_epi16(short(hi_bits >> 16));
+  int64_t col = 0, k = m.offsets[r];
+  const int64_t stop = m.offsets[r + 1];
+  for (; k < stop; k += 2) {
+    const uint32_t wa = m.words[k], wb = k + 1 < stop ? m.words[k + 1] : 0;
+    if (wa >= m.size || wb >= m.size || col >= m.width) return false;
+    const uint32_t la = m.masks[2 * wa], lb = k + 1 < stop ? m.masks[2 * wb] : 0, hb = k + 1 < stop ? m.masks[2 * wb + 1] : 0;
+    const int64_t cb = col + 2 * int64_t(la >> 28);
+    if (k + 1 < stop && cb >= m.width) return false;
+    const __m512i w0 = bf16_weights(la, m.masks[2 * wa + 1], lov, hiv), w1 = bf16_weights(lb, hb, lov, hiv);
+    for (int t = 0; t < NT; ++t) {
+      const uint16_t* x = tile.x + t * tile.stride;
+      a[t] = _mm512_dpbf16_ps(a[t], (__m512bh)w0, (__m512bh)_mm512_loadu_si512(x + col));
+      b[t] = _mm512_dpbf16_ps(b[t], (__m512bh)w1, (__m512bh)_mm512_loadu_si512(x + std::min(cb, m.width)));
+    }
+    col = cb + 2 * int64_t(lb >> 28);
+  }
+  if (col != m.width && col != m.width + 1) return false;
+  for (int t = 0; t < NT; ++t) tile.y[t * tile.rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[t], b[t]));
+  return true;
+}
+
+using TernaryRowBf16 = bool (*)(const Ternary&, int64_t, const TileBf16&);
+
+TernaryRowBf16 ternary_kernel_bf16(int64_t n) {
+  static const TernaryRowBf16 k[] = {ternary_row_bf16<1>, ternary_row_bf16<2>, ternary_row_bf16<3>,
+                                     ternary_row_bf16<4>, ternary_row_bf16<5>, ternary_row_bf16<6>,
+                                     ternary_row_bf16<7>, ternary_row_bf16<8>};
+  return k[n - 1];
+}
+
+bool runs_bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+}
+
 // ---------------------------------------------------------------- ternary, AVX2
 alignas(32) float kByteLanes[256][8];  // bit j of byte i -> lane j: 1.0 or 0.0
 const bool kByteLanesReady = [] {
@@ -250,7 +311,7 @@ using namespace qmoe_cpu;
 // y = x Wᵀ for a dictionary-coded ternary W [rows, width] with one grid per row.
 // words [total] int16 (uint16 codeword indices), offsets [rows + 1] int32, masks [size, 2] int32
 // (`Codebook.masks`), lo/hi [rows] fp32 (already rounded to x's dtype by the caller), x [n, width]
-// fp32. -> y [n, rows] fp32.
+// fp32 or bf16 (bf16 on a CPU with AVX-512 BF16: the bf16 dot-product path). -> y [n, rows] fp32.
 torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::Tensor masks, torch::Tensor lo,
                              torch::Tensor hi, torch::Tensor x, int64_t isa) {
   check(words, "words", torch::kInt16, 1);
@@ -258,7 +319,9 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
   check(masks, "masks", torch::kInt32, 2);
   check(lo, "lo", torch::kFloat32, 1);
   check(hi, "hi", torch::kFloat32, 1);
-  check(x, "x", torch::kFloat32, 2);
+  QMOE_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, "x must be fp32 or bf16, got ",
+             x.scalar_type());
+  check(x, "x", x.scalar_type(), 2);
   const int64_t rows = offsets.size(0) - 1, n = x.size(0);
   QMOE_CHECK(rows >= 0 && lo.size(0) == rows && hi.size(0) == rows, "lo/hi must be [", rows, "], got ", lo.sizes(),
              " and ", hi.sizes());
@@ -272,8 +335,24 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
     QMOE_CHECK(off[r] <= off[r + 1], "row ", r, " has codeword range [", off[r], ", ", off[r + 1], ")");
   QMOE_CHECK(rows == 0 || (off[0] == 0 && off[rows] == m.total), "offsets must run from 0 to the ", m.total,
              " codewords, got ", off[0], " to ", off[rows]);
-  auto xp = padded(x);
   auto out = torch::empty({n, rows}, torch::kFloat32);
+  if (x.scalar_type() == torch::kBFloat16 && isa == kAvx512 && runs_bf16()) {
+    auto xp = torch::zeros({n, m.width + kPad}, torch::kBFloat16);
+    xp.narrow(1, 0, m.width).copy_(x);
+    at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t t0 = 0; t0 < n; t0 += 8) {
+        const int64_t nt = std::min<int64_t>(8, n - t0);
+        const TileBf16 tile{reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>()) + t0 * xp.size(1),
+                            xp.size(1), nt, out.data_ptr<float>() + t0 * rows, rows};
+        const TernaryRowBf16 row = ternary_kernel_bf16(nt);
+        for (int64_t r = begin; r < end; ++r)
+          QMOE_CHECK(row(m, r, tile), "row ", r, " holds a codeword beyond the dictionary's ", m.size,
+                     " or does not decode to its width ", m.width);
+      }
+    });
+    return out;
+  }
+  auto xp = padded(x.to(torch::kFloat32));  // a bf16 x is exact in fp32
   const int64_t step = tile_tokens(isa, n);
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t t0 = 0; t0 < n; t0 += step) {  // tokens outermost: a tile of x stays in L2 over the rows

@@ -75,8 +75,10 @@ def ternary_matmul(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tens
     if ext is None:
         return None
     lo, hi = (g.reshape(-1).to(x.dtype).float().contiguous() for g in (lo, hi))
-    y = ext.ternary_matmul(words, offsets, masks, lo, hi, x.float().contiguous(), isa_code(isa))
-    return y.to(x.dtype)
+    x_dtype = x.dtype
+    x = (x if x.dtype == torch.bfloat16 else x.float()).contiguous()  # bf16: the kernels' bf16 dot products
+    y = ext.ternary_matmul(words, offsets, masks, lo, hi, x, isa_code(isa))
+    return y.to(x_dtype)
 
 
 def bitpacked_matmul(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, x: torch.Tensor, bits: int,
