@@ -50,6 +50,7 @@ class NativeBuild:
     headers: tuple[Path, ...] = ()  # included by the sources: part of the cache key
     extra_cflags: tuple[str, ...] = ()
     extra_cuda_cflags: tuple[str, ...] = ()
+    extra_ldflags: tuple[str, ...] = ()
     is_python_module: bool = True
     timeout_s: float = 1800.0  # longest wait for another process's build of the same sources
     include_dirs: tuple[Path, ...] = ()
@@ -70,7 +71,7 @@ def cache_key(build: NativeBuild) -> str:
     h = hashlib.sha256()
     for part in (build.name, torch.__version__, str(torch.version.cuda), sys.implementation.cache_tag,
                  platform.machine(), *build.extra_cflags, "|", *build.extra_cuda_cflags, "|",
-                 str(build.is_python_module)):
+                 str(build.is_python_module), *build.extra_ldflags):
         h.update(part.encode() + b"\0")
     for path in (*build.sources, *build.headers):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
@@ -114,7 +115,7 @@ def _compile(build: NativeBuild, directory: Path, verbose: bool) -> ModuleType |
           file=sys.stderr, flush=True)
     started = time.monotonic()
     loaded = load(name=build.name, sources=[str(s) for s in build.sources], extra_cflags=list(build.extra_cflags),
-                  extra_cuda_cflags=list(build.extra_cuda_cflags) or None,
+                  extra_cuda_cflags=list(build.extra_cuda_cflags) or None, extra_ldflags=list(build.extra_ldflags),
                   extra_include_paths=[str(d) for d in build.include_dirs], build_directory=str(directory),
                   is_python_module=build.is_python_module, verbose=verbose)
     (directory / STAMP).write_text(f"{time.monotonic() - started:.1f} s\n")

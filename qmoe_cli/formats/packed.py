@@ -45,6 +45,8 @@ from torch import nn
 
 from ..arch import Architecture, ExpertShape, RoutedExperts, architecture_from_config
 from ..codec.bitpack import row_bytes, unpack_bits
+from ..codec.cpu_matmul import bitpacked_matmul
+from ..codec.cpu_matmul import ternary_matmul as cpu_ternary_matmul
 from ..codec.dictionary import Codebook
 from ..codec.rows import decode_dense, row_offsets, row_widths, ternary_matmul
 from ..errors import QmoeError
@@ -109,6 +111,10 @@ class DictionaryMatrix:
         where unsupported (grids per column group, or no C++ codec)."""
         if self.lo.shape[1] != 1:
             return None
+        if self.book.masks is not None:
+            y = cpu_ternary_matmul(self.words, self.offsets, self.book.masks, self.lo, self.hi, x)
+            if y is not None:
+                return y
         lo, hi = (g.to(x.dtype).float() for g in (self.lo, self.hi))
         y = ternary_matmul(self.words, self.offsets, self.book, lo, hi, x.float())
         return None if y is None else y.to(x.dtype)
@@ -132,9 +138,11 @@ class BitpackedMatrix:
         grid = self.spec.grid_from_tensors({k: v[begin:end] for k, v in self.grid_tensors.items()})
         return dequantize(codes[None], grid, self.spec)[0]
 
-    def sparse_matmul(self, x: torch.Tensor) -> None:
-        """None: every b-bit code is a weight, so there is nothing to skip; decode and multiply."""
-        return None
+    def sparse_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [n, cols] @ Wᵀ -> [n, rows] in x's dtype from the packed codes (`round_once_linear`'s
+        numerics); None without the native CPU kernels."""
+        return bitpacked_matmul(self.packed, self.grid_tensors["scale"], self.grid_tensors["zero"], x,
+                                int(self.spec.bits), self.spec.group_size or self.cols)
 
 
 def _expect(where: str, name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None) -> None:

@@ -1,0 +1,94 @@
+"""The native CPU decode-matmul of packed experts (`kernels/cpu_matmul*.cpp`): y = x Wᵀ for a few
+tokens straight from dictionary codewords or bit-packed codes, SIMD (AVX-512 or AVX2, picked at
+run time, or portable C++), rows split over torch's threads.
+
+Numerics are `round_once_linear`'s: the weights in x's dtype (ternary grids rounded by the
+caller; b-bit weights rounded in the kernel), products summed in fp32, rounded once to x's dtype.
+Only the summation order differs from a dense product, by at most ~eps(fp32) x (nonzero terms)
+x max|w x| (`tests/test_cpu_matmul.py` states the bound it checks).
+
+`QMOE_CPU_ISA` (portable | avx2 | avx512) forces a variant for the whole process, for benchmarks
+and for checking a variant on a machine that runs a better one; the `isa` argument does the same
+for one call. Without a compiler the callers keep their previous paths (one warning).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import warnings
+from types import ModuleType
+
+import torch
+
+from ..native_build import NativeBuild, load_native
+from ..resources import shipped_dir
+
+ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
+_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MAX_TOKENS = 32  # up to here the kernels beat decoding to fp32 plus BLAS (docs/cpu.md)
+
+
+def cpu_matmul_build() -> NativeBuild:
+    native = shipped_dir("native")
+    return NativeBuild(name="qmoe_cpu_matmul", sources=(native / "cpu_matmul.cpp", native / "cpu_matmul_bits.cpp"),
+                       headers=(native / "cpu_matmul.h",), what="the CPU decode-matmul",
+                       usual="a minute or two (60 s of CPU time)", extra_cflags=("-O3", "-fopenmp"),
+                       extra_ldflags=("-fopenmp",), timeout_s=900.0)
+
+
+@functools.cache
+def cpu_matmul_extension() -> ModuleType | None:
+    """The compiled kernels, or None (after one warning) when they cannot be built."""
+    try:
+        return load_native(cpu_matmul_build())[1]
+    except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"qmoe: the CPU decode-matmul could not be built ({reason}); packed experts use the slower "
+                      "decode path", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def isa_code(isa: str | None) -> int:
+    """The kernels' variant number of `isa` (None: `QMOE_CPU_ISA`, else the best the CPU runs: -1)."""
+    isa = isa or os.environ.get("QMOE_CPU_ISA") or None
+    if isa is None:
+        return -1
+    if isa not in ISAS:
+        raise ValueError(f"QMOE_CPU_ISA / isa must be one of {', '.join(ISAS)}, got {isa!r}")
+    return ISAS[isa]
+
+
+def best_isa() -> str | None:
+    """The fastest variant this CPU runs, or None without the kernels."""
+    ext = cpu_matmul_extension()
+    return None if ext is None else {v: k for k, v in ISAS.items()}[ext.best_isa()]
+
+
+def ternary_matmul(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor, lo: torch.Tensor,
+                   hi: torch.Tensor, x: torch.Tensor, isa: str | None = None) -> torch.Tensor | None:
+    """x [n, cols] fp32/bf16/fp16 @ Wᵀ -> [n, rows] in x's dtype, for a dictionary-coded ternary W:
+    words [total] int16, offsets [rows + 1] int32, masks [size, 2] int32 (`Codebook.masks`),
+    lo/hi [rows, 1] fp32 (one grid per row). None without the kernels."""
+    ext = cpu_matmul_extension()
+    if ext is None:
+        return None
+    lo, hi = (g.reshape(-1).to(x.dtype).float().contiguous() for g in (lo, hi))
+    x_dtype = x.dtype
+    x = (x if x.dtype == torch.bfloat16 else x.float()).contiguous()  # bf16: the kernels' bf16 dot products
+    y = ext.ternary_matmul(words, offsets, masks, lo, hi, x, isa_code(isa))
+    return y.to(x_dtype)
+
+
+def bitpacked_matmul(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, x: torch.Tensor, bits: int,
+                     group_cols: int, isa: str | None = None) -> torch.Tensor | None:
+    """x [n, cols] fp32/bf16/fp16 @ Wᵀ -> [n, rows] in x's dtype, for a bit-packed W: packed
+    [rows, ceil(cols * bits / 8)] uint8, scale/zero [rows, groups] fp32, W = scale * (q - zero)
+    (grids of `group_cols` columns). None without the kernels or for another dtype of x."""
+    ext = cpu_matmul_extension()
+    if ext is None or x.dtype not in _ROUND:
+        return None
+    y = ext.bitpacked_matmul(packed, scale, zero, x.float().contiguous(), bits, group_cols, _ROUND[x.dtype],
+                             isa_code(isa))
+    return y.to(x.dtype)

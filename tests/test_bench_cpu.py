@@ -1,0 +1,30 @@
+"""scripts/bench_cpu.py on a tiny shape: it runs and prints its table (no timing is asserted:
+timings belong to docs/cpu.md, measured once, on a stated machine)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_tiny_run_prints_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "cpu.md"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--shapes", "97x1025,30x64",
+                           "--tokens", "1,9", "--dictionary", "512", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 97x1025") or line.startswith("| 30x64")]
+    assert len(rows) == 4
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 11 and all(float(c) >= 0 for c in cells[2:])
+
+
+def test_bad_flags_are_usage_errors() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--tokens", "0"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 2 and "--tokens" in done.stderr

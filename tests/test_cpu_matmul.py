@@ -1,0 +1,153 @@
+"""The native CPU decode-matmul (`codec/cpu_matmul.py`, `kernels/cpu_matmul*.cpp`) against the plain
+reference: the weights built from the codes themselves (no decoder involved), rounded to x's dtype,
+the product summed in fp64. Every SIMD variant this CPU runs is forced in turn.
+
+Tolerance, from the arithmetic: the kernels sum n = cols products in fp32 in some order, so each
+output is within gamma_n = n * eps32 / (1 - n * eps32) of sum |x_c w_c| (the standard bound for
+recursive summation, which any blocking only tightens), plus, for a bf16/fp16 x, half an ulp of
+the result's rounding to x's dtype (eps(dtype) * |y|)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_codec_reference import fixed_probs, ternary
+
+from qmoe_cli.codec.bitpack import pack_bits
+from qmoe_cli.codec.cpu_matmul import ISAS, best_isa, bitpacked_matmul, cpu_matmul_extension, ternary_matmul
+from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, build_dictionary
+from qmoe_cli.codec.rows import encode_matrix
+
+pytestmark = pytest.mark.skipif(cpu_matmul_extension() is None, reason="the CPU decode-matmul could not be built")
+EPS = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # half an ulp of the output
+TOKENS = (1, 2, 3, 7, 8, 9, 16, 31, 32)
+
+
+def runnable_isas() -> list[str]:
+    best = best_isa()
+    return [isa for isa, code in ISAS.items() if best is not None and code <= ISAS[best]]
+
+
+ALL_ISAS = pytest.mark.parametrize("isa", list(ISAS))
+
+
+def skip_unless_runs(isa: str) -> None:
+    if isa not in runnable_isas():
+        pytest.skip(f"this CPU does not run the {isa} variant")
+
+
+def assert_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y [n, rows] against x [n, cols] @ w [rows, cols]ᵀ (w already in x's dtype), module docstring's bound."""
+    xd, wd = x.double(), w.double()
+    ref = xd @ wd.T
+    n = x.shape[1]
+    gamma = n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
+    bound = gamma * (xd.abs() @ wd.abs().T) + EPS[x.dtype] * ref.abs() + 1e-30
+    err = (y.double() - ref).abs()
+    worst = float((err / bound).max()) if err.numel() else 0.0
+    assert worst <= 1.0, f"error {float(err.max()):.3g} exceeds the bound by {worst:.2f}x"
+
+
+def book(size: int, max_len: int = 14) -> Codebook:
+    return Codebook.from_sequences(build_dictionary(fixed_probs(0.9), DictionarySpec(size, max_len)), max_len)
+
+
+def ternary_case(rows: int, cols: int, seed: int, size: int = 4096):
+    """(words, offsets, masks, lo [rows, 1], hi, W [rows, cols] fp32 from the codes themselves); rows
+    0 and 1 (when there are that many) all zero and all non-zero: the longest and shortest runs."""
+    codes = ternary(rows, cols, 0.9, seed)
+    if rows > 2:
+        codes[0], codes[1] = 1, torch.randint(0, 2, (cols,), generator=torch.Generator().manual_seed(seed)) * 2
+    b = book(size)
+    words, offsets = encode_matrix(codes, b)
+    g = torch.Generator().manual_seed(seed + 1)
+    lo, hi = -torch.rand(rows, 1, generator=g) - 0.1, torch.rand(rows, 1, generator=g) + 0.1
+    w = torch.where(codes == 0, lo, torch.where(codes == 2, hi, torch.zeros(())))
+    return words, offsets, b.masks, lo, hi, w
+
+
+@ALL_ISAS
+@pytest.mark.parametrize("rows, cols", [(97, 1025), (64, 28), (5, 1), (33, 30)])
+def test_ternary_equals_the_reference(isa: str, rows: int, cols: int) -> None:
+    skip_unless_runs(isa)
+    words, offsets, masks, lo, hi, w = ternary_case(rows, cols, seed=rows + cols)
+    for n in TOKENS:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n)).to(dtype)
+            y = ternary_matmul(words, offsets, masks, lo, hi, x, isa)
+            assert y.dtype == dtype and y.shape == (n, rows)
+            # the grid is rounded to x's dtype (round_once_linear): W of lo/hi rounded
+            assert_close(y, x, torch.where(w == 0, w, w.to(dtype).float()).to(dtype))
+
+
+@ALL_ISAS
+def test_ternary_with_the_full_dictionary(isa: str) -> None:
+    skip_unless_runs(isa)
+    words, offsets, masks, lo, hi, w = ternary_case(40, 3001, seed=3, size=1 << 16)
+    x = torch.randn(5, 3001, generator=torch.Generator().manual_seed(4))
+    assert_close(ternary_matmul(words, offsets, masks, lo, hi, x, isa), x, w)
+
+
+@ALL_ISAS
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [None, 32, 40])  # 40: chunks straddle grids, the portable path
+def test_bitpacked_equals_the_reference(isa: str, bits: int, group: int | None) -> None:
+    skip_unless_runs(isa)
+    rows, cols = 37, 1025
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (rows, cols), generator=g, dtype=torch.uint8)
+    group_cols = group or cols
+    groups = -(-cols // group_cols)
+    scale = torch.rand(rows, groups, generator=g) * 0.1 + 1e-3
+    zero = torch.randint(0, 1 << bits, (rows, groups), generator=g).float()
+    col_group = torch.arange(cols) // group_cols
+    w = scale[:, col_group] * (codes.float() - zero[:, col_group])
+    packed = pack_bits(codes, bits)
+    for n in (1, 3, 8, 9, 32):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(n, cols, generator=g).to(dtype)
+            y = bitpacked_matmul(packed, scale, zero, x, bits, group_cols, isa)
+            assert y.dtype == dtype and y.shape == (n, rows)
+            assert_close(y, x, w.to(dtype))
+
+
+def test_threads_do_not_change_the_output() -> None:
+    words, offsets, masks, lo, hi, _ = ternary_case(97, 1025, seed=9)
+    x = torch.randn(9, 1025, generator=torch.Generator().manual_seed(9))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ternary_matmul(words, offsets, masks, lo, hi, x)
+        torch.set_num_threads(2)
+        two = ternary_matmul(words, offsets, masks, lo, hi, x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # rows are independent: the split cannot change a sum
+
+
+def test_malformed_matrices_raise_instead_of_reading_out_of_bounds() -> None:
+    words, offsets, masks, lo, hi, _ = ternary_case(8, 100, seed=5, size=512)
+    x = torch.randn(2, 100)
+    for isa in runnable_isas():
+        bad = words.clone()
+        bad[3] = 600  # beyond the 512 codewords
+        with pytest.raises(RuntimeError, match="beyond the dictionary"):
+            ternary_matmul(bad, offsets, masks, lo, hi, x, isa)
+        with pytest.raises(RuntimeError, match="does not decode to its width"):
+            ternary_matmul(words, offsets, masks, lo, hi, torch.randn(2, 60), isa)
+        shifted = offsets.clone()
+        shifted[2], shifted[3] = int(offsets[3]), int(offsets[2])  # row 2 runs backwards
+        with pytest.raises(RuntimeError, match="codeword range"):
+            ternary_matmul(words, shifted, masks, lo, hi, x, isa)
+
+
+def test_bad_variant_names_and_unsupported_variants_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    words, offsets, masks, lo, hi, _ = ternary_case(4, 20, seed=6, size=512)
+    with pytest.raises(ValueError, match="QMOE_CPU_ISA / isa must be one of portable, avx2, avx512, got 'sse'"):
+        ternary_matmul(words, offsets, masks, lo, hi, torch.randn(1, 20), "sse")
+    monkeypatch.setenv("QMOE_CPU_ISA", "portable")
+    forced = ternary_matmul(words, offsets, masks, lo, hi, torch.ones(1, 20))
+    assert torch.equal(forced, ternary_matmul(words, offsets, masks, lo, hi, torch.ones(1, 20), "portable"))
+    if best_isa() != "avx512":
+        with pytest.raises(RuntimeError, match="not supported by this CPU"):
+            ternary_matmul(words, offsets, masks, lo, hi, torch.randn(1, 20), "avx512")
