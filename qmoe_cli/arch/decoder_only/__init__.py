@@ -6,8 +6,10 @@ context), `layers` (attention, router, SwiGLU experts, the block), `family` (the
 DecoderConfig: what differs, and nothing else.
 """
 
+from .deepseek_v2 import DeepseekV2Config
 from .deepseek_v3 import DeepseekV3Config
 from .family import DecoderArchitecture
+from .glm4_moe import Glm4MoeConfig
 from .mixtral import MixtralConfig
 from .olmoe import OlmoeConfig
 from .qwen_moe import Qwen2MoeConfig, Qwen3MoeConfig
@@ -19,6 +21,8 @@ FAMILIES = {
     "qwen3_moe": (Qwen3MoeConfig, DecoderArchitecture),
     "olmoe": (OlmoeConfig, DecoderArchitecture),
     "deepseek_v3": (DeepseekV3Config, DecoderArchitecture),
+    "deepseek_v2": (DeepseekV2Config, DecoderArchitecture),
+    "glm4_moe": (Glm4MoeConfig, DecoderArchitecture),
 }
 
 __all__ = ["DecoderArchitecture", "FAMILIES"]
