@@ -96,6 +96,30 @@ DEEPSEEK_V3 = {
 }
 
 
+# GLM-4.5 as its real config has it: DeepSeek-V3's routing (8 experts in 4 groups, the best 2
+# eligible, correction bias, times 2.5), a dense first block and a shared expert, over grouped
+# queries with q/k/v biases, per-head q/k norms and RoPE on half of each 12-wide head.
+# DeepSeek-V2 as DeepSeek-V2 (not Lite) has it: group-limited softmax routing (top-3 within the best
+# 2 of 4 groups, so that the groups matter: top-2 would lie in the best 2 anyway) times 16, two
+# shared experts, a dense first block, MLA with a low-rank query and DeepSeek's YaRN (mscale =
+# mscale_all_dim: cos and sin unscaled, the softmax scale times 1.59) over an original context
+# of 16 that longer test samples exceed.
+DECODER_FAMILIES.update({
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(n_routed_experts=8, moe_intermediate_size=24, n_shared_experts=1, first_k_dense_replace=1,
+                      n_group=4, topk_group=2, routed_scaling_factor=2.5, head_dim=12, partial_rotary_factor=0.5,
+                      use_qk_norm=True, attention_bias=True, eos_token_id=[1, 2], pad_token_id=3)),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(n_routed_experts=8, moe_intermediate_size=24, n_shared_experts=2, first_k_dense_replace=1,
+                         topk_method="group_limited_greedy", n_group=4, topk_group=2, num_experts_per_tok=3,
+                         routed_scaling_factor=16.0,
+                         num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=8, qk_rope_head_dim=8,
+                         qk_nope_head_dim=6, v_head_dim=6, max_position_embeddings=640,
+                         rope_scaling={"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 16,
+                                       "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707})),
+})
+
+
 def save_hf_decoder(directory: Path, family: str, seed: int = 0, config_override: dict | None = None):
     """Write a random decoder-only MoE of `family` with `save_pretrained`; returns the model.
     `config_override`: config arguments that replace or add to the family's tiny ones."""

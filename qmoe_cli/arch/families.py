@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .decoder_only import DecoderArchitecture
+from .decoder_only.deepseek_v2 import DeepseekV2Config
 from .decoder_only.deepseek_v3 import DeepseekV3Config
+from .decoder_only.glm4_moe import Glm4MoeConfig
 from .decoder_only.mixtral import MixtralConfig
 from .decoder_only.olmoe import OlmoeConfig
 from .decoder_only.qwen_moe import Qwen2MoeConfig, Qwen3MoeConfig
@@ -48,6 +50,8 @@ FAMILIES = (
     Family("qwen3_moe", "Qwen3-MoE", Qwen3MoeConfig, DecoderArchitecture),
     Family("olmoe", "OLMoE", OlmoeConfig, DecoderArchitecture),
     Family("deepseek_v3", "DeepSeek-V3", DeepseekV3Config, DecoderArchitecture),
+    Family("deepseek_v2", "DeepSeek-V2", DeepseekV2Config, DecoderArchitecture),
+    Family("glm4_moe", "GLM-4.5", Glm4MoeConfig, DecoderArchitecture),
 )
 BY_MODEL_TYPE = {family.model_type: family for family in FAMILIES}
 

@@ -16,8 +16,10 @@ from .rope import RopeScaling
 
 # softmax_topk: softmax over all experts, then the top k (optionally renormalised);
 # sigmoid_group: DeepSeek-V3's sigmoid scores, top k among the best `topk_group` expert groups
-# chosen with a correction bias that the weights themselves leave out.
-ROUTERS = ("softmax_topk", "sigmoid_group")
+# chosen with a correction bias that the weights themselves leave out;
+# softmax_group: DeepSeek-V2's group_limited_greedy, softmax top k among the `topk_group` groups
+# holding the highest single scores. Every router's weights end times `routed_scaling_factor`.
+ROUTERS = ("softmax_topk", "sigmoid_group", "softmax_group")
 ATTENTIONS = ("gqa", "mla")  # grouped-query attention, or DeepSeek's multi-head latent attention
 QK_NORMS = ("none", "head", "full")  # RMSNorm of q and k: none, per head (Qwen3), over all heads (OLMoE)
 
@@ -32,7 +34,7 @@ class DecoderConfig:
     num_layers: int
     num_heads: int
     num_kv_heads: int  # grouped-query attention: num_heads is a multiple of it
-    head_dim: int  # rotary width: the whole head, or MLA's qk_rope_head_dim
+    head_dim: int  # gqa: each head's width; mla: its rotary part (qk_rope_head_dim)
     num_experts: int
     top_k: int
     moe_intermediate_size: int  # width of one routed expert
@@ -45,7 +47,7 @@ class DecoderConfig:
     norm_topk_prob: bool = False  # renormalise the top-k probabilities to sum to 1
     n_group: int = 1  # sigmoid_group: experts in n_group groups, the best topk_group of them eligible
     topk_group: int = 1
-    routed_scaling_factor: float = 1.0  # sigmoid_group: routed weights scaled by this
+    routed_scaling_factor: float = 1.0  # routed weights scaled by this (DeepSeek, GLM)
     attention: str = "gqa"
     q_lora_rank: int | None = None  # mla: low-rank query (None: one q_proj)
     kv_lora_rank: int = 0  # mla: width of the compressed key-value latent
@@ -65,6 +67,7 @@ class DecoderConfig:
     eos_token_ids: tuple[int, ...] = ()  # generation stops at any of them (none: only at the length limit)
     pad_token_id: int | None = None  # fills a padded prompt batch (None: the first EOS, else 0)
     max_position_embeddings: int | None = None  # longest sequence the model was built for (None: unknown)
+    rotary_dim: int | None = None  # gqa: rotated leading dims of each head (GLM: half of them); None: all
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -110,6 +113,10 @@ class DecoderConfig:
         if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
             raise ValueError(f"DecoderConfig.max_position_embeddings must be >= 1 or None, "
                              f"got {self.max_position_embeddings!r}")
+        if self.rotary_dim is not None and (self.attention != "gqa" or self.rotary_dim % 2
+                                            or not 2 <= self.rotary_dim <= self.head_dim):
+            raise ValueError(f"DecoderConfig.rotary_dim must be an even width in [2, head_dim {self.head_dim}] of "
+                             f"grouped-query heads, got {self.rotary_dim!r} ({self.attention} attention)")
         if self.shared_expert_gate and not self.shared_expert_size:
             raise ValueError("DecoderConfig.shared_expert_gate needs a shared expert (shared_expert_size > 0)")
 
@@ -121,6 +128,11 @@ class DecoderConfig:
             mscale = self.rope_scaling.softmax_mscale
             return (self.qk_nope_head_dim + self.head_dim) ** -0.5 * mscale * mscale
         return self.head_dim ** -0.5
+
+    @property
+    def rotary_width(self) -> int:
+        """Dims of each query/key head that rotate (the rotary tables' width)."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     def is_sparse(self, index: int) -> bool:
         return index in self.sparse_layers

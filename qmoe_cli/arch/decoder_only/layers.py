@@ -49,16 +49,20 @@ class RMSNorm(nn.Module):
 
 def rotary_tables(config: DecoderConfig, length: int, device: torch.device,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [length, head_dim] of positions 0..length-1, scaled as `config.rope_scaling` says
-    and times its attention factor (angles in fp32, as HF computes them)."""
-    inv_freq, attention_factor = inverse_frequencies(config.rope_theta, config.head_dim, config.rope_scaling)
+    """cos, sin [length, rot] (rot: `config.rotary_width`) of positions 0..length-1, scaled as
+    `config.rope_scaling` says and times its attention factor (angles in fp32, as HF computes them)."""
+    inv_freq, attention_factor = inverse_frequencies(config.rope_theta, config.rotary_width, config.rope_scaling)
     angles = torch.arange(length, device=device).float()[:, None] * inv_freq.to(device)[None, :]
-    emb = torch.cat([angles, angles], dim=-1)  # [length, head_dim] fp32
+    emb = torch.cat([angles, angles], dim=-1)  # [length, rot] fp32
     return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, hd] rotated by position (the half-split convention, not interleaved pairs)."""
+    """x [B, H, T, hd] rotated by position (the half-split convention, not interleaved pairs);
+    tables narrower than hd (partial rotary, GLM) rotate the leading dims and pass the rest."""
+    if cos.shape[-1] < x.shape[-1]:
+        rot = cos.shape[-1]
+        return torch.cat([_rotate(x[..., :rot], cos, sin), x[..., rot:]], dim=-1)
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
@@ -291,8 +295,8 @@ class GatedMLP(nn.Module):
 
 
 class Router(nn.Module):
-    """Top-k router (`DecoderConfig.router`): softmax top-k, or DeepSeek-V3's sigmoid scores
-    with group-limited choice."""
+    """Top-k router (`DecoderConfig.router`): softmax top-k, DeepSeek-V3's sigmoid scores with
+    group-limited choice, or DeepSeek-V2's group-limited softmax."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -312,7 +316,9 @@ class Router(nn.Module):
             weight, index = torch.topk(torch.softmax(logits, dim=-1), c.top_k, dim=-1)
             if c.norm_topk_prob:
                 weight = weight / weight.sum(dim=-1, keepdim=True)
-            return index, weight
+            return index, weight * c.routed_scaling_factor
+        if c.router == "softmax_group":
+            return self._softmax_group(torch.softmax(logits, dim=-1))
         scores = logits.sigmoid()
         biased = scores + self.e_score_correction_bias.float()  # chooses experts; weights leave it out
         groups = biased.view(-1, c.n_group, c.num_experts // c.n_group)
@@ -323,6 +329,17 @@ class Router(nn.Module):
         weight = scores.gather(1, index)
         if c.norm_topk_prob:
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return index, weight * c.routed_scaling_factor
+
+    def _softmax_group(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """scores [N, E] fp32 (softmax) -> top-k among the `topk_group` groups with the highest
+        single score. Other groups' scores become 0, not -inf, as in transformers: with fewer
+        eligible experts than k a zero-weight expert fills the slot and adds nothing."""
+        c = self.config
+        groups = scores.view(-1, c.n_group, c.num_experts // c.n_group)
+        chosen = torch.zeros_like(groups[..., 0]).scatter_(1, groups.amax(dim=-1).topk(c.topk_group, dim=-1)[1], 1.0)
+        eligible = chosen.bool()[:, :, None].expand_as(groups).reshape(-1, c.num_experts)
+        weight, index = scores.masked_fill(~eligible, 0.0).topk(c.top_k, dim=-1)
         return index, weight * c.routed_scaling_factor
 
 

@@ -82,11 +82,23 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def rope_fields(raw: dict[str, Any], default_theta: float = 10000.0) -> dict[str, Any]:
+def rotary_fraction(raw: dict[str, Any], default: float = 1.0) -> float:
+    """`partial_rotary_factor` as transformers 5 reads it: inside `rope_scaling` or
+    `rope_parameters`, else beside them, else the family's `default` (GLM: 0.5)."""
+    params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    for found in (params.get("partial_rotary_factor"), raw.get("partial_rotary_factor")):
+        if found is not None:
+            return float(found)
+    return default
+
+
+def rope_fields(raw: dict[str, Any], default_theta: float = 10000.0, partial: bool = False) -> dict[str, Any]:
     """`rope_theta` and `rope_scaling` of a Hugging Face config, read as transformers 5 reads them:
     `rope_scaling` (transformers 4) wins over `rope_parameters` (5) as a whole; a `rope_theta`
     inside it over one beside it; a top-level `original_max_position_embeddings` over both, and
-    `max_position_embeddings` fills it in. QmoeError for a type we do not run."""
+    `max_position_embeddings` fills it in. QmoeError for a type we do not run, and for a
+    `partial_rotary_factor` below 1 unless the family reads it (`partial`: its parser sets
+    `rotary_dim`; the frequencies are then those of the rotated width, as in transformers)."""
     params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     if any(isinstance(v, dict) for v in params.values()):
         raise QmoeError("config.json: per-layer rope_parameters are not supported")
@@ -96,10 +108,11 @@ def rope_fields(raw: dict[str, Any], default_theta: float = 10000.0) -> dict[str
         raise QmoeError(f"config.json: rope type {kind!r} is not supported: {_REFUSED[kind]}")
     if kind not in ROPE_TYPES:
         raise QmoeError(f"config.json: rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if not partial and (params.get("partial_rotary_factor") or raw.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise QmoeError(f"config.json: partial_rotary_factor (rope type {kind!r}) is not supported for model_type "
+                        f"{raw.get('model_type')!r}")
     if kind == "default":
         return {"rope_theta": theta, "rope_scaling": RopeScaling()}
-    if (params.get("partial_rotary_factor") or raw.get("partial_rotary_factor") or 1.0) != 1.0:
-        raise QmoeError(f"config.json: partial_rotary_factor with rope type {kind!r} is not supported")
     # DeepSeek's attention reads mscale_all_dim under any scaled type; 0 counts as absent, as there.
     fields: dict[str, Any] = {"rope_type": kind, "mscale_all_dim": _optional(params.get("mscale_all_dim") or None)}
     if kind in _WITH_ORIGINAL_LENGTH:
