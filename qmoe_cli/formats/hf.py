@@ -72,8 +72,9 @@ class _BinShard:
     def dtype(self, name: str) -> torch.dtype:
         return self._tensors[name].dtype
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._tensors[name].clone()
+    def read(self, name: str, row: int | None = None) -> torch.Tensor:
+        tensor = self._tensors[name]
+        return (tensor if row is None else tensor[row]).clone()
 
     def close(self) -> None:
         self._tensors = {}
@@ -141,18 +142,19 @@ class CheckpointReader:
         return self._shard(file_name).dtype(name)
 
     def get(self, name: str, dtype: torch.dtype | None = None,
-            device: torch.device | str = "cpu") -> torch.Tensor:
-        """Read tensor `name`, cast to `dtype` (floating tensors only) and moved to `device`. An
-        fp8 tensor is dequantized with its block scales to `dtype` (float32 when None); memory:
-        its fp8 bytes, one fp32 copy and the result."""
-        tensor = self._read(self.weight_map, name)
+            device: torch.device | str = "cpu", row: int | None = None) -> torch.Tensor:
+        """Read tensor `name` (or only its `row` along the first dim: one expert of a fused
+        tensor), cast to `dtype` (floating tensors only) and moved to `device`. An fp8 tensor is
+        dequantized with its block scales to `dtype` (float32 when None); memory: its fp8
+        bytes, one fp32 copy and the result."""
+        tensor = self._read(self.weight_map, name, row)
         if tensor.dtype == FP8:
             tensor = self._dequantize(name, tensor, dtype or torch.float32)
         elif dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         return tensor.to(device)
 
-    def _read(self, names: dict[str, str], name: str) -> torch.Tensor:
+    def _read(self, names: dict[str, str], name: str, row: int | None = None) -> torch.Tensor:
         file_name = names.get(name)
         if file_name is None:
             raise QmoeError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
@@ -160,7 +162,7 @@ class CheckpointReader:
         if name not in shard.keys():
             raise QmoeError(f"{self.directory / file_name}: tensor '{name}' is listed in the index "
                             "but missing from the shard; the checkpoint is incomplete")
-        return shard.read(name)
+        return shard.read(name, row)
 
     def _dequantize(self, name: str, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[rows, cols] fp8 `weight` (tensor `name`) times its block scales, as `dtype`."""
@@ -250,9 +252,18 @@ class CheckpointExperts:
         self.num_experts = arch.num_experts
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
-        return [self.arch.make_expert({m: self.reader.get(self.arch.expert_tensor(self.stack, self.index, j, m),
-                                                          dtype, device)
-                                       for m in self.arch.expert.matrices}) for j in ids]
+        return [self.arch.make_expert({m: self.matrix(j, m, dtype, device) for m in self.arch.expert.matrices})
+                for j in ids]
+
+    def matrix(self, j: int, m: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Expert j's matrix `m` [rows, cols]: its own tensor, or its part of row j of the
+        block's fused tensor (`fused_expert`), read alone."""
+        fused = getattr(self.arch, "fused_expert", None)
+        source = None if fused is None else fused(self.stack, self.index, m)
+        if source is None:
+            return self.reader.get(self.arch.expert_tensor(self.stack, self.index, j, m), dtype, device)
+        name, select = source
+        return select(self.reader.get(name, dtype, device, row=j)).contiguous()
 
 
 class CheckpointWeights:
