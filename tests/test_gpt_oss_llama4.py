@@ -64,6 +64,8 @@ def test_published_configs_parse_to_their_shapes() -> None:
     assert c.nope_layers == tuple(range(3, 48, 4)) and c.layer_span(3) == (None, None)
     assert c.layer_span(0) == (None, 8192) and c.qk_norm == "l2" and c.attn_temperature == (8192.0, 0.1)
     assert c.routing_on_input and c.eos_token_ids == (200001, 200007, 200008)
+    wrapped = architecture_from_config({"model_type": "llama4", "text_config": LLAMA4_SCOUT}).config
+    assert wrapped.tensor_prefix == "language_model." and wrapped.nope_layers == c.nope_layers
     maverick = architecture_from_config({**LLAMA4_SCOUT, "num_local_experts": 128, "interleave_moe_layer_step": 2})
     assert [i for _, i in maverick.sparse_blocks()] == list(range(1, 48, 2)) and maverick.config.intermediate_size == 16384
 
@@ -73,7 +75,8 @@ def test_published_configs_parse_to_their_shapes() -> None:
     ({**LLAMA4_SCOUT, "layer_types": ["sliding_attention"] * 48}, "layer_types 'sliding_attention' is not supported"),
     ({**LLAMA4_SCOUT, "hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
     ({**LLAMA4_SCOUT, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
-    ({"model_type": "llama4", "text_config": LLAMA4_SCOUT}, "model_type 'llama4' is not supported"),
+    ({"model_type": "llama4", "text_config": {**LLAMA4_SCOUT, "hidden_act": "gelu"}}, "hidden_act 'gelu'"),
+    ({**GPT_OSS_20B, "model_type": "gpt_oss_vision"}, "model_type 'gpt_oss_vision' is not supported"),
 ])
 def test_unsupported_features_are_refused_by_name(raw: dict, message: str) -> None:
     from qmoe_cli.errors import QmoeError
@@ -227,3 +230,42 @@ def test_fixtures_cover_every_feature() -> None:
             assert c.nope_layers and c.attn_temperature[0] < 20 and c.attention_chunk_size < 21
             assert c.sparse_layers == (1, 3) and c.intermediate_size != c.moe_intermediate_size
             assert c.rope_scaling.rope_type == "llama3" and c.qk_norm == "l2" and c.shared_expert_size
+
+
+def test_multimodal_llama4_checkpoint_reads_its_text_model(tmp_path: Path) -> None:
+    """model_type llama4 (Meta's published layout): the text model under `language_model.`, the
+    vision tower beside it unread; eval equals transformers' text model, and the compressed and
+    packed checkpoints evaluate alike."""
+    import transformers
+
+    from hf_models import _COMMON, DECODER_FAMILIES
+
+    text = {**_COMMON, **DECODER_FAMILIES["llama4_text"][2]}
+    vision = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=28,
+                  patch_size=14, vision_output_dim=16, projector_input_dim=16, projector_output_dim=16)
+    torch.manual_seed(0)
+    model = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(text_config=text,
+                                                                                  vision_config=vision)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("router.weight"):
+                param.normal_(0, 1.0)
+    directory = tmp_path / "model"
+    model.save_pretrained(directory)
+    g = torch.Generator().manual_seed(2)
+    sequences = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (19, 7, 12, 24)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in sequences))
+
+    def loss(path: Path) -> float:
+        result = CliRunner().invoke(main, ["eval", "--model", str(path), "--data", str(data), "--device", "cpu",
+                                           "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["loss"]
+
+    assert loss(directory) == pytest.approx(causal_lm_loss(model.language_model, sequences), rel=1e-5)
+    out = tmp_path / "q"
+    result = CliRunner().invoke(main, ["compress", "--model", str(directory), "--calib", str(data), "--out", str(out),
+                                       "--bits", "ternary", "--device", "cpu", "--pack"])
+    assert result.exit_code == 0, result.output
+    assert loss(Path(f"{out}-packed")) == pytest.approx(loss(out), rel=1e-6)

@@ -280,6 +280,7 @@ class CheckpointExperts:
         if source is None:
             return self.reader.get(self.arch.expert_tensor(self.stack, self.index, j, m), dtype, device)
         name, select = source
+        name = resolve_name(self.arch, name, self.reader.__contains__, self.reader.directory)
         return select(self.reader.get(name, dtype, device, row=j)).contiguous()
 
 

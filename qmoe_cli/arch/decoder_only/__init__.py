@@ -10,7 +10,7 @@ DecoderConfig: what differs, and nothing else.
 from .deepseek_v3 import DeepseekV3Config
 from .family import DecoderArchitecture
 from .gpt_oss import GptOssConfig
-from .llama4 import Llama4TextConfig
+from .llama4 import Llama4Config, Llama4TextConfig
 from .mixtral import MixtralConfig
 from .olmoe import OlmoeConfig
 from .qwen_moe import Qwen2MoeConfig, Qwen3MoeConfig
@@ -24,6 +24,7 @@ FAMILIES = {
     "deepseek_v3": (DeepseekV3Config, DecoderArchitecture),
     "gpt_oss": (GptOssConfig, DecoderArchitecture),
     "llama4_text": (Llama4TextConfig, DecoderArchitecture),
+    "llama4": (Llama4Config, DecoderArchitecture),
 }
 
 __all__ = ["DecoderArchitecture", "FAMILIES"]

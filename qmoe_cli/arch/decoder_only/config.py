@@ -95,6 +95,9 @@ class DecoderConfig:
     swiglu_limit: float = 7.0  # clamped_swiglu: gate <= limit, |up| <= limit
     expert_bias: bool = False  # GPT-OSS: routed experts' gate/up and down have biases (kept unquantized)
     expert_layout: str = "separate"
+    # Before every tensor name in the checkpoint: Llama 4's multimodal checkpoints (model_type
+    # llama4) hold the text model under "language_model." beside a vision tower qmoe leaves unread.
+    tensor_prefix: str = ""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",

@@ -119,8 +119,11 @@ class DecoderArchitecture:
         return names if c.tie_word_embeddings else {**names, "lm_head.weight": (c.vocab_size, c.hidden_size)}
 
     def storage_names(self, name: str) -> tuple[str, ...]:
-        """Every tensor under its own name (a tied head is read as the embedding by `head`)."""
-        return (name,)
+        """Every tensor under its own name (a tied head is read as the embedding by `head`);
+        with a `tensor_prefix`, first after it (an original checkpoint), then without it (a
+        compressed checkpoint's block files hold the model's names)."""
+        prefix = self.config.tensor_prefix
+        return (prefix + name, name) if prefix else (name,)
 
     def stack_tokens(self, input_ids: Sequence[Sequence[int]],
                      labels: Sequence[Sequence[int]]) -> dict[str, list[list[int]]]:

@@ -48,3 +48,13 @@ class Llama4TextConfig(DecoderConfig):
             layer_types=tuple(_KINDS[t] for t in types), rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
             **rope_fields(raw, 500000.0),
         )
+
+
+class Llama4Config(Llama4TextConfig):
+    """The multimodal checkpoints Meta publishes (model_type llama4): the text model's config is
+    `text_config`, its tensors under `language_model.`; the vision tower is not read."""
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        text = raw["text_config"]
+        return {**super().parse(text), "model_type": "llama4", "tensor_prefix": "language_model."}
