@@ -1,5 +1,6 @@
 """Decoder-only MoE building blocks shared by every family: RMSNorm, rotary grouped-query
-attention, the top-k router, SwiGLU experts (routed and shared) and the block.
+attention (per block: sliding window or chunk, NoPE with query temperature, sinks), the top-k
+routers, SwiGLU experts (routed and shared; GPT-OSS's in `experts.py`) and the block.
 
 Parameter names mirror the Hugging Face layout below `model.layers.{i}.` (`input_layernorm`,
 `self_attn.q_proj`, `{moe}.gate`, `{moe}.shared_expert.gate_proj`, ...), so a block's weights
