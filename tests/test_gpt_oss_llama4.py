@@ -67,7 +67,8 @@ def test_published_configs_parse_to_their_shapes() -> None:
     wrapped = architecture_from_config({"model_type": "llama4", "text_config": LLAMA4_SCOUT}).config
     assert wrapped.tensor_prefix == "language_model." and wrapped.nope_layers == c.nope_layers
     maverick = architecture_from_config({**LLAMA4_SCOUT, "num_local_experts": 128, "interleave_moe_layer_step": 2})
-    assert [i for _, i in maverick.sparse_blocks()] == list(range(1, 48, 2)) and maverick.config.intermediate_size == 16384
+    assert [i for _, i in maverick.sparse_blocks()] == list(range(1, 48, 2))
+    assert maverick.config.intermediate_size == 16384
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -340,7 +340,8 @@ class ExpertCompressor:
         inputs = [block.ffn_norm(x[h].to(run.device)).float()  # [n_j, d] fp32, the Hessian's tokens
                   for x, h in zip(arrivals.x, arrivals.hessian)] if gptq else []
         if gptq and getattr(block, "routing_on_input", False):  # Llama 4: the experts see weighted inputs
-            inputs = [x * p[h].to(x.device, x.dtype)[:, None] for x, p, h in zip(inputs, arrivals.prob, arrivals.hessian)]
+            inputs = [x * p[h].to(x.device, x.dtype)[:, None]
+                      for x, p, h in zip(inputs, arrivals.prob, arrivals.hessian)]
         # The input matrices share the input's Hessian: one call, stacked by rows [n, sum rows, d].
         wi = self._solve(torch.stack([torch.cat([getattr(e, m).weight for m in shape.inputs]) for e in weights]),
                          inputs, used)

@@ -1,7 +1,7 @@
 """`DecoderConfig`: one decoder-only MoE model as the shared layers need it, whatever its family.
 
-Each family file (`mixtral.py`, `qwen_moe.py`, `olmoe.py`, `gpt_oss.py`, `llama4.py`, ...) turns its Hugging Face `config.json`
-into these fields and says nothing else; the layers read only this dataclass. Manifests store
+Each family file (`mixtral.py`, `qwen_moe.py`, `olmoe.py`, `gpt_oss.py`, `llama4.py`, ...) turns
+its Hugging Face `config.json` into these fields and says nothing else; the layers read only this dataclass. Manifests store
 `to_dict()` (marked `qmoe_normalized`), which reads back without the family's parser.
 """
 

@@ -92,7 +92,8 @@ class DecoderStackCache:
             bias = causal_bias(first + t, window, self.key_mask.device, first)[None, None]
             masked = ~self.key_mask[:, None, None, :first + t]
             if chunk is not None:
-                masked = masked | (slots[:, None, :, None] // chunk != self.positions[:, None, None, :first + t] // chunk)
+                keys = self.positions[:, None, None, :first + t]  # [B, 1, 1, S]
+                masked = masked | (slots[:, None, :, None] // chunk != keys // chunk)
             bias = bias.masked_fill(masked, torch.finfo(torch.float32).min)
             self._steps[key] = (cos.to(device), sin.to(device), bias.to(device))
         return self._steps[key]
