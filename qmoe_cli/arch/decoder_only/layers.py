@@ -26,8 +26,17 @@ from .rope import inverse_frequencies
 SHARED_MATRICES = ("gate_proj", "up_proj", "down_proj")  # the shared expert's, in every family
 
 
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of norm statistics and attention scores: fp32 for half-precision and fp32 runs (as
+    HF), but fp64 stays fp64. HF downcasts fp64 to fp32 there; an fp32 step inside an fp64 run made
+    results depend on the CPU's vector width (an fp32 reduction over 13 keys differs from one over
+    4 in the last ulp), so fp64 checks could not be tight on every machine."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class RMSNorm(nn.Module):
-    """Scale-only layer norm; statistics in fp32, then cast back before the scale (as HF does)."""
+    """Scale-only layer norm; statistics in fp32 (fp64 for fp64 inputs), then cast back before the
+    scale (as HF does)."""
 
     def __init__(self, width: int, eps: float):
         super().__init__()
@@ -35,7 +44,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        h = x.to(at_least_fp32(x.dtype))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -90,7 +99,7 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     """Softmax attention of grouped queries: q [B, H, t, dk], k [B, KV, S, dk], v [B, KV, S, dv]
     (H a multiple of KV; query head h reads key/value head h // (H / KV), as transformers'
     `repeat_kv`), bias broadcastable to [B, H, t, S] fp32 -> [B, t, H * dv]. Scores and softmax
-    in fp32. The query heads of one key/value head are stacked into one matrix instead of the
+    in fp32 (fp64 for fp64 inputs). The query heads of one key/value head are stacked into one matrix instead of the
     keys being repeated per query head: a decoding cache is read in place, never copied.
     sinks [H] (GPT-OSS): one more logit per head in every softmax, whose weight is dropped (so a
     query may attend to nothing much)."""
@@ -98,11 +107,11 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     kv_heads = k.shape[1]
     rows = heads // kv_heads * length
     scores = torch.matmul(q.reshape(batch, kv_heads, rows, -1), k.transpose(2, 3))  # [B, KV, g * t, S]
-    scores = scores.float().view(batch, heads, length, -1) * scale + bias
+    scores = scores.to(at_least_fp32(scores.dtype)).view(batch, heads, length, -1) * scale + bias
     if sinks is None:
         weights = torch.softmax(scores, dim=-1)
     else:
-        sink = sinks.float().view(1, heads, 1, 1).expand(batch, heads, length, 1)
+        sink = sinks.to(scores.dtype).view(1, heads, 1, 1).expand(batch, heads, length, 1)
         weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     weights = weights.to(v.dtype).reshape(batch, kv_heads, rows, -1)
     out = torch.matmul(weights, v).view(batch, heads, length, -1)  # [B, H, t, dv]
@@ -185,7 +194,7 @@ class Attention(SelfAttention):
 
 def _l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama 4's weightless RMSNorm over the last dim, in fp32 (rotated dims permuted alike: no matter)."""
-    h = x.float()
+    h = x.to(at_least_fp32(x.dtype))
     return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
