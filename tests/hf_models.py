@@ -80,6 +80,24 @@ DECODER_FAMILIES = {
                     dict(n_routed_experts=8, moe_intermediate_size=24, n_shared_experts=1, first_k_dense_replace=1,
                          n_group=4, topk_group=2, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=8,
                          qk_rope_head_dim=4, qk_nope_head_dim=6, v_head_dim=6, routed_scaling_factor=2.5)),
+    # Alternating sliding (window 5) and full blocks with sinks, router and expert biases,
+    # YaRN with transformers' own defaults, a swiglu_limit low enough to clamp.
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_local_experts=4, intermediate_size=24, head_dim=8, sliding_window=5, swiglu_limit=1.5,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 8},
+                     max_position_embeddings=64)),
+    # 4 blocks: experts on blocks 1 and 3 (a dense MLP of its own width on 0 and 2), top-1
+    # sigmoid routing onto the input, a shared expert, chunks of 6 on the rotary blocks, block 3
+    # NoPE with a query temperature that moves within the samples (floor_scale 4), llama3 rope.
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM",
+                    dict(num_local_experts=4, intermediate_size=24, intermediate_size_mlp=40, head_dim=8,
+                         num_hidden_layers=4, interleave_moe_layer_step=2, num_experts_per_tok=1,
+                         attention_chunk_size=6, floor_scale=4, attn_scale=0.5, attention_bias=True,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 16},
+                         max_position_embeddings=64)),
 }
 
 
@@ -132,6 +150,13 @@ def save_hf_decoder(directory: Path, family: str, seed: int = 0, config_override
     with torch.no_grad():  # spread the routers so every expert gets tokens and top-k ties are rare
         for name, param in model.named_parameters():
             if name.endswith("gate.weight") and ".experts." not in name and "shared_expert_gate" not in name:
+                param.normal_(0, 1.0)
+        for name, param in model.named_parameters():
+            # GPT-OSS: nonzero sinks and biases (transformers initialises the expert biases to 0),
+            # a decisive router; Llama 4: a decisive router too (its own init is 0.2-wide).
+            if name.endswith(("sinks", "_proj_bias", "router.bias")):
+                param.normal_(0, 0.5)
+            elif name.endswith("router.weight"):
                 param.normal_(0, 1.0)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: nonzero, so it must be honoured

@@ -151,7 +151,7 @@ def test_manifest_round_trip_keeps_the_scaling() -> None:
     (dict(rope_type="linear", factor=0.0), "factor must be > 0"),
     (dict(rope_type="yarn", factor=4.0), "original_max_position_embeddings must be a positive integer"),
     (dict(rope_type="llama3", factor=8.0, original_max_position_embeddings=64, low_freq_factor=4.0,
-          high_freq_factor=1.0), "0 < low_freq_factor < high_freq_factor"),
+          high_freq_factor=1.0), "0 < low_freq_factor <= high_freq_factor"),
 ])
 def test_rope_scaling_validates(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -260,7 +260,7 @@ def qwen3(tmp_path_factory) -> Path:
     ({"rope_type": "ntk-by-parts"}, "rope type 'ntk-by-parts' is not supported (supported: default, linear"),
     ({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16}, "needs low_freq_factor"),
     ({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16, "low_freq_factor": 4.0,
-      "high_freq_factor": 1.0}, "0 < low_freq_factor < high_freq_factor"),
+      "high_freq_factor": 1.0}, "0 < low_freq_factor <= high_freq_factor"),
 ])
 def test_unsupported_rope_is_a_one_line_error(qwen3: Path, tmp_path: Path, rope: dict, message: str) -> None:
     model = tmp_path / "model"

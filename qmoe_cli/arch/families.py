@@ -16,6 +16,8 @@ from .decoder_only import DecoderArchitecture
 from .decoder_only.deepseek_v2 import DeepseekV2Config
 from .decoder_only.deepseek_v3 import DeepseekV3Config
 from .decoder_only.glm4_moe import Glm4MoeConfig
+from .decoder_only.gpt_oss import GptOssConfig
+from .decoder_only.llama4 import Llama4Config, Llama4TextConfig
 from .decoder_only.mixtral import MixtralConfig
 from .decoder_only.olmoe import OlmoeConfig
 from .decoder_only.qwen_moe import Qwen2MoeConfig, Qwen3MoeConfig
@@ -52,6 +54,9 @@ FAMILIES = (
     Family("deepseek_v3", "DeepSeek-V3", DeepseekV3Config, DecoderArchitecture),
     Family("deepseek_v2", "DeepSeek-V2", DeepseekV2Config, DecoderArchitecture),
     Family("glm4_moe", "GLM-4.5", Glm4MoeConfig, DecoderArchitecture),
+    Family("gpt_oss", "GPT-OSS", GptOssConfig, DecoderArchitecture),
+    Family("llama4_text", "Llama 4", Llama4TextConfig, DecoderArchitecture),
+    Family("llama4", "Llama 4 (multimodal checkpoint, text model)", Llama4Config, DecoderArchitecture),
 )
 BY_MODEL_TYPE = {family.model_type: family for family in FAMILIES}
 

@@ -71,6 +71,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -83,7 +84,7 @@ from ..formats.quantized import SHARED, QuantizedWeights
 from ..formats.quantized_manifest import write_manifest
 from ..formats.quantized_writer import GroupFiles, write_shared
 from ..quant.gptq import GPTQResult, experts_per_batch, gptq_quantize, hessian_from_sum, hessian_sum, rtn_quantize
-from ..run.stream import ListBuffer, Routing, RunConfig, expert_output, finish_sparse, route
+from ..run.stream import ListBuffer, Routing, RunConfig, bind_expert, expert_output, finish_sparse, route
 from .config import CompressConfig
 from .distributed import Comm, split_evenly
 from .encoded import Encoded, empty_encoded, input_rows, split_inputs
@@ -254,12 +255,17 @@ class ExpertCompressor:
         gptq = self.cfg.method == "gptq"  # rtn needs no Hessians
         inputs = [block.ffn_norm(x[h].to(run.device)).float()  # [n_j, d] fp32, the Hessian's tokens
                   for x, h in zip(arrivals.x, arrivals.hessian)] if gptq else []
+        if gptq and getattr(block, "routing_on_input", False):  # Llama 4: the experts see weighted inputs
+            inputs = [x * p[h].to(x.device, x.dtype)[:, None]
+                      for x, p, h in zip(inputs, arrivals.prob, arrivals.hessian)]
         # The input matrices share the input's Hessian: one call, stacked by rows [n, sum rows, d].
         wi = self._solve(torch.stack([torch.cat([getattr(e, m).weight for m in shape.inputs]) for e in weights]),
                          inputs, used)
         rows = input_rows(shape)
         # The output's inputs, from quantized inputs.
-        hidden = [shape.hidden(x, {m: wi.q[e, r] for m, r in rows.items()}) for e, x in enumerate(inputs)]
+        own = getattr(block, "expert_hidden", None)  # with the block's per-expert biases (GPT-OSS)
+        hidden = [(shape.hidden if own is None else partial(own, mine[e]))(x, {m: wi.q[e, r] for m, r in rows.items()})
+                  for e, x in enumerate(inputs)]
         wo = self._solve(torch.stack([getattr(e, shape.output).weight for e in weights]), hidden, used)
         stats = torch.stack([torch.stack([r.error.double(), r.fallback.double(), (r.q == 0).sum((1, 2)).double()], 1)
                              for r in (wi, wo)], 2).cpu()  # [n, STATS, 2]
@@ -372,8 +378,8 @@ class ExpertCompressor:
             if not x.shape[0]:
                 outputs.append(x)
                 continue
-            expert = self.arch.make_expert({m: v[e].to(device=run.device, dtype=run.dtype)
-                                            for m, v in zip(matrices, values)})
+            expert = bind_expert(block, slices[self.comm.rank][e], self.arch.make_expert(
+                {m: v[e].to(device=run.device, dtype=run.dtype) for m, v in zip(matrices, values)}))
             # Chunks of the expert's tokens in global order, whatever the rank count: same rows, same bits.
             outputs.append(torch.cat([
                 expert_output(block, expert, x[c:c + run.token_chunk].to(run.device), weight[c:c + run.token_chunk])

@@ -52,6 +52,8 @@ def block_fp8_scheme(raw: dict[str, Any], path: Path) -> BlockFp8 | None:
         return None
     if not isinstance(config, dict):
         raise QmoeError(f"{path}: quantization_config must be an object, got {config!r}")
+    if config.get("quant_method") == "mxfp4":  # GPT-OSS's experts: `mxfp4.py` reads them
+        return None
     method, fmt = config.get("quant_method"), config.get("fmt", "e4m3")  # transformers writes no fmt
     if method != "fp8" or fmt != "e4m3":
         raise QmoeError(f"{path}: quantization_config quant_method {method!r} fmt {fmt!r} is not supported; "

@@ -7,7 +7,9 @@ first), and reads one tensor at a time: the model is never loaded whole. Safeten
 come first; legacy `pytorch_model*.bin` shards are read with `torch.load(weights_only=True,
 mmap=True)`, which never unpickles code and maps the file instead of reading it. Block-scaled
 fp8 checkpoints (DeepSeek-V3's hub format, `fp8.py`) are dequantized per tensor on read; their
-`*_scale_inv` tensors are no model tensors and are hidden from the name map.
+`*_scale_inv` tensors are no model tensors and are hidden from the name map. MXFP4 experts
+(GPT-OSS, `mxfp4.py`) are read as the tensor `X` their `X_blocks` and `X_scales` stand for,
+dequantized per expert row.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..errors import QmoeError, UsageError, did_you_mean
 from ..files import read_json_object
 from ..resources import package_dir
 from .fp8 import FP8, SCALE_SUFFIX, BlockFp8, block_fp8_scheme, dequantize
+from .mxfp4 import BLOCKS, SCALES, Mxfp4, dequantize_mxfp4, mxfp4_scheme, split_mxfp4_names
 from .safetensors_io import SafetensorsFile
 
 _LAYOUTS = (  # (index file, single-shard file), in order of preference
@@ -81,8 +84,9 @@ class _BinShard:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._tensors[name].clone()
+    def read(self, name: str, row: int | None = None) -> torch.Tensor:
+        tensor = self._tensors[name]
+        return (tensor if row is None else tensor[row]).clone()
 
     def close(self) -> None:
         self._tensors = {}
@@ -91,8 +95,9 @@ class _BinShard:
 class CheckpointReader:
     """Tensor-by-tensor reader of one checkpoint directory (see module docstring)."""
 
-    def __init__(self, directory: Path, max_open_shards: int = 2, fp8: BlockFp8 | None = None):
-        """`fp8`: the block-fp8 scheme `config.json` declares, None for an unquantized checkpoint."""
+    def __init__(self, directory: Path, max_open_shards: int = 2, fp8: BlockFp8 | None = None,
+                 mxfp4: Mxfp4 | None = None):
+        """`fp8`, `mxfp4`: the scheme `config.json` declares, None for an unquantized checkpoint."""
         if max_open_shards < 1:
             raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
         self.directory = directory
@@ -101,6 +106,9 @@ class CheckpointReader:
         weight_map = self._find_weight_map(directory)
         self.scale_map = {n: f for n, f in weight_map.items() if fp8 is not None and n.endswith(SCALE_SUFFIX)}
         self.weight_map = {n: f for n, f in weight_map.items() if n not in self.scale_map}
+        self.mxfp4_map: dict[str, tuple[str, str]] = {}  # X -> (X_blocks file, X_scales file)
+        if mxfp4 is not None:
+            self.weight_map, self.mxfp4_map = split_mxfp4_names(self.weight_map, directory)
         self._open: OrderedDict[str, SafetensorsFile | _BinShard] = OrderedDict()
 
     @staticmethod
@@ -128,7 +136,7 @@ class CheckpointReader:
                         "model.safetensors.index.json or pytorch_model*.bin)")
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.weight_map or name in self.mxfp4_map
 
     def _shard(self, file_name: str) -> SafetensorsFile | _BinShard:
         if file_name in self._open:
@@ -157,18 +165,24 @@ class CheckpointReader:
         return self._shard(file_name).shape(name)
 
     def get(self, name: str, dtype: torch.dtype | None = None,
-            device: torch.device | str = "cpu") -> torch.Tensor:
-        """Read tensor `name`, cast to `dtype` (floating tensors only) and moved to `device`. An
-        fp8 tensor is dequantized with its block scales to `dtype` (float32 when None); memory:
-        its fp8 bytes, one fp32 copy and the result."""
-        tensor = self._read(self.weight_map, name)
+            device: torch.device | str = "cpu", row: int | None = None) -> torch.Tensor:
+        """Read tensor `name` (or only its `row` along the first dim: one expert of a fused
+        tensor), cast to `dtype` (floating tensors only) and moved to `device`. An fp8 tensor is
+        dequantized with its block scales to `dtype` (float32 when None); memory: its fp8
+        bytes, one fp32 copy and the result."""
+        if name in self.mxfp4_map:  # exact in any float dtype (see mxfp4.py); fp32 when None
+            blocks_file, scales_file = self.mxfp4_map[name]
+            blocks = self._read({name + BLOCKS: blocks_file}, name + BLOCKS, row)
+            scales = self._read({name + SCALES: scales_file}, name + SCALES, row)
+            return dequantize_mxfp4(blocks, scales, dtype or torch.float32).to(device)
+        tensor = self._read(self.weight_map, name, row)
         if tensor.dtype == FP8:
             tensor = self._dequantize(name, tensor, dtype or torch.float32)
         elif dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         return tensor.to(device)
 
-    def _read(self, names: dict[str, str], name: str) -> torch.Tensor:
+    def _read(self, names: dict[str, str], name: str, row: int | None = None) -> torch.Tensor:
         file_name = names.get(name)
         if file_name is None:
             raise QmoeError(f"{self.directory}: tensor '{name}' is missing from the checkpoint")
@@ -176,7 +190,7 @@ class CheckpointReader:
         if name not in shard.keys():
             raise QmoeError(f"{self.directory / file_name}: tensor '{name}' is listed in the index "
                             "but missing from the shard; the checkpoint is incomplete")
-        return shard.read(name)
+        return shard.read(name, row)
 
     def _dequantize(self, name: str, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[rows, cols] fp8 `weight` (tensor `name`) times its block scales, as `dtype`."""
@@ -222,6 +236,11 @@ class ModelSource:
         """The block-fp8 scheme its `config.json` declares (None: the weights are unquantized)."""
         path = self.directory / "config.json"
         return block_fp8_scheme(read_json_object(path, "a model directory needs a config.json"), path)
+
+    def mxfp4(self) -> Mxfp4 | None:
+        """The MXFP4 scheme its `config.json` declares (GPT-OSS's experts), else None."""
+        path = self.directory / "config.json"
+        return mxfp4_scheme(read_json_object(path, "a model directory needs a config.json"), path)
 
 
 def resolve_model(name: str) -> ModelSource:
@@ -297,9 +316,19 @@ class CheckpointExperts:
         self.num_experts = arch.num_experts
 
     def load(self, ids: Sequence[int], device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
-        return [self.arch.make_expert({m: self.reader.get(self.arch.expert_tensor(self.stack, self.index, j, m),
-                                                          dtype, device)
-                                       for m in self.arch.expert.matrices}) for j in ids]
+        return [self.arch.make_expert({m: self.matrix(j, m, dtype, device) for m in self.arch.expert.matrices})
+                for j in ids]
+
+    def matrix(self, j: int, m: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Expert j's matrix `m` [rows, cols]: its own tensor, or its part of row j of the
+        block's fused tensor (`fused_expert`), read alone."""
+        fused = getattr(self.arch, "fused_expert", None)
+        source = None if fused is None else fused(self.stack, self.index, m)
+        if source is None:
+            return self.reader.get(self.arch.expert_tensor(self.stack, self.index, j, m), dtype, device)
+        name, select = source
+        name = resolve_name(self.arch, name, self.reader.__contains__, self.reader.directory)
+        return select(self.reader.get(name, dtype, device, row=j)).contiguous()
 
 
 class CheckpointWeights:
@@ -308,7 +337,7 @@ class CheckpointWeights:
     def __init__(self, source: ModelSource, max_open_shards: int = 2):
         self.source = source
         self.arch = source.arch()
-        self.reader = CheckpointReader(source.directory, max_open_shards, source.fp8())
+        self.reader = CheckpointReader(source.directory, max_open_shards, source.fp8(), source.mxfp4())
         self._check_embedding()
 
     def _check_embedding(self) -> None:

@@ -108,19 +108,27 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name].shape
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, row: int | None = None) -> torch.Tensor:
+        """Tensor `name`, or only its `row` along the first dim (one contiguous range: a fused
+        tensor's expert j without the other experts' bytes)."""
         entry = self.entries[name]
-        buffer = bytearray(entry.end - entry.begin)
+        begin, end, shape = entry.begin, entry.end, entry.shape
+        if row is not None:
+            if not shape or not 0 <= row < shape[0]:
+                raise QmoeError(f"{self.path}: tensor '{name}' {list(shape)} has no row {row}")
+            size = (end - begin) // shape[0]
+            begin, end, shape = begin + row * size, begin + (row + 1) * size, shape[1:]
+        buffer = bytearray(end - begin)
         view = memoryview(buffer)
         done = 0
         while done < len(buffer):  # pread may return less than asked for large reads
-            chunk = os.preadv(self._fd, [view[done:]], entry.begin + done)
+            chunk = os.preadv(self._fd, [view[done:]], begin + done)
             if chunk == 0:
                 raise self._fail(f"tensor '{name}' could not be read completely")
             done += chunk
         if not buffer:
-            return torch.empty(entry.shape, dtype=entry.dtype)
-        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(entry.shape)
+            return torch.empty(shape, dtype=entry.dtype)
+        return torch.frombuffer(buffer, dtype=entry.dtype).reshape(shape)
 
     def close(self, _close=os.close) -> None:  # bound now: at interpreter exit `os` may already be None
         if self._fd >= 0:

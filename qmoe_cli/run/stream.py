@@ -139,8 +139,19 @@ def apply_expert(block: MoEBlock, expert: nn.Module, buffer: ListBuffer, tokens:
 
 
 def expert_output(block: MoEBlock, expert: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """weights * expert(norm(x)): x [n, d] on the expert's device, weights [n] fp32 -> [n, d] x.dtype."""
-    return expert(block.ffn_norm(x)) * weights.to(x.device, x.dtype)[:, None]
+    """weights * expert(norm(x)): x [n, d] on the expert's device, weights [n] fp32 -> [n, d] x.dtype.
+    A block with `routing_on_input` (Llama 4) scales the input instead: expert(weights * norm(x))."""
+    weights = weights.to(x.device, x.dtype)[:, None]
+    if getattr(block, "routing_on_input", False):
+        return expert(block.ffn_norm(x) * weights)
+    return expert(block.ffn_norm(x)) * weights
+
+
+def bind_expert(block: MoEBlock, j: int, expert: nn.Module) -> nn.Module:
+    """Expert j of `block` as the block runs it: a bank's module plus what the block keeps per
+    expert beside the matrices (GPT-OSS's full-precision biases: `bind_expert` on the block)."""
+    bind = getattr(block, "bind_expert", None)
+    return expert if bind is None else bind(j, expert)
 
 
 def apply_experts(block: MoEBlock, bank: ExpertBank, buffer: ListBuffer, routing: Routing, run: RunConfig,
@@ -155,8 +166,13 @@ def apply_experts(block: MoEBlock, bank: ExpertBank, buffer: ListBuffer, routing
         index, prob = routing.index.view(-1, routing.k), routing.prob.view(-1, routing.k)  # [N, k]
         for part in buffer.chunks(run.token_chunk):
             x = block.ffn_norm(buffer.data[part].to(run.device, non_blocking=True))
-            y = routed(x, index[part].to(run.device))  # [n, k, d]
             weight = prob[part].to(run.device, x.dtype)  # [n, k]
+            if getattr(block, "routing_on_input", False):  # each slot's own input: one call per slot
+                for slot in range(routing.k):
+                    y = routed(x * weight[:, slot, None], index[part, slot].to(run.device))  # [n, d]
+                    out[part] += y.to(out.device, out.dtype)
+                continue
+            y = routed(x, index[part].to(run.device))  # [n, k, d]
             for slot in range(routing.k):
                 out[part] += (y[:, slot] * weight[:, slot, None]).to(out.device, out.dtype)
         return
@@ -164,6 +180,7 @@ def apply_experts(block: MoEBlock, bank: ExpertBank, buffer: ListBuffer, routing
     for first in range(0, len(active), run.group_size):
         ids = active[first:first + run.group_size]
         for j, expert in zip(ids, bank.load(ids, run.device, run.dtype)):
+            expert = bind_expert(block, j, expert)
             apply_expert(block, expert, buffer, routing.tokens(j), routing.weights(j), run, out)
 
 

@@ -1,4 +1,5 @@
-"""Decoder-only MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) over shared layers.
+"""Decoder-only MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, GLM-4.5, GPT-OSS,
+Llama 4) over shared layers.
 
 `config` (DecoderConfig, what the layers read), `rope` (rotary frequencies, scaled for long
 context), `layers` (attention, router, SwiGLU experts, the block), `family` (the

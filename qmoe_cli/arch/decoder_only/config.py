@@ -1,7 +1,7 @@
 """`DecoderConfig`: one decoder-only MoE model as the shared layers need it, whatever its family.
 
-Each family file (`mixtral.py`, `qwen_moe.py`, `olmoe.py`) turns its Hugging Face `config.json`
-into these fields and says nothing else; the layers read only this dataclass. Manifests store
+Each family file (`mixtral.py`, `qwen_moe.py`, `olmoe.py`, `gpt_oss.py`, `llama4.py`, ...) turns
+its Hugging Face `config.json` into these fields and says nothing else; the layers read only this dataclass. Manifests store
 `to_dict()` (marked `qmoe_normalized`), which reads back without the family's parser.
 """
 
@@ -19,9 +19,19 @@ from .rope import RopeScaling
 # chosen with a correction bias that the weights themselves leave out;
 # softmax_group: DeepSeek-V2's group_limited_greedy, softmax top k among the `topk_group` groups
 # holding the highest single scores. Every router's weights end times `routed_scaling_factor`.
-ROUTERS = ("softmax_topk", "sigmoid_group", "softmax_group")
+# softmax_selected: the top k logits (router bias included), then a softmax over those k (GPT-OSS);
+# sigmoid_topk: the top k logits, each through a sigmoid, no renormalisation (Llama 4).
+ROUTERS = ("softmax_topk", "sigmoid_group", "softmax_group", "softmax_selected", "sigmoid_topk")
 ATTENTIONS = ("gqa", "mla")  # grouped-query attention, or DeepSeek's multi-head latent attention
-QK_NORMS = ("none", "head", "full")  # RMSNorm of q and k: none, per head (Qwen3), over all heads (OLMoE)
+# RMSNorm of q and k: none, per head (Qwen3), over all heads (OLMoE), or weightless per head after
+# the rotation and on rotary blocks only (Llama 4's L2 norm)
+QK_NORMS = ("none", "head", "full", "l2")
+LAYER_KINDS = ("full", "sliding", "chunked")  # a block's attention span: all keys, a window, its chunk
+EXPERT_ACTIVATIONS = ("silu", "clamped_swiglu")  # SwiGLU, or GPT-OSS's clamped one (alpha, limit, up + 1)
+# How a checkpoint stores a sparse block's experts: one tensor per expert and matrix ("separate"),
+# or all experts in two tensors gate_up [E, d, 2 * ff] and down [E, ff, d], gate and up columns
+# alternating ("fused_interleaved", GPT-OSS) or in two halves ("fused_halves", Llama 4).
+EXPERT_LAYOUTS = ("separate", "fused_interleaved", "fused_halves")
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,29 @@ class DecoderConfig:
     pad_token_id: int | None = None  # fills a padded prompt batch (None: the first EOS, else 0)
     max_position_embeddings: int | None = None  # longest sequence the model was built for (None: unknown)
     rotary_dim: int | None = None  # gqa: rotated leading dims of each head (GLM: half of them); None: all
+    # Per-block attention (GPT-OSS, Llama 4): each block's span (LAYER_KINDS; (): every block
+    # "sliding" under `sliding_window`, or "full" without one), Llama 4's chunk for "chunked"
+    # and its blocks without rotary positions (NoPE), whose queries are scaled by
+    # 1 + attn_scale * log(1 + floor((position + 1) / floor_scale)) when `attn_temperature`
+    # (floor_scale, attn_scale) is set.
+    layer_types: tuple[str, ...] = ()
+    attention_chunk_size: int | None = None
+    nope_layers: tuple[int, ...] = ()
+    attn_temperature: tuple[float, float] | None = None
+    attention_sinks: bool = False  # GPT-OSS: a learned per-head logit joins every softmax, then is dropped
+    output_bias: bool = False  # a bias on o_proj (GPT-OSS, Llama 4 with attention_bias)
+    router_bias: bool = False  # GPT-OSS: the router's logits have a bias
+    router_module: str = "gate"  # the router's checkpoint name under the MoE module
+    dense_module: str = "mlp"  # a dense block's MLP checkpoint name (Llama 4: feed_forward)
+    routing_on_input: bool = False  # Llama 4: the routing weight scales the expert's input, not its output
+    expert_activation: str = "silu"
+    swiglu_alpha: float = 1.702  # clamped_swiglu: gate * sigmoid(alpha * gate) * (up + 1)
+    swiglu_limit: float = 7.0  # clamped_swiglu: gate <= limit, |up| <= limit
+    expert_bias: bool = False  # GPT-OSS: routed experts' gate/up and down have biases (kept unquantized)
+    expert_layout: str = "separate"
+    # Before every tensor name in the checkpoint: Llama 4's multimodal checkpoints (model_type
+    # llama4) hold the text model under "language_model." beside a vision tower qmoe leaves unread.
+    tensor_prefix: str = ""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -117,8 +150,40 @@ class DecoderConfig:
                                             or not 2 <= self.rotary_dim <= self.head_dim):
             raise ValueError(f"DecoderConfig.rotary_dim must be an even width in [2, head_dim {self.head_dim}] of "
                              f"grouped-query heads, got {self.rotary_dim!r} ({self.attention} attention)")
+        self._check_layer_features()
         if self.shared_expert_gate and not self.shared_expert_size:
             raise ValueError("DecoderConfig.shared_expert_gate needs a shared expert (shared_expert_size > 0)")
+
+    def _check_layer_features(self) -> None:
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"DecoderConfig.layer_types must name one kind per block ({self.num_layers}), "
+                             f"got {len(self.layer_types)}")
+        for name, value, allowed in (("layer_types", self.layer_types, LAYER_KINDS),
+                                     ("expert_activation", (self.expert_activation,), EXPERT_ACTIVATIONS),
+                                     ("expert_layout", (self.expert_layout,), EXPERT_LAYOUTS)):
+            bad = [v for v in value if v not in allowed]
+            if bad:
+                raise ValueError(f"DecoderConfig.{name}: {bad[0]!r} is not one of {', '.join(allowed)}")
+        if "chunked" in self.layer_types and not (self.attention_chunk_size or 0) >= 1:
+            raise ValueError(f"DecoderConfig.attention_chunk_size must be >= 1 for chunked blocks, "
+                             f"got {self.attention_chunk_size!r}")
+        if "sliding" in self.layer_types and self.sliding_window is None:
+            raise ValueError("DecoderConfig.sliding_window must be set for sliding blocks")
+        if any(not 0 <= i < self.num_layers for i in self.nope_layers):
+            raise ValueError(f"DecoderConfig.nope_layers must be block indices in [0, {self.num_layers}), "
+                             f"got {list(self.nope_layers)}")
+        if self.attn_temperature is not None and not (len(self.attn_temperature) == 2 and self.attn_temperature[0] > 0):
+            raise ValueError(f"DecoderConfig.attn_temperature must be (floor_scale > 0, attn_scale), "
+                             f"got {self.attn_temperature!r}")
+
+    def layer_span(self, index: int) -> tuple[int | None, int | None]:
+        """Block `index`'s (sliding window, chunk size): keys more than window - 1 positions back
+        are masked, and keys outside the query's chunk of positions; None: no such limit."""
+        if not self.layer_types:
+            return self.sliding_window, None
+        kind = self.layer_types[index]
+        return (self.sliding_window if kind == "sliding" else None,
+                self.attention_chunk_size if kind == "chunked" else None)
 
     @property
     def softmax_scale(self) -> float:
@@ -157,8 +222,9 @@ class DecoderConfig:
                 fields = cls.parse(merged)
             except KeyError as exc:
                 raise QmoeError(f"config.json lacks {exc.args[0]}: not a {merged.get('model_type')} config") from None
-        for name in ("sparse_layers", "expert_matrices", "eos_token_ids"):
-            if name in fields:
+        for name in ("sparse_layers", "expert_matrices", "eos_token_ids", "layer_types", "nope_layers",
+                     "attn_temperature"):
+            if fields.get(name) is not None:
                 fields[name] = tuple(fields[name])
         if isinstance(fields.get("rope_scaling"), dict):  # as to_dict() wrote it
             fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..base import ExpertBank, ExpertShape, GenerationSpec, TensorReader
 from .config import DecoderConfig
+from .experts import ClampedSwiGLU, clamped_swiglu, fused_source
 from .incremental import DecoderIncrementalStack, cache_bytes
 from .layers import SHARED_MATRICES, DecoderBlock, GatedMLP, RMSNorm, causal_bias, rotary_tables
 
@@ -24,11 +25,19 @@ def _swiglu_hidden(x: torch.Tensor, first: Mapping[str, torch.Tensor]) -> torch.
     return F.silu(x @ gate.T) * (x @ up.T)
 
 
-def _swiglu_shape(names: tuple[str, str, str], d: int, ff: int) -> ExpertShape:
-    """A SwiGLU expert of width ff: gate and up [ff, d] share the input's Hessian, then down [d, ff]."""
+def _swiglu_shape(names: tuple[str, str, str], d: int, ff: int, config: DecoderConfig | None = None) -> ExpertShape:
+    """A SwiGLU expert of width ff: gate and up [ff, d] share the input's Hessian, then down [d, ff].
+    With `config` of a clamped SwiGLU (GPT-OSS): that activation, which no grouped kernel runs
+    (a block's `expert_hidden` adds its biases where the compressor needs them)."""
     gate, up, down = names
-    return ExpertShape(names, {gate: (ff, d), up: (ff, d), down: (d, ff)}, _swiglu_hidden, inputs=(gate, up),
-                       chain_activation="silu_gated")
+    shapes = {gate: (ff, d), up: (ff, d), down: (d, ff)}
+    if config is not None and config.expert_activation == "clamped_swiglu":
+        alpha, limit = config.swiglu_alpha, config.swiglu_limit
+
+        def hidden(x: torch.Tensor, first: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            return clamped_swiglu(x @ first[gate].T, x @ first[up].T, alpha, limit)
+        return ExpertShape(names, shapes, hidden, inputs=(gate, up))
+    return ExpertShape(names, shapes, _swiglu_hidden, inputs=(gate, up), chain_activation="silu_gated")
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,8 @@ class DecoderStackContext:
     def attend(self, block: DecoderBlock, x: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
         length = x.shape[1]
         cos, sin = rotary_tables(self.config, length, self.device, self.dtype)
-        return block.attend(x, cos, sin, causal_bias(length, self.config.sliding_window, self.device))
+        window, chunk = self.config.layer_span(block.index)
+        return block.attend(x, cos, sin, causal_bias(length, window, self.device, chunk=chunk))
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,7 @@ class DecoderArchitecture:
 
     def __post_init__(self) -> None:
         c = self.config
-        object.__setattr__(self, "expert", _swiglu_shape(c.expert_matrices, c.hidden_size, c.moe_intermediate_size))
+        object.__setattr__(self, "expert", _swiglu_shape(c.expert_matrices, c.hidden_size, c.moe_intermediate_size, c))
         shared = _swiglu_shape(SHARED_MATRICES, c.hidden_size, c.shared_expert_size) if c.shared_expert_size else None
         object.__setattr__(self, "shared_expert", shared)
 
@@ -91,6 +101,15 @@ class DecoderArchitecture:
     def expert_tensor(self, stack: str, index: int, expert: int, matrix: str) -> str:
         return f"model.layers.{index}.{self.config.moe_module}.experts.{expert}.{matrix}.weight"
 
+    def fused_expert(self, stack: str, index: int,
+                     matrix: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:
+        """Where a fused layout keeps `matrix` of every expert of block `index`: the tensor [E, ...]
+        and the view of its row j that is expert j's matrix [rows, cols]; None: one tensor per
+        expert (`expert_tensor`)."""
+        c = self.config
+        return None if c.expert_layout == "separate" else fused_source(c, f"model.layers.{index}.{c.moe_module}.",
+                                                                          matrix)
+
     def shared_tensor(self, stack: str, index: int, matrix: str) -> str:
         return f"model.layers.{index}.{self.config.moe_module}.{self.config.shared_expert_module}.{matrix}.weight"
 
@@ -100,8 +119,11 @@ class DecoderArchitecture:
         return names if c.tie_word_embeddings else {**names, "lm_head.weight": (c.vocab_size, c.hidden_size)}
 
     def storage_names(self, name: str) -> tuple[str, ...]:
-        """Every tensor under its own name (a tied head is read as the embedding by `head`)."""
-        return (name,)
+        """Every tensor under its own name (a tied head is read as the embedding by `head`);
+        with a `tensor_prefix`, first after it (an original checkpoint), then without it (a
+        compressed checkpoint's block files hold the model's names)."""
+        prefix = self.config.tensor_prefix
+        return (prefix + name, name) if prefix else (name,)
 
     def stack_tokens(self, input_ids: Sequence[Sequence[int]],
                      labels: Sequence[Sequence[int]]) -> dict[str, list[list[int]]]:
@@ -128,7 +150,9 @@ class DecoderArchitecture:
         weight = read(EMBEDDING if self.config.tie_word_embeddings else "lm_head.weight", dtype, device)
         return lambda hidden: F.linear(hidden, weight)
 
-    def make_expert(self, parts: Mapping[str, torch.Tensor | nn.Module]) -> GatedMLP:
+    def make_expert(self, parts: Mapping[str, torch.Tensor | nn.Module]) -> GatedMLP | ClampedSwiGLU:
+        if self.config.expert_activation == "clamped_swiglu":
+            return ClampedSwiGLU.from_parts(self.config, parts)
         return GatedMLP.from_parts(self.config.expert_matrices, dict(parts))
 
     def generation(self) -> GenerationSpec:

@@ -75,18 +75,26 @@ class DecoderStackCache:
         entry = self.blocks.get(index)
         return 0 if entry is None else entry.length
 
-    def step(self, first: int, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, first: int, t: int, device: torch.device,
+             span: tuple[int | None, int | None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """cos, sin [B, 1, t, rot] of slots [first, first + t)'s positions and the bias
         [B, 1, t, first + t] fp32 (causal, windowed, padding masked) on `device`, built once per
-        step and device (every block of the step shares them)."""
-        key = (device, first, t)
+        step, device and span (every block of the step with that span shares them). `span`: the
+        block's (window, chunk) (`DecoderConfig.layer_span`; None: the cache's window, no chunk);
+        a chunk counts positions, so a left-padded sequence's chunks start at its first token."""
+        window, chunk = (self.window, None) if span is None else span
+        key = (device, first, t, window, chunk)
         if key not in self._steps:
-            if len(self._steps) > 8:  # keeps a handful: one per device of the current step
+            if len(self._steps) > 8:  # keeps a handful: one per device and span of the current step
                 self._steps.clear()
             slots = self.positions[:, first:first + t]  # [B, t]
             cos, sin = self.cos[slots][:, None], self.sin[slots][:, None]
-            bias = causal_bias(first + t, self.window, self.key_mask.device, first)[None, None]
-            bias = bias.masked_fill(~self.key_mask[:, None, None, :first + t], torch.finfo(torch.float32).min)
+            bias = causal_bias(first + t, window, self.key_mask.device, first)[None, None]
+            masked = ~self.key_mask[:, None, None, :first + t]
+            if chunk is not None:
+                keys = self.positions[:, None, None, :first + t]  # [B, 1, 1, S]
+                masked = masked | (slots[:, None, :, None] // chunk != keys // chunk)
+            bias = bias.masked_fill(masked, torch.finfo(torch.float32).min)
             self._steps[key] = (cos.to(device), sin.to(device), bias.to(device))
         return self._steps[key]
 
@@ -134,5 +142,7 @@ class DecoderIncrementalStack:
 
     def attend(self, block: DecoderBlock, index: int, x: torch.Tensor, cache: DecoderStackCache) -> torch.Tensor:
         """x [B, t, d] at slots [L, L + t) of block `index` -> [B, t, d] (see IncrementalStack)."""
-        cos, sin, bias = cache.step(cache.length(index), x.shape[1], x.device)
-        return block.attend(x, cos, sin, bias, lambda k, v: cache.extend(index, k, v))
+        first = cache.length(index)
+        cos, sin, bias = cache.step(first, x.shape[1], x.device, self.config.layer_span(index))
+        positions = cache.positions[:, first:first + x.shape[1]]  # [B, t]: Llama 4's query temperature
+        return block.attend(x, cos, sin, bias, lambda k, v: cache.extend(index, k, v), positions)

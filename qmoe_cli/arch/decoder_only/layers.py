@@ -1,5 +1,6 @@
 """Decoder-only MoE building blocks shared by every family: RMSNorm, rotary grouped-query
-attention, the top-k router, SwiGLU experts (routed and shared) and the block.
+attention (per block: sliding window or chunk, NoPE with query temperature, sinks), the top-k
+routers, SwiGLU experts (routed and shared; GPT-OSS's in `experts.py`) and the block.
 
 Parameter names mirror the Hugging Face layout below `model.layers.{i}.` (`input_layernorm`,
 `self_attn.q_proj`, `{moe}.gate`, `{moe}.shared_expert.gate_proj`, ...), so a block's weights
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..base import ExpertBank, bank_stores_shared
 from .config import DecoderConfig
+from .experts import ClampedSwiGLU, ExpertBiases, clamped_swiglu
 from .rope import inverse_frequencies
 
 SHARED_MATRICES = ("gate_proj", "up_proj", "down_proj")  # the shared expert's, in every family
@@ -75,15 +77,19 @@ def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
 
 
-def causal_bias(length: int, window: int | None, device: torch.device, first: int = 0) -> torch.Tensor:
+def causal_bias(length: int, window: int | None, device: torch.device, first: int = 0,
+                chunk: int | None = None) -> torch.Tensor:
     """Additive mask [T - first, T] fp32 of queries first..T-1 over keys 0..T-1: 0 where key <=
-    query (and within `window`), else -inf-like (finite, so a row with every key masked, a
-    padding query, stays a number)."""
+    query (and within `window`, and in the query's `chunk` of positions: Llama 4's local
+    attention), else -inf-like (finite, so a row with every key masked, a padding query, stays a
+    number)."""
     query = torch.arange(first, length, device=device)[:, None]
     key = torch.arange(length, device=device)[None, :]
     allowed = key <= query
     if window is not None:
         allowed &= query - key < window
+    if chunk is not None:
+        allowed &= query // chunk == key // chunk
     return torch.zeros(length - first, length, device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
@@ -93,18 +99,25 @@ ExtendKeys = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, t
 
 
 def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of grouped queries: q [B, H, t, dk], k [B, KV, S, dk], v [B, KV, S, dv]
     (H a multiple of KV; query head h reads key/value head h // (H / KV), as transformers'
     `repeat_kv`), bias broadcastable to [B, H, t, S] fp32 -> [B, t, H * dv]. Scores and softmax
     in fp32 (fp64 for fp64 inputs). The query heads of one key/value head are stacked into one matrix instead of the
-    keys being repeated per query head: a decoding cache is read in place, never copied."""
+    keys being repeated per query head: a decoding cache is read in place, never copied.
+    sinks [H] (GPT-OSS): one more logit per head in every softmax, whose weight is dropped (so a
+    query may attend to nothing much)."""
     batch, heads, length, _ = q.shape
     kv_heads = k.shape[1]
     rows = heads // kv_heads * length
     scores = torch.matmul(q.reshape(batch, kv_heads, rows, -1), k.transpose(2, 3))  # [B, KV, g * t, S]
     scores = scores.to(at_least_fp32(scores.dtype)).view(batch, heads, length, -1) * scale + bias
-    weights = torch.softmax(scores, dim=-1).to(v.dtype).view(batch, kv_heads, rows, -1)
+    if sinks is None:
+        weights = torch.softmax(scores, dim=-1)
+    else:
+        sink = sinks.to(scores.dtype).view(1, heads, 1, 1).expand(batch, heads, length, 1)
+        weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    weights = weights.to(v.dtype).reshape(batch, kv_heads, rows, -1)
     out = torch.matmul(weights, v).view(batch, heads, length, -1)  # [B, H, t, dv]
     return out.transpose(1, 2).reshape(batch, length, -1)
 
@@ -119,32 +132,37 @@ class SelfAttention(nn.Module):
     config: DecoderConfig
     o_proj: nn.Linear
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-                extend: ExtendKeys | None = None) -> torch.Tensor:
+                extend: ExtendKeys | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, t, d]; cos, sin [t, rot] or [B, 1, t, rot] (per sequence positions); bias [t, S]
-        or [B, 1, t, S] fp32 over the S keys (S = t without `extend`) -> [B, t, d]."""
-        q, k, v = self.project(x, cos, sin)
+        or [B, 1, t, S] fp32 over the S keys (S = t without `extend`); positions [t] or [B, t]
+        int64 (only Llama 4's attention temperature reads them) -> [B, t, d]."""
+        q, k, v = self.project(x, cos, sin, positions)
         if extend is not None:
             k, v = extend(k, v)
-        return self.o_proj(scaled_attention(q, k, v, bias, self.config.softmax_scale))
+        return self.o_proj(scaled_attention(q, k, v, bias, self.config.softmax_scale, getattr(self, "sinks", None)))
 
 
 class Attention(SelfAttention):
-    """Grouped-query self-attention with rotary positions, optional q/k norms and qkv clipping."""
+    """Grouped-query self-attention with rotary positions (none on a NoPE block), optional q/k
+    norms, qkv clipping, attention sinks and query temperature."""
 
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, config: DecoderConfig, index: int = 0):
         super().__init__()
         c = config
         self.config = c
+        self.rotary = index not in c.nope_layers
         bias = c.attention_bias
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.output_bias)
+        if c.attention_sinks:
+            self.sinks = nn.Parameter(torch.zeros(c.num_heads))
         if c.qk_norm == "head":
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -152,10 +170,10 @@ class Attention(SelfAttention):
             self.q_norm = RMSNorm(c.num_heads * c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim, c.rms_norm_eps)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, t, d] -> q [B, H, t, hd], k and v [B, KV, t, hd]: q and k normed (`qk_norm`),
-        clipped (`clip_qkv`) and rotated to their positions."""
+        clipped (`clip_qkv`) and rotated to their positions (NoPE blocks: queries tempered)."""
         c = self.config
         batch, length = x.shape[:2]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -167,8 +185,31 @@ class Attention(SelfAttention):
         k = k.view(batch, length, c.num_kv_heads, c.head_dim)
         if c.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)  # [B, H|KV, t, hd]
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H|KV, t, hd]
+        if self.rotary:
+            rotate = _rotate_interleaved if c.rope_interleave else _rotate
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            if c.qk_norm == "l2":
+                q, k = _l2_norm(q, c.rms_norm_eps), _l2_norm(k, c.rms_norm_eps)
+        elif c.attn_temperature is not None:
+            q = (q * query_temperature(positions, *c.attn_temperature, length, q.device)).to(q.dtype)
         return q, k, v.view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
+
+
+def _l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama 4's weightless RMSNorm over the last dim, in fp32 (rotated dims permuted alike: no matter)."""
+    h = x.to(at_least_fp32(x.dtype))
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def query_temperature(positions: torch.Tensor | None, floor_scale: float, attn_scale: float,
+                      length: int, device: torch.device) -> torch.Tensor:
+    """Llama 4's per-position query scale on NoPE blocks, fp32, [1, 1, t, 1] or [B, 1, t, 1]
+    (positions [t] or [B, t]; None: 0..length-1): long contexts sharpen attention."""
+    if positions is None:
+        positions = torch.arange(length, device=device)
+    scale = torch.log1p(torch.floor((positions.to(device).float() + 1.0) / floor_scale)) * attn_scale + 1.0
+    return scale.view(-1, 1, length, 1)
 
 
 class LatentAttention(SelfAttention):
@@ -218,8 +259,8 @@ class LatentAttention(SelfAttention):
         q = q.view(*x.shape[:2], c.num_heads, -1).transpose(1, 2)  # [B, H, t, nope + rope]
         return q.split([c.qk_nope_head_dim, c.head_dim], dim=-1)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, t, d] -> q and k [B, H, t, nope + rope] (rotary part rotated), v [B, H, t, v]."""
         c = self.config
         batch, length = x.shape[:2]
@@ -233,7 +274,7 @@ class LatentAttention(SelfAttention):
         return q, torch.cat([k_pass, k_rot], dim=-1), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-                extend: ExtendKeys | None = None) -> torch.Tensor:
+                extend: ExtendKeys | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """As `SelfAttention.forward`: expanded without `extend`, absorbed with one."""
         if extend is None:
             return super().forward(x, cos, sin, bias)
@@ -302,6 +343,8 @@ class Router(nn.Module):
         super().__init__()
         self.config = config
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        if config.router_bias:
+            self.bias = nn.Parameter(torch.zeros(config.num_experts))
         if config.router == "sigmoid_group":
             self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts))
 
@@ -311,7 +354,10 @@ class Router(nn.Module):
         fp32 whatever the model dtype, as for Switch: bf16 near-ties flip the chosen experts.
         """
         c = self.config
-        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        logits = F.linear(x.float(), self.weight.float(), self.bias.float() if c.router_bias else None)  # [N, E]
+        if c.router in ("softmax_selected", "sigmoid_topk"):  # GPT-OSS, Llama 4: the top logits alone
+            top, index = torch.topk(logits, c.top_k, dim=-1)
+            return index, torch.softmax(top, dim=-1) if c.router == "softmax_selected" else torch.sigmoid(top)
         if c.router == "softmax_topk":
             weight, index = torch.topk(torch.softmax(logits, dim=-1), c.top_k, dim=-1)
             if c.norm_topk_prob:
@@ -349,7 +395,9 @@ class SparseMoE(nn.Module):
 
     def __init__(self, config: DecoderConfig, own_shared: bool = True):
         super().__init__()
-        self.gate = Router(config)
+        self.add_module(config.router_module, Router(config))
+        if config.expert_bias:
+            self.experts = ExpertBiases(config)
         if config.shared_expert_size and own_shared:
             self.add_module(config.shared_expert_module, GatedMLP(config.hidden_size, config.shared_expert_size))
         if config.shared_expert_gate:
@@ -362,30 +410,57 @@ class DecoderBlock(nn.Module):
     def __init__(self, config: DecoderConfig, index: int, experts: ExpertBank | None):
         super().__init__()
         self.config = config
+        self.index = index
         self.is_sparse = config.is_sparse(index)
         self.experts = experts if self.is_sparse else None
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LatentAttention(config) if config.attention == "mla" else Attention(config)
+        self.self_attn = LatentAttention(config) if config.attention == "mla" else Attention(config, index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Registered in `_modules` directly and read back from there (`_ffn`): Llama 4 names both
+        # `feed_forward`, which is also this class's method of that name.
         if self.is_sparse:
-            self.add_module(config.moe_module, SparseMoE(config, own_shared=not bank_stores_shared(experts)))
+            self._modules[config.moe_module] = SparseMoE(config, own_shared=not bank_stores_shared(experts))
         else:
-            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+            self._modules[config.dense_module] = GatedMLP(config.hidden_size, config.intermediate_size)
+        # Llama 4 scales an expert's input by its routing weight (`run.stream.expert_output`).
+        self.routing_on_input = config.routing_on_input
+
+    def _ffn(self) -> nn.Module:
+        return self._modules[self.config.moe_module if self.is_sparse else self.config.dense_module]
 
     @property
     def moe(self) -> SparseMoE:
-        return getattr(self, self.config.moe_module)
+        return self._ffn()
 
     def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-               extend: ExtendKeys | None = None) -> torch.Tensor:
+               extend: ExtendKeys | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, t, d] -> x + attention(norm(x)), [B, t, d] (see `SelfAttention.forward`)."""
-        return x + self.self_attn(self.input_layernorm(x), cos, sin, bias, extend)
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, bias, extend, positions)
 
     def ffn_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.post_attention_layernorm(x)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.moe.gate(x)
+        return getattr(self.moe, self.config.router_module)(x)
+
+    def bind_expert(self, j: int, expert: nn.Module) -> nn.Module:
+        """Expert j as this block runs it: with its biases where the family has them (GPT-OSS)."""
+        if not self.config.expert_bias:
+            return expert
+        assert isinstance(expert, ClampedSwiGLU), type(expert)
+        return expert.with_biases(self.moe.experts.of(j))
+
+    def expert_hidden(self, j: int, x: torch.Tensor, first: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised x [n, d] (times the routing weight where it scales the input) and expert j's
+        input matrices {name: W [ff, d]} -> the output matrix's input [n, ff], biases included."""
+        gate, up = (first[n] for n in self.config.expert_matrices[:2])
+        g, u = x @ gate.T, x @ up.T
+        if self.config.expert_activation == "silu":
+            return F.silu(g) * u
+        if self.config.expert_bias:
+            bias_g, bias_u, _ = self.moe.experts.of(j)
+            g, u = g + bias_g.to(g.dtype), u + bias_u.to(u.dtype)
+        return clamped_swiglu(g, u, self.config.swiglu_alpha, self.config.swiglu_limit)
 
     def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
         """Normalised x [N, d] -> the shared expert's contribution [N, d], or None without one."""
@@ -410,4 +485,4 @@ class DecoderBlock(nn.Module):
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Dense block: x [N, d] -> x + mlp(norm(x))."""
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self._ffn()(self.post_attention_layernorm(x))

@@ -67,8 +67,9 @@ class RopeScaling:
             raise ValueError(f"RopeScaling.attention_factor must be > 0 or None, got {self.attention_factor!r}")
         if self.rope_type == "llama3":
             low, high = self.low_freq_factor, self.high_freq_factor
-            if low is None or high is None or not 0 < low < high:
-                raise ValueError(f"RopeScaling: llama3 needs 0 < low_freq_factor < high_freq_factor, got "
+            # low == high (Llama 4 Scout's 1.0 and 1.0) is a hard switch: no wavelength is medium
+            if low is None or high is None or not 0 < low <= high:
+                raise ValueError(f"RopeScaling: llama3 needs 0 < low_freq_factor <= high_freq_factor, got "
                                  f"{low!r} and {high!r}")
 
     @property
