@@ -32,7 +32,7 @@ from test_generate_decoder import _assert_cached_equals_streamed
 
 from qmoe_cli.arch import architecture_from_config
 from qmoe_cli.arch.decoder_only.config import DecoderConfig
-from qmoe_cli.arch.decoder_only.layers import Router
+from qmoe_cli.arch.decoder_only.router import Router
 from qmoe_cli.arch.presets import load_preset
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -17,7 +17,8 @@ from hf_models import causal_lm_loss, save_hf_decoder
 from qmoe_cli.arch import architecture_from_config
 from qmoe_cli.arch.decoder_only.config import DecoderConfig
 from qmoe_cli.arch.decoder_only.incremental import DecoderIncrementalStack
-from qmoe_cli.arch.decoder_only.layers import Router, causal_bias, scaled_attention
+from qmoe_cli.arch.decoder_only.layers import causal_bias, scaled_attention
+from qmoe_cli.arch.decoder_only.router import Router
 from qmoe_cli.cli import main
 
 # openai/gpt-oss-120b's config.json (transformers 4 spelling; the fields the model reads)

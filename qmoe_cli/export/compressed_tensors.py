@@ -73,7 +73,7 @@ def matrix_tensors(matrix: ExpertMatrix, spec: QuantSpec, where: str) -> dict[st
     if spec.group_size is not None and cols % spec.group_size:
         raise ValueError(f"{where}: {cols} columns are no whole number of --grid-group {spec.group_size} groups, "
                          "which compressed-tensors' group strategy needs; export with --format hf")
-    if spec.ternary:
+    if spec.code_bits is None:  # ternary codes: {lo, 0, hi} as a 2-bit affine grid, where it is one
         codes, scale, zero = ternary_as_affine(matrix.codes, matrix.grid["lo"], matrix.grid["hi"], spec.group_size,
                                                where)
     else:
@@ -89,7 +89,8 @@ def matrix_tensors(matrix: ExpertMatrix, spec: QuantSpec, where: str) -> dict[st
 
 
 def bits_of(spec: QuantSpec) -> int:
-    return 2 if spec.ternary else int(spec.bits)
+    """Bits per exported code: b, or 2 for ternary (its three levels in a 2-bit grid)."""
+    return spec.code_bits or 2
 
 
 def quantization_config(spec: QuantSpec, targets: list[str]) -> dict[str, Any]:
