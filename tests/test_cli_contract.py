@@ -43,16 +43,26 @@ BAD: dict[str, list[str]] = {
     "--dictionary-size": ["5", "70000"],
     "--max-pairs": ["0", "128"],
     "--sample-matrices": ["-1"],
+    "--limit": ["0", "-1"],
+    "--num-fewshot": ["-1"],
+    "--include-path": ["no-such-task-dir"],
+    "--top-k": ["0", "x"],
+    "--repetition-penalty": ["0", "-1", "nan", "inf"],
+    "--format": ["gguf", "hff"],
 }
 # Flags whose every value passes the command line (what the value means is checked later).
 NO_BAD_VALUE = {
     "--prompt": "any text is a prompt; the model's tokenizer checks it (tests/test_generate.py)",
+    "--stop": "any non-empty text may end a sequence (tests/test_sampling.py)",
+    "--tasks": "task names are lm-eval's, checked when it loads them (tests/test_lm_eval.py: unknown task)",
+    "--config": "a config file is read when the export starts (tests/test_export.py)",
 }
 # What a command needs besides the bad flag for the rest of its command line to be valid.
 BASE = {
     "generate": ["--prompt", "a <extra_id_0> b", "--device", "cpu"],
     "pack": ["some-quantized-dir"],
     "info": ["some-dir"],
+    "export": ["some-dir", "--format", "hf", "--out", "some-out"],
 }
 INTERNAL_NAME = re.compile(r"\b[A-Z]\w*(?:Config|Spec)\.\w+")
 
