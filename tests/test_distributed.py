@@ -76,7 +76,14 @@ def _assert_same_checkpoint(reference: Path, other: Path) -> None:
     for name in files:
         assert (reference / name).read_bytes() == (other / name).read_bytes(), name
     ours, theirs = (json.loads((d / "manifest.json").read_text()) for d in (reference, other))
-    assert ours["blocks"] == theirs["blocks"]
+    # A shared expert's Hessian is an fp64 sum over ranks (a + b, not one running sum), then cast
+    # to fp32 for the solve: its codes come out the same, but the block's fp32 GPTQ error may move
+    # by an ulp or two of fp32 (Llama 4: 5e-8 relative). Everything else must match exactly.
+    assert ours["blocks"].keys() == theirs["blocks"].keys()
+    for name in ours["blocks"]:
+        a, b = ours["blocks"][name], theirs["blocks"][name]
+        assert {k: v for k, v in a.items() if k != "error"} == {k: v for k, v in b.items() if k != "error"}, name
+        assert a["error"] == pytest.approx(b["error"], rel=8 * torch.finfo(torch.float32).eps), name
     assert ours["calibration_loss"] == theirs["calibration_loss"]
 
 

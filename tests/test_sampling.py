@@ -85,8 +85,8 @@ def test_cut_at_stop_takes_the_earliest() -> None:
 
 @pytest.mark.parametrize("args, fragment", [
     (("--top-k", "5"), "give --temperature too"),
-    (("--temperature", "1", "--top-k", "0"), "--top-k must be an integer >= 1, got 0"),
-    (("--repetition-penalty", "0"), "--repetition-penalty must be > 0"),
+    (("--temperature", "1", "--top-k", "0"), "'--top-k': 0 is not in the range x>=1"),
+    (("--repetition-penalty", "0"), "'--repetition-penalty': 0.0 is not in the range x>0"),
     (("--stop", ""), "--stop must be non-empty strings"),
 ])
 def test_bad_generation_flags_are_usage_errors(args, fragment) -> None:

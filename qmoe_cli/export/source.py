@@ -57,7 +57,8 @@ class ExportSource:
         self.weights = self.model.weights
         self.arch: Architecture = self.weights.arch
         self.kind = self.model.kind
-        self.manifest: dict[str, Any] | None = getattr(self.weights, "manifest", None)
+        typed = getattr(self.weights, "manifest", None)  # a compressed checkpoint's Quantized/PackedManifest
+        self.manifest: dict[str, Any] | None = None if typed is None else typed.to_json()
         self.spec: QuantSpec | None = getattr(self.weights, "spec", None)
         self.hf_config = self._hf_config(config)
 
