@@ -84,7 +84,10 @@ def _assert_same_checkpoint(reference: Path, other: Path) -> None:
         a, b = ours["blocks"][name], theirs["blocks"][name]
         assert {k: v for k, v in a.items() if k != "error"} == {k: v for k, v in b.items() if k != "error"}, name
         assert a["error"] == pytest.approx(b["error"], rel=8 * torch.finfo(torch.float32).eps), name
-    assert ours["calibration_loss"] == theirs["calibration_loss"]
+    # Llama 4 scales each expert's input by its routing weight, so a rank's batch of an expert's
+    # tokens is a different matrix than one process's; the loss then agrees to fp32 rounding (5e-10
+    # relative seen), while every code is the same.
+    assert ours["calibration_loss"] == pytest.approx(theirs["calibration_loss"], rel=8 * torch.finfo(torch.float32).eps)
 
 
 def _wait_for_finished_block(partial: Path, procs: list, limit: float = 120) -> None:
