@@ -3,6 +3,7 @@ the README's numbers."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -33,10 +34,13 @@ def test_make_test_prints_the_summary_and_why_tests_skip(tmp_path: Path) -> None
     lines = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     [command] = [shlex.split(line) for line in lines.splitlines() if " -m pytest " in line]
     assert command[-1] == "tests"
+    settings = dict(word.split("=", 1) for word in command if re.fullmatch(r"[A-Z_]+=\S*", word))  # VAR=value first
+    command = command[len(settings):]
     (tmp_path / "test_probe.py").write_text(PROBE)
     probe = [sys.executable, *command[1:-1], "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path),
              str(tmp_path)]
-    done = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **settings})
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"^1 passed, 1 skipped", done.stdout, re.MULTILINE), done.stdout
     assert "SKIPPED [1]" in done.stdout and "needs a CUDA GPU" in done.stdout, done.stdout
