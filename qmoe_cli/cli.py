@@ -374,10 +374,6 @@ def pack_command(source: Path, out_dir: Path | None, dictionary_size: int, max_p
         _echo_packed(out, info)
 
 
-def _silent(line: str) -> None:
-    """The log when stderr is not a terminal: `qmoe export` reports progress only to a person."""
-
-
 def _echo_packed(out: Path, info: dict[str, Any]) -> None:
     click.echo(f"wrote {out}: {info['bits_per_weight_codes']:.4f} bits per expert weight "
                f"({info['bits_per_weight_all_in']:.4f} all-in), {info['total_bytes'] / 1e6:.2f} MB; "
@@ -396,10 +392,11 @@ def _echo_packed(out: Path, info: dict[str, Any]) -> None:
 @handle_errors
 def export_command(checkpoint: Path, fmt: str, out_dir: Path, config: Path | None, as_json: bool) -> None:
     """Write CHECKPOINT (original, quantized or packed) as a checkpoint transformers loads."""
+    from .api import silent
     from .export.writer import ExportConfig, export
 
     check_output_dir(out_dir, "--out")  # before anything is read
-    summary = export(checkpoint, out_dir, ExportConfig(fmt, config), note if sys.stderr.isatty() else _silent)
+    summary = export(checkpoint, out_dir, ExportConfig(fmt, config), note if sys.stderr.isatty() else silent)
     click.echo(json.dumps(summary) if as_json else f"wrote {out_dir} ({fmt}, {summary['shards']} shards)")
 
 

@@ -26,8 +26,10 @@ import hashlib
 import importlib.util
 import os
 import platform
+import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -134,3 +136,14 @@ def _import(build: NativeBuild, library: Path) -> ModuleType | None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_optional(build: NativeBuild, fallback: str) -> ModuleType | None:
+    """The compiled module, or None after one warning naming `build.what`, the compiler's first
+    line and `fallback` (what runs instead): the native code is an accelerator, never required."""
+    try:
+        return load_native(build)[1]
+    except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"qmoe: {build.what} could not be built ({reason}); {fallback}", RuntimeWarning, stacklevel=3)
+        return None

@@ -26,7 +26,7 @@ from ..run.placement import device_budgets, parse_bytes, plan_model
 from ..run.resident import load_resident
 from ..run.timing import GenerationStats
 from .model import ModelOutput, QmoeModel, check_room
-from .ops import compress, evaluate, pack
+from .ops import compress, evaluate, pack, silent
 from .tokenizer import QmoeTokenizer
 
 DEFAULT_PROMPT_TOKENS = 2048  # what `load` reserves decoding caches for, unless told (capped by the window)
@@ -90,13 +90,9 @@ class Checkpoint:
             placement = plan_model(self.opened.weights, device_budgets(devices, caps), run_dtype, reserve.batch,
                                    reserve.new_tokens, reserve.prompt_tokens)
             for line in placement.describe():
-                (log or _silent)(line)
+                (log or silent)(line)
         resident = load_resident(self.opened.weights, placement, devices, run_dtype)
         return QmoeModel(self.opened, resident, self.tokenizer)
-
-
-def _silent(line: str) -> None:
-    """`load`'s default log: the library prints nothing."""
 
 
 def open_checkpoint(model: str | Path) -> Checkpoint:

@@ -24,12 +24,12 @@ from ..run.stream import RunConfig
 Log = Callable[[str], None]
 
 
-def _drop(message: str) -> None:
+def silent(message: str) -> None:
     """The default log: the library prints nothing."""
 
 
 def open_with_data(model_name: str, sources: Sequence[str], samples: int, seed: int, split: str, calib: bool,
-                   log: Log = _drop) -> tuple[OpenModel, Any, list[LoadedData]]:
+                   log: Log = silent) -> tuple[OpenModel, Any, list[LoadedData]]:
     """Open the model, its tokenizer (None when it has none) and the datasets to run (default:
     the model's own); `calib` picks the calibration defaults and names `--calib` in errors."""
     flag = "--calib" if calib else "--data"
@@ -79,7 +79,7 @@ class Evaluation:
 
 
 def evaluate(model: str | Path, data: Sequence[str] = (), *, samples: int = 128, seed: int = 0,
-             device: str = "auto", dtype: str = "auto", progress: bool = False, log: Log = _drop) -> Evaluation:
+             device: str = "auto", dtype: str = "auto", progress: bool = False, log: Log = silent) -> Evaluation:
     """Loss and perplexity of a model (any checkpoint kind) on each dataset (c4, wikitext2 or a
     file; default: the model's), streamed block by block: `qmoe eval`."""
     run_device = resolve_device(device)
@@ -91,7 +91,7 @@ def evaluate(model: str | Path, data: Sequence[str] = (), *, samples: int = 128,
 
 
 def pack(quantized: str | Path, out: str | Path | None = None, config: PackConfig | None = None,
-         log: Log = _drop) -> tuple[Path, PackResult]:
+         log: Log = silent) -> tuple[Path, PackResult]:
     """Entropy-code a quantized checkpoint into `out` (default: QUANTIZED-packed): `qmoe pack`.
     Returns the packed directory and the run's figures."""
     from ..compress.pack import pack as run_pack
@@ -118,7 +118,7 @@ class Compression:
 def compress(model: str | Path, config: CompressConfig | None = None, *, calib: str | None = None,
              calib_samples: int = 128, seed: int = 0, out: str | Path | None = None, resume: bool = False,
              then_pack: bool = False, device: str = "auto", distributed: bool = False, dist_timeout: float = 600.0,
-             progress: bool = False, log: Log = _drop) -> Compression:
+             progress: bool = False, log: Log = silent) -> Compression:
     """Quantize every expert (batched GPTQ or RTN, `config`), streaming the model block by block
     into `out` (default: ./NAME-METHOD-BITS), then, with `then_pack`, pack it into OUT-packed:
     `qmoe compress`. Under torchrun each process is one rank (see `compress.distributed`)."""
@@ -138,7 +138,7 @@ def compress(model: str | Path, config: CompressConfig | None = None, *, calib: 
                         group_size=config.group_size, progress=progress and comm.rank == 0)
         sentinels = tokenizer.sentinel_ids if tokenizer else ()
         manifest = run_compress(opened, datasets[0], config, target, run, resume, sentinels,
-                                log if comm.rank == 0 else _drop, comm)
+                                log if comm.rank == 0 else silent, comm)
         rank, world, traffic = comm.rank, comm.world_size, comm.traffic
     if rank != 0:
         return Compression(target, None, rank, world, traffic)

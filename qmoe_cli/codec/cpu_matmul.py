@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import functools
 import os
-import subprocess
-import warnings
 from types import ModuleType
 
 import torch
 
-from ..native_build import NativeBuild, load_native
+from ..native_build import NativeBuild, load_optional
 from ..resources import shipped_dir
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
@@ -41,13 +39,7 @@ def cpu_matmul_build() -> NativeBuild:
 @functools.cache
 def cpu_matmul_extension() -> ModuleType | None:
     """The compiled kernels, or None (after one warning) when they cannot be built."""
-    try:
-        return load_native(cpu_matmul_build())[1]
-    except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.warn(f"qmoe: the CPU decode-matmul could not be built ({reason}); packed experts use the slower "
-                      "decode path", RuntimeWarning, stacklevel=2)
-        return None
+    return load_optional(cpu_matmul_build(), "packed experts use the slower decode path")
 
 
 def isa_code(isa: str | None) -> int:

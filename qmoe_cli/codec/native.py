@@ -1,6 +1,6 @@
 """The optional C++ codec (`kernels/codec.cpp` at the top of the repository), compiled on first use and cached.
 
-`native_build.load_native` builds it with the system compiler against the installed torch (the
+`native_build.load_optional` builds it with the system compiler against the installed torch (the
 CPU build is enough) into torch's extension cache, keyed by the source's hash, under a lock that
 a killed build cannot leave behind. Without a compiler the codec falls back to the pure-Python
 reference, with one warning: packing then works, slowly. Waiting too long for another process's
@@ -10,11 +10,9 @@ build is an error (QmoeError), not a fallback.
 from __future__ import annotations
 
 import functools
-import subprocess
-import warnings
 from types import ModuleType
 
-from ..native_build import NativeBuild, load_native
+from ..native_build import NativeBuild, load_optional
 from ..resources import shipped_dir
 
 
@@ -26,10 +24,4 @@ def codec_build() -> NativeBuild:
 @functools.cache
 def codec_extension() -> ModuleType | None:
     """The compiled codec module, or None (after one warning) when it cannot be built."""
-    try:
-        return load_native(codec_build())[1]
-    except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.warn(f"qmoe: the C++ codec could not be built ({reason}); using the slow Python reference",
-                      RuntimeWarning, stacklevel=2)
-        return None
+    return load_optional(codec_build(), "using the slow Python reference")
