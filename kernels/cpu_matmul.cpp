@@ -20,6 +20,9 @@
 // -1 the best this CPU runs). Rows are split over torch's intra-op threads (at::parallel_for).
 
 #include "cpu_matmul.h"
+#include "cpu_matmul_slots.h"
+
+#include <memory>
 
 namespace qmoe_cpu {
 
@@ -99,6 +102,8 @@ AVX512 bool ternary_row_avx512_1(const Ternary& m, int64_t r, const Tile& tile) 
   const int64_t stop = m.offsets[r + 1];
   for (; k + 1 < stop; k += 2) {
     const uint32_t wa = m.words[k], wb = m.words[k + 1];
+    qmoe_slots::prefetch_entry(m.words, k, m.total, m.masks, 8);
+    qmoe_slots::prefetch_entry(m.words, k + 1, m.total, m.masks, 8);
     if (wa >= m.size || wb >= m.size || col >= m.width) return false;
     const uint32_t la = m.masks[2 * wa], ha = m.masks[2 * wa + 1], lb = m.masks[2 * wb], hb = m.masks[2 * wb + 1];
     const int64_t cb = col + 2 * int64_t(la >> 28);
@@ -143,6 +148,7 @@ AVX512 bool ternary_row_avx512(const Ternary& m, int64_t r, const Tile& tile) {
   int64_t col = 0;
   for (int64_t k = m.offsets[r]; k < m.offsets[r + 1]; ++k) {
     const uint32_t w = m.words[k];
+    qmoe_slots::prefetch_entry(m.words, k, m.total, m.masks, 8);
     if (w >= m.size || col >= m.width) return false;
     const uint32_t l = m.masks[2 * w], h = m.masks[2 * w + 1];
     const __m512 w0 = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(__mmask16(h), hiv), __mmask16(l), lov);
@@ -190,6 +196,8 @@ AVX512BF16 bool ternary_row_bf16(const Ternary& m, int64_t r, const TileBf16& ti
   const int64_t stop = m.offsets[r + 1];
   for (; k < stop; k += 2) {
     const uint32_t wa = m.words[k], wb = k + 1 < stop ? m.words[k + 1] : 0;
+    qmoe_slots::prefetch_entry(m.words, k, m.total, m.masks, 8);
+    qmoe_slots::prefetch_entry(m.words, k + 1, m.total, m.masks, 8);
     if (wa >= m.size || wb >= m.size || col >= m.width) return false;
     const uint32_t la = m.masks[2 * wa], lb = k + 1 < stop ? m.masks[2 * wb] : 0, hb = k + 1 < stop ? m.masks[2 * wb + 1] : 0;
     const int64_t cb = col + 2 * int64_t(la >> 28);
@@ -245,6 +253,7 @@ AVX2 bool ternary_row_avx2_1(const Ternary& m, int64_t r, const Tile& tile) {
   int64_t col = 0;
   for (int64_t k = m.offsets[r]; k < m.offsets[r + 1]; ++k) {
     const uint32_t w = m.words[k];
+    qmoe_slots::prefetch_entry(m.words, k, m.total, m.masks, 8);
     if (w >= m.size || col >= m.width) return false;
     const uint32_t l = m.masks[2 * w], h = m.masks[2 * w + 1];
     for (int g = 0; g < 4; ++g) {
@@ -269,6 +278,7 @@ AVX2 bool ternary_row_avx2(const Ternary& m, int64_t r, const Tile& tile) {
   int64_t col = 0;
   for (int64_t k = m.offsets[r]; k < m.offsets[r + 1]; ++k) {
     const uint32_t w = m.words[k];
+    qmoe_slots::prefetch_entry(m.words, k, m.total, m.masks, 8);
     if (w >= m.size || col >= m.width) return false;
     const uint32_t l = m.masks[2 * w], h = m.masks[2 * w + 1];
     const float* x = tile.x + col;
@@ -303,20 +313,64 @@ TernaryRow ternary_kernel(int64_t isa, int64_t n) {
   return ternary_row_portable;
 }
 
+// From these many tokens the slotted sums beat expanding codewords to lanes (measured, docs/cpu.md):
+// on an fp32 x, and on a bf16 x where the bf16 dot products run (half the FMAs of fp32).
+constexpr int64_t kSlotTokens = 4, kSlotTokensBf16 = 6;
+
+// kSlotTokens..32 tokens on AVX2 or AVX-512 (cpu_matmul_slots.h): tiles of TP = 8, 16 or 32 tokens, x
+// slotted once per tile before the rows are split over the threads.
+template <typename T, typename ToFloat>
+void slot_matmul(const Ternary& t, const uint8_t* slots, const T* x, int64_t n, int64_t rows, float* y,
+                 ToFloat to_float) {
+  using qmoe_slots::row_v;
+  const qmoe_slots::Matrix m{t.words, t.offsets, t.masks, slots, t.lo, t.hi, t.size, t.width, t.total};
+  const int64_t tp = n <= 8 ? 8 : n <= 16 ? 16 : 32, tiles = (n + tp - 1) / tp;
+  const int64_t tile_floats = qmoe_slots::slotted_rows(t.width) * tp;
+  std::unique_ptr<float[]> xs(new float[tiles * tile_floats]);
+  for (int64_t i = 0; i < tiles; ++i)
+    qmoe_slots::slot_x(x + i * tp * t.width, t.width, std::min(tp, n - i * tp), t.width, tp, xs.get() + i * tile_floats,
+                       to_float);
+  const auto row = tp == 8 ? row_v<1> : tp == 16 ? row_v<2> : row_v<4>;
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    alignas(32) float sums[32];
+    for (int64_t i = 0; i < tiles; ++i) {  // tiles outermost: one tile of x stays in L2 over the rows
+      const int64_t t0 = i * tp, nt = std::min(tp, n - t0);
+      for (int64_t r = begin; r < end; ++r) {
+        QMOE_CHECK(row(m, r, xs.get() + i * tile_floats, sums), "row ", r, " holds a codeword beyond the dictionary's ",
+                   m.size, " or does not decode to its width ", m.width);
+        for (int64_t j = 0; j < nt; ++j) y[(t0 + j) * rows + r] = sums[j];
+      }
+    }
+  });
+}
+
 }  // namespace
 }  // namespace qmoe_cpu
 
 using namespace qmoe_cpu;
 
+// The slot table of a dictionary (cpu_matmul_slots.h): masks [size, 2] int32 -> [size, 8] uint8.
+torch::Tensor ternary_slots(torch::Tensor masks) {
+  check(masks, "masks", torch::kInt32, 2);
+  QMOE_CHECK(masks.size(1) == 2 && masks.size(0) <= 65536, "masks must be [size <= 65536, 2], got ", masks.sizes());
+  auto slots = torch::empty({masks.size(0), 8}, torch::kUInt8);
+  qmoe_slots::build_slots(reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>()), masks.size(0),
+                          slots.data_ptr<uint8_t>());
+  return slots;
+}
+
 // y = x Wᵀ for a dictionary-coded ternary W [rows, width] with one grid per row.
 // words [total] int16 (uint16 codeword indices), offsets [rows + 1] int32, masks [size, 2] int32
-// (`Codebook.masks`), lo/hi [rows] fp32 (already rounded to x's dtype by the caller), x [n, width]
-// fp32 or bf16 (bf16 on a CPU with AVX-512 BF16: the bf16 dot-product path). -> y [n, rows] fp32.
-torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::Tensor masks, torch::Tensor lo,
-                             torch::Tensor hi, torch::Tensor x, int64_t isa) {
+// (`Codebook.masks`), slots [size, 8] uint8 (`ternary_slots(masks)`), lo/hi [rows] fp32 (already
+// rounded to x's dtype by the caller), x [n, width] fp32 or bf16. -> y [n, rows] fp32.
+// Few tokens: each codeword expanded to lanes (masked adds; bf16 x on AVX-512 BF16: bf16 dot
+// products); from kSlotTokens on: slotted sums, whose cost grows slower with the tokens.
+torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::Tensor masks, torch::Tensor slots,
+                             torch::Tensor lo, torch::Tensor hi, torch::Tensor x, int64_t isa) {
   check(words, "words", torch::kInt16, 1);
   check(offsets, "offsets", torch::kInt32, 1);
   check(masks, "masks", torch::kInt32, 2);
+  check(slots, "slots", torch::kUInt8, 2);
   check(lo, "lo", torch::kFloat32, 1);
   check(hi, "hi", torch::kFloat32, 1);
   QMOE_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, "x must be fp32 or bf16, got ",
@@ -326,6 +380,8 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
   QMOE_CHECK(rows >= 0 && lo.size(0) == rows && hi.size(0) == rows, "lo/hi must be [", rows, "], got ", lo.sizes(),
              " and ", hi.sizes());
   QMOE_CHECK(masks.size(1) == 2 && masks.size(0) <= 65536, "masks must be [size <= 65536, 2], got ", masks.sizes());
+  QMOE_CHECK(slots.size(0) == masks.size(0) && slots.size(1) == 8, "slots must be [", masks.size(0), ", 8], got ",
+             slots.sizes());
   isa = resolve_isa(isa);
   const Ternary m{reinterpret_cast<const uint16_t*>(words.data_ptr<int16_t>()), offsets.data_ptr<int32_t>(),
                   reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>()), lo.data_ptr<float>(),
@@ -336,14 +392,30 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
   QMOE_CHECK(rows == 0 || (off[0] == 0 && off[rows] == m.total), "offsets must run from 0 to the ", m.total,
              " codewords, got ", off[0], " to ", off[rows]);
   auto out = torch::empty({n, rows}, torch::kFloat32);
-  if (x.scalar_type() == torch::kBFloat16 && isa == kAvx512 && runs_bf16()) {
+  float* y = out.data_ptr<float>();
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  if (isa != kPortable && n >= (bf16 && isa == kAvx512 && runs_bf16() ? kSlotTokensBf16 : kSlotTokens)) {
+    const uint8_t* table = slots.data_ptr<uint8_t>();
+    if (bf16)  // exact in fp32: the top 16 bits of a float
+      slot_matmul(m, table, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), n, rows, y,
+                  [](uint16_t b) {
+                    float f;
+                    const uint32_t u = uint32_t(b) << 16;
+                    std::memcpy(&f, &u, 4);
+                    return f;
+                  });
+    else
+      slot_matmul(m, table, x.data_ptr<float>(), n, rows, y, [](float v) { return v; });
+    return out;
+  }
+  if (bf16 && isa == kAvx512 && runs_bf16()) {
     auto xp = torch::zeros({n, m.width + kPad}, torch::kBFloat16);
     xp.narrow(1, 0, m.width).copy_(x);
     at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t t0 = 0; t0 < n; t0 += 8) {
         const int64_t nt = std::min<int64_t>(8, n - t0);
         const TileBf16 tile{reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>()) + t0 * xp.size(1),
-                            xp.size(1), nt, out.data_ptr<float>() + t0 * rows, rows};
+                            xp.size(1), nt, y + t0 * rows, rows};
         const TernaryRowBf16 row = ternary_kernel_bf16(nt);
         for (int64_t r = begin; r < end; ++r)
           QMOE_CHECK(row(m, r, tile), "row ", r, " holds a codeword beyond the dictionary's ", m.size,
@@ -357,7 +429,7 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t t0 = 0; t0 < n; t0 += step) {  // tokens outermost: a tile of x stays in L2 over the rows
       const int64_t nt = std::min(step, n - t0);
-      const Tile tile{xp.data_ptr<float>() + t0 * xp.size(1), xp.size(1), nt, out.data_ptr<float>() + t0 * rows, rows};
+      const Tile tile{xp.data_ptr<float>() + t0 * xp.size(1), xp.size(1), nt, y + t0 * rows, rows};
       const TernaryRow row = ternary_kernel(isa, nt);
       for (int64_t r = begin; r < end; ++r)
         QMOE_CHECK(row(m, r, tile), "row ", r, " holds a codeword beyond the dictionary's ", m.size,
@@ -369,6 +441,7 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("best_isa", &best_isa, "the fastest variant this CPU runs: 0 portable, 1 AVX2, 2 AVX-512");
+  mod.def("ternary_slots", &ternary_slots, "the slot table of a dictionary's masks (cpu_matmul_slots.h)");
   mod.def("ternary_matmul", &ternary_matmul, "x Wᵀ from dictionary codewords (one grid per row)");
   mod.def("bitpacked_matmul", &bitpacked_matmul, "x Wᵀ from bit-packed b-bit codes");
 }

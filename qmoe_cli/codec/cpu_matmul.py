@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from types import ModuleType
 
 import torch
@@ -58,19 +59,47 @@ def best_isa() -> str | None:
     return None if ext is None else {v: k for k, v in ISAS.items()}[ext.best_isa()]
 
 
+# masks tensor id -> (a weak reference to it, its slot table): a dictionary's table is built once
+# (65536 codewords: ~1 ms), not on every product; an entry dies with its masks.
+_SLOTS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def slot_table(masks: torch.Tensor) -> torch.Tensor | None:
+    """The slot table [size, 8] uint8 of `Codebook.masks` that the 2+ token kernel reads
+    (`kernels/cpu_matmul_slots.h`), cached per masks tensor; None without the kernels."""
+    ext = cpu_matmul_extension()
+    if ext is None:
+        return None
+    key = id(masks)
+    hit = _SLOTS.get(key)
+    if hit is None or hit[0]() is not masks:
+        hit = (weakref.ref(masks, lambda _, key=key: _SLOTS.pop(key, None)), ext.ternary_slots(masks))
+        _SLOTS[key] = hit
+    return hit[1]
+
+
+def ternary_grids(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """lo/hi [rows, 1] fp32 -> [rows] fp32 rounded to `dtype`, as `ternary_matmul` takes them
+    (`round_once_linear`: the grid in x's dtype); callers that multiply often keep the result."""
+    return tuple(g.reshape(-1).to(dtype).float().contiguous() for g in (lo, hi))
+
+
 def ternary_matmul(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor, lo: torch.Tensor,
                    hi: torch.Tensor, x: torch.Tensor, isa: str | None = None) -> torch.Tensor | None:
     """x [n, cols] fp32/bf16/fp16 @ Wᵀ -> [n, rows] in x's dtype, for a dictionary-coded ternary W:
     words [total] int16, offsets [rows + 1] int32, masks [size, 2] int32 (`Codebook.masks`),
-    lo/hi [rows, 1] fp32 (one grid per row). None without the kernels."""
+    lo/hi: [rows, 1] fp32 (one grid per row), or `ternary_grids(lo, hi, x.dtype)` already.
+    None without the kernels."""
     ext = cpu_matmul_extension()
     if ext is None:
         return None
-    lo, hi = (g.reshape(-1).to(x.dtype).float().contiguous() for g in (lo, hi))
+    if lo.dim() != 1:
+        lo, hi = ternary_grids(lo, hi, x.dtype)
     x_dtype = x.dtype
-    x = (x if x.dtype == torch.bfloat16 else x.float()).contiguous()  # bf16: the kernels' bf16 dot products
-    y = ext.ternary_matmul(words, offsets, masks, lo, hi, x, isa_code(isa))
-    return y.to(x_dtype)
+    if x_dtype != torch.bfloat16:  # bf16 goes in as it is (exact in fp32), anything else as fp32
+        x = x.float()
+    y = ext.ternary_matmul(words, offsets, masks, slot_table(masks), lo, hi, x.contiguous(), isa_code(isa))
+    return y if x_dtype == torch.float32 else y.to(x_dtype)
 
 
 def bitpacked_matmul(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, x: torch.Tensor, bits: int,

@@ -46,6 +46,7 @@ from torch import nn
 from ..arch import Architecture, ExpertShape, RoutedExperts, architecture_from_config
 from ..codec.bitpack import row_bytes, unpack_bits
 from ..codec.cpu_matmul import bitpacked_matmul
+from ..codec.cpu_matmul import ternary_grids
 from ..codec.cpu_matmul import ternary_matmul as cpu_ternary_matmul
 from ..codec.dictionary import Codebook
 from ..codec.rows import decode_dense, row_offsets, row_widths, ternary_matmul
@@ -82,6 +83,7 @@ class DictionaryMatrix:
         self.lo, self.hi = tensors["lo"], tensors["hi"]  # [rows, groups] fp32
         self.book, self.rows, self.cols = book, rows, cols
         self.group_cols = spec.group_size or cols
+        self._grids: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # sparse_matmul's, per x dtype
         groups = spec.n_groups(cols)
         _expect(where, "words", self.words, torch.int16, None)
         _expect(where, "offsets", self.offsets, torch.int32, (rows + 1,))
@@ -112,7 +114,10 @@ class DictionaryMatrix:
         if self.lo.shape[1] != 1:
             return None
         if self.book.masks is not None:
-            y = cpu_ternary_matmul(self.words, self.offsets, self.book.masks, self.lo, self.hi, x)
+            grids = self._grids.get(x.dtype)
+            if grids is None:  # rounded once per dtype, not on every product
+                grids = self._grids[x.dtype] = ternary_grids(self.lo, self.hi, x.dtype)
+            y = cpu_ternary_matmul(self.words, self.offsets, self.book.masks, *grids, x)
             if y is not None:
                 return y
         lo, hi = (g.to(x.dtype).float() for g in (self.lo, self.hi))
