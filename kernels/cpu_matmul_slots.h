@@ -86,48 +86,56 @@ inline uint32_t beyond_slots(uint32_t bits) {
 
 inline int64_t row_of(int bit) { return 3 * (bit >> 1) + (bit & 1); }
 
+// One codeword k of a row at rows `c3` of the slotted x (TP = 8 * V floats a row): its lo and hi
+// sums added into lo/hi, c3 advanced. False for a codeword beyond the dictionary or past the width.
+template <int V>
+QMOE_SLOTS_AVX2 __attribute__((always_inline)) inline bool slot_step(const Matrix& m, int64_t k, const float* xs,
+                                                                     int64_t& c3, int64_t limit, __m256* lo,
+                                                                     __m256* hi) {
+  constexpr int64_t tp = 8 * V;
+  const uint32_t w = m.words[k];
+  prefetch_entry(m.words, k, m.total, m.slots, 8);
+  if (w >= m.size || c3 >= limit) return false;
+  const uint8_t* e = m.slots + 8 * w;
+  const float* x = xs + c3 * tp;
+  for (int v = 0; v < V; ++v) {
+    const float* xv = x + 8 * v;
+    const __m256 l = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xv + e[0] * tp), _mm256_loadu_ps(xv + e[1] * tp)),
+                                   _mm256_loadu_ps(xv + e[2] * tp));
+    const __m256 h = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xv + e[3] * tp), _mm256_loadu_ps(xv + e[4] * tp)),
+                                   _mm256_loadu_ps(xv + e[5] * tp));
+    lo[v] = _mm256_add_ps(lo[v], l);
+    hi[v] = _mm256_add_ps(hi[v], h);
+  }
+  if (__builtin_expect(e[7] != 0, 0)) {
+    for (uint32_t b = beyond_slots(m.masks[2 * w]); b; b &= b - 1)
+      for (int v = 0; v < V; ++v) lo[v] = _mm256_add_ps(lo[v], _mm256_loadu_ps(x + row_of(__builtin_ctz(b)) * tp + 8 * v));
+    for (uint32_t b = beyond_slots(m.masks[2 * w + 1]); b; b &= b - 1)
+      for (int v = 0; v < V; ++v) hi[v] = _mm256_add_ps(hi[v], _mm256_loadu_ps(x + row_of(__builtin_ctz(b)) * tp + 8 * v));
+  }
+  c3 += e[6];
+  return true;
+}
+
 // TP = 8 * V tokens (one AVX2 register per 8), xs rows of TP floats; y[t] for t < TP. Returns
 // false on a malformed row (a codeword beyond the dictionary, a codeword starting past the width,
 // or a row not ending at its width): the caller raises.
 template <int V>
 QMOE_SLOTS_AVX2 bool row_v(const Matrix& m, int64_t r, const float* xs, float* y) {
-  constexpr int64_t tp = 8 * V;
-  const int64_t limit = 3 * ((m.width + 1) / 2);
-  __m256 lo[2][V], hi[2][V];
-  for (int j = 0; j < 2; ++j)
-    for (int v = 0; v < V; ++v) lo[j][v] = hi[j][v] = _mm256_setzero_ps();
-  int64_t c3 = 0;
-  for (int64_t k = m.offsets[r], stop = m.offsets[r + 1]; k < stop; ++k) {
-    const uint32_t w = m.words[k];
-    prefetch_entry(m.words, k, m.total, m.slots, 8);
-    if (w >= m.size || c3 >= limit) return false;
-    const uint8_t* e = m.slots + 8 * w;
-    const float* x = xs + c3 * tp;
-    const int j = k & 1;
-    for (int v = 0; v < V; ++v) {
-      const float* xv = x + 8 * v;
-      const __m256 l = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xv + e[0] * tp), _mm256_loadu_ps(xv + e[1] * tp)),
-                                     _mm256_loadu_ps(xv + e[2] * tp));
-      const __m256 h = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xv + e[3] * tp), _mm256_loadu_ps(xv + e[4] * tp)),
-                                     _mm256_loadu_ps(xv + e[5] * tp));
-      lo[j][v] = _mm256_add_ps(lo[j][v], l);
-      hi[j][v] = _mm256_add_ps(hi[j][v], h);
-    }
-    if (__builtin_expect(e[7] != 0, 0)) {
-      for (uint32_t b = beyond_slots(m.masks[2 * w]); b; b &= b - 1)
-        for (int v = 0; v < V; ++v)
-          lo[j][v] = _mm256_add_ps(lo[j][v], _mm256_loadu_ps(x + row_of(__builtin_ctz(b)) * tp + 8 * v));
-      for (uint32_t b = beyond_slots(m.masks[2 * w + 1]); b; b &= b - 1)
-        for (int v = 0; v < V; ++v)
-          hi[j][v] = _mm256_add_ps(hi[j][v], _mm256_loadu_ps(x + row_of(__builtin_ctz(b)) * tp + 8 * v));
-    }
-    c3 += e[6];
-  }
+  const int64_t limit = 3 * ((m.width + 1) / 2);  // rows of the width, rounded up to a pair
+  // Two sets of sums, a codeword each in turn: the add latency, not its throughput, would bound one.
+  __m256 lo0[V], hi0[V], lo1[V], hi1[V];
+  for (int v = 0; v < V; ++v) lo0[v] = hi0[v] = lo1[v] = hi1[v] = _mm256_setzero_ps();
+  int64_t c3 = 0, k = m.offsets[r];
+  const int64_t stop = m.offsets[r + 1];
+  for (; k + 1 < stop; k += 2)
+    if (!slot_step<V>(m, k, xs, c3, limit, lo0, hi0) || !slot_step<V>(m, k + 1, xs, c3, limit, lo1, hi1)) return false;
+  if (k < stop && !slot_step<V>(m, k, xs, c3, limit, lo0, hi0)) return false;
   if (c3 != limit) return false;
   const __m256 lov = _mm256_set1_ps(m.lo[r]), hiv = _mm256_set1_ps(m.hi[r]);
   for (int v = 0; v < V; ++v)
-    _mm256_storeu_ps(y + 8 * v, _mm256_fmadd_ps(lov, _mm256_add_ps(lo[0][v], lo[1][v]),
-                                                _mm256_mul_ps(hiv, _mm256_add_ps(hi[0][v], hi[1][v]))));
+    _mm256_storeu_ps(y + 8 * v, _mm256_fmadd_ps(lov, _mm256_add_ps(lo0[v], lo1[v]),
+                                                _mm256_mul_ps(hiv, _mm256_add_ps(hi0[v], hi1[v]))));
   return true;
 }
 

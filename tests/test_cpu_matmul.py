@@ -14,7 +14,15 @@ import torch
 from test_codec_reference import fixed_probs, ternary
 
 from qmoe_cli.codec.bitpack import pack_bits
-from qmoe_cli.codec.cpu_matmul import ISAS, best_isa, bitpacked_matmul, cpu_matmul_extension, ternary_matmul
+from qmoe_cli.codec.cpu_matmul import (
+    ISAS,
+    best_isa,
+    bitpacked_matmul,
+    cpu_matmul_extension,
+    slot_table,
+    ternary_grids,
+    ternary_matmul,
+)
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, build_dictionary
 from qmoe_cli.codec.rows import encode_matrix
 
@@ -86,6 +94,34 @@ def test_ternary_with_the_full_dictionary(isa: str) -> None:
     words, offsets, masks, lo, hi, w = ternary_case(40, 3001, seed=3, size=1 << 16)
     x = torch.randn(5, 3001, generator=torch.Generator().manual_seed(4))
     assert_close(ternary_matmul(words, offsets, masks, lo, hi, x, isa), x, w)
+
+
+@ALL_ISAS
+def test_ternary_dense_codewords_take_the_slot_overflow(isa: str) -> None:
+    """At p_zero 0.3 most codewords hold more than the slot table's 3 lo or 3 hi positions, so
+    the 4+ token kernel adds the rest from the masks; 1..3 tokens are the masked kernels."""
+    skip_unless_runs(isa)
+    rows, cols = 23, 301
+    codes = ternary(rows, cols, 0.3, seed=11)
+    b = Codebook.from_sequences(build_dictionary(fixed_probs(0.3), DictionarySpec(2048, 14)), 14)
+    words, offsets = encode_matrix(codes, b)
+    slots = slot_table(b.masks)
+    assert bool((slots[words.long() & 0xFFFF, 7] != 0).float().mean() > 0.3)  # the overflow is exercised
+    g = torch.Generator().manual_seed(12)
+    lo, hi = -torch.rand(rows, 1, generator=g) - 0.1, torch.rand(rows, 1, generator=g) + 0.1
+    w = torch.where(codes == 0, lo, torch.where(codes == 2, hi, torch.zeros(())))
+    for n in (1, 4, 9, 17, 32):
+        x = torch.randn(n, cols, generator=g)
+        assert_close(ternary_matmul(words, offsets, b.masks, lo, hi, x, isa), x, w)
+
+
+def test_slot_table_is_built_once_per_dictionary_and_grids_may_come_rounded() -> None:
+    words, offsets, masks, lo, hi, w = ternary_case(9, 70, seed=13, size=512)
+    assert slot_table(masks) is slot_table(masks)
+    assert slot_table(masks.clone()) is not slot_table(masks)
+    x = torch.randn(5, 70, generator=torch.Generator().manual_seed(14)).bfloat16()
+    assert torch.equal(ternary_matmul(words, offsets, masks, *ternary_grids(lo, hi, x.dtype), x),
+                       ternary_matmul(words, offsets, masks, lo, hi, x))
 
 
 @ALL_ISAS

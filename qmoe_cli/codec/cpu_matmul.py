@@ -32,7 +32,7 @@ MAX_TOKENS = 32  # up to here the kernels beat decoding to fp32 plus BLAS (docs/
 def cpu_matmul_build() -> NativeBuild:
     native = shipped_dir("native")
     return NativeBuild(name="qmoe_cpu_matmul", sources=(native / "cpu_matmul.cpp", native / "cpu_matmul_bits.cpp"),
-                       headers=(native / "cpu_matmul.h",), what="the CPU decode-matmul",
+                       headers=(native / "cpu_matmul.h", native / "cpu_matmul_slots.h"), what="the CPU decode-matmul",
                        usual="a minute or two (60 s of CPU time)", extra_cflags=("-O3", "-fopenmp"),
                        extra_ldflags=("-fopenmp",), timeout_s=900.0)
 
