@@ -51,8 +51,15 @@ void check(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64
 }
 
 torch::Tensor padded(const torch::Tensor& x) {
-  auto out = torch::zeros({x.size(0), x.size(1) + kPad}, torch::kFloat32);
-  out.narrow(1, 0, x.size(1)).copy_(x);
+  // By hand, not zeros + narrow + copy_: three dispatched ops cost more than a small product's rows.
+  const int64_t n = x.size(0), width = x.size(1), stride = width + kPad, bytes = x.element_size();
+  auto out = torch::empty({n, stride}, x.options());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const char* src = static_cast<const char*>(x.data_ptr());
+  for (int64_t t = 0; t < n; ++t) {
+    std::memcpy(dst + t * stride * bytes, src + t * width * bytes, bytes * width);
+    std::memset(dst + (t * stride + width) * bytes, 0, bytes * kPad);
+  }
   return out;
 }
 
@@ -362,7 +369,7 @@ torch::Tensor ternary_slots(torch::Tensor masks) {
 // y = x Wᵀ for a dictionary-coded ternary W [rows, width] with one grid per row.
 // words [total] int16 (uint16 codeword indices), offsets [rows + 1] int32, masks [size, 2] int32
 // (`Codebook.masks`), slots [size, 8] uint8 (`ternary_slots(masks)`), lo/hi [rows] fp32 (already
-// rounded to x's dtype by the caller), x [n, width] fp32 or bf16. -> y [n, rows] fp32.
+// rounded to x's dtype by the caller), x [n, width] fp32 or bf16. -> y [n, rows] in x's dtype.
 // Few tokens: each codeword expanded to lanes (masked adds; bf16 x on AVX-512 BF16: bf16 dot
 // products); from kSlotTokens on: slotted sums, whose cost grows slower with the tokens.
 torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::Tensor masks, torch::Tensor slots,
@@ -406,11 +413,10 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
                   });
     else
       slot_matmul(m, table, x.data_ptr<float>(), n, rows, y, [](float v) { return v; });
-    return out;
+    return bf16 ? out.to(torch::kBFloat16) : out;
   }
   if (bf16 && isa == kAvx512 && runs_bf16()) {
-    auto xp = torch::zeros({n, m.width + kPad}, torch::kBFloat16);
-    xp.narrow(1, 0, m.width).copy_(x);
+    auto xp = padded(x);
     at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t t0 = 0; t0 < n; t0 += 8) {
         const int64_t nt = std::min<int64_t>(8, n - t0);
@@ -422,7 +428,7 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
                      " or does not decode to its width ", m.width);
       }
     });
-    return out;
+    return bf16 ? out.to(torch::kBFloat16) : out;
   }
   auto xp = padded(x.to(torch::kFloat32));  // a bf16 x is exact in fp32
   const int64_t step = tile_tokens(isa, n);
@@ -436,7 +442,7 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
                    " or does not decode to its width ", m.width);
     }
   });
-  return out;
+  return bf16 ? out.to(torch::kBFloat16) : out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {

@@ -35,7 +35,7 @@ int64_t best_isa();
 // `isa` itself (an error if this CPU cannot run it), or the best variant for a negative one.
 int64_t resolve_isa(int64_t isa);
 void check(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim);
-// x [n, width] fp32 -> [n, width + kPad] fp32 with zeros after each row.
+// x [n, width] -> [n, width + kPad] in x's dtype, with zeros after each row.
 torch::Tensor padded(const torch::Tensor& x);
 
 }  // namespace qmoe_cpu

@@ -5,7 +5,9 @@ with a dictionary fitted to their distribution) and token count: medians of `Pac
 decode-matmul) on an fp32 and on a bf16 x against `F.linear` on the same weights dense in fp32
 and in bf16, the ratios in the same dtype (packed / dense: below 1 is faster), and the bytes-read floor: the packed matrix's bytes
 (codewords, row offsets, grids) over the memory bandwidth measured here (a large fp32 sum on all
-threads), and the fraction of that floor the packed product reaches.
+threads), and the fraction of that floor the packed product reaches. Then the same for
+bit-packed b-bit experts (uniform random codes, one grid a row): one row per b and token count
+for --bits-shape.
 
 Part 2 (--e2e): a random Mixtral-shaped model (`scripts/bench_decoder.py` writes it and makes
 its packed rtn-ternary form), one greedy decoder step at batch 1 of our runtime (fp32) on the
@@ -15,7 +17,7 @@ weights per layer and expert so none stays in cache): what a dense bf16 engine r
 active experts cannot beat.
 
     python scripts/bench_cpu.py --e2e                    # the table of docs/cpu.md
-    python scripts/bench_cpu.py --shapes 97x1025 --tokens 1,3 --repeats 1   # tiny
+    python scripts/bench_cpu.py --shapes 97x1025 --tokens 1,3 --bits-shape 30x64 --repeats 1   # tiny
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from bench_gptq import emit_table  # noqa: E402
 from qmoe_cli.codec.cpu_matmul import best_isa, isa_code  # noqa: E402
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, fit_dictionary  # noqa: E402
 from qmoe_cli.codec.rows import encode_matrix  # noqa: E402
-from qmoe_cli.formats.packed import DictionaryMatrix, PackedLinear  # noqa: E402
+from qmoe_cli.codec.bitpack import pack_bits  # noqa: E402
+from qmoe_cli.formats.packed import BitpackedMatrix, DictionaryMatrix, PackedLinear  # noqa: E402
 from qmoe_cli.quant.grids import QuantSpec  # noqa: E402
 
 DEFAULT_SHAPES = "768x3072,3072x768,4096x14336,14336x4096"
@@ -79,11 +82,21 @@ def packed_bytes(m: DictionaryMatrix) -> int:
     return m.words.numel() * 2 + m.offsets.numel() * 4 + (m.lo.numel() + m.hi.numel()) * 4
 
 
-def shape_rows(rows: int, cols: int, args: argparse.Namespace, gbs: float) -> list[str]:
-    m = packed_matrix(rows, cols, args.p_zero, args.dictionary)
+def bitpacked_matrix(rows: int, cols: int, bits: int) -> BitpackedMatrix:
+    """Uniform random b-bit codes with one random grid a row."""
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (rows, cols), generator=g, dtype=torch.uint8)
+    scale, zero = torch.rand(rows, 1, generator=g) * 0.01 + 1e-3, torch.randint(0, 1 << bits, (rows, 1), generator=g)
+    return BitpackedMatrix({"packed": pack_bits(codes, bits), "scale": scale, "zero": zero.float()}, rows, cols,
+                           QuantSpec(str(bits)), "bench")
+
+
+def timing_rows(label: str, m: DictionaryMatrix | BitpackedMatrix, nbytes: int, args: argparse.Namespace,
+                gbs: float) -> list[str]:
+    """One row per token count: `PackedLinear(m)` on fp32 and bf16 x against dense `F.linear`."""
+    rows, cols = m.rows, m.cols
     linear, dense = PackedLinear(m), m.dense(0, rows)
     dense_bf16 = dense.bfloat16()
-    nbytes = packed_bytes(m)
     floor = nbytes / gbs / 1e6  # ms
     out = []
     for n in args.tokens:
@@ -94,9 +107,25 @@ def shape_rows(rows: int, cols: int, args: argparse.Namespace, gbs: float) -> li
         packed_bf16 = median_ms(lambda: linear(xb[next(step) % 4]), args.repeats)
         fp32 = median_ms(lambda: F.linear(xs[next(step) % 4], dense), args.repeats)
         bf16 = median_ms(lambda: F.linear(xb[next(step) % 4], dense_bf16), args.repeats)
-        out.append(f"| {rows}x{cols} | {n} | {8 * nbytes / (rows * cols):.3f} | {packed:.3f} | {packed_bf16:.3f} "
+        out.append(f"| {label} | {n} | {8 * nbytes / (rows * cols):.3f} | {packed:.3f} | {packed_bf16:.3f} "
                    f"| {fp32:.3f} | {bf16:.3f} | {packed / fp32:.2f} | {packed_bf16 / bf16:.2f} "
                    f"| {floor:.3f} | {floor / min(packed, packed_bf16):.2f} |")
+    return out
+
+
+def shape_rows(rows: int, cols: int, args: argparse.Namespace, gbs: float) -> list[str]:
+    m = packed_matrix(rows, cols, args.p_zero, args.dictionary)
+    return timing_rows(f"{rows}x{cols}", m, packed_bytes(m), args, gbs)
+
+
+def bits_rows(args: argparse.Namespace, gbs: float) -> list[str]:
+    """One row per b (and token count) of bit-packed experts of --bits-shape."""
+    rows, cols = args.bits_shape
+    out = []
+    for bits in args.bits:
+        m = bitpacked_matrix(rows, cols, bits)
+        nbytes = m.packed.numel() + 4 * (m.grid_tensors["scale"].numel() + m.grid_tensors["zero"].numel())
+        out += timing_rows(f"{bits}-bit {rows}x{cols}", m, nbytes, args, gbs)
     return out
 
 
@@ -159,6 +188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dictionary", type=int, default=1 << 16, help="codewords in the fitted dictionary")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement; median reported")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--bits-shape", dest="bits_shape", default="4096x14336",
+                        help="ROWSxCOLS of the bit-packed b-bit rows ('' for none)")
+    parser.add_argument("--bits", default="2,3,4,8", help="comma-separated b of the bit-packed rows")
     parser.add_argument("--e2e", action="store_true", help="also time the Mixtral-shaped model end to end")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--expert-width", dest="expert_width", type=int, default=3584)
@@ -170,11 +202,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         args.tokens = [int(t) for t in args.tokens.split(",")]
+        args.bits_shape = tuple(int(v) for v in args.bits_shape.split("x")) if args.bits_shape else None
+        args.bits = [int(b) for b in args.bits.split(",")]
         isa_code(None)
     except ValueError as exc:
         parser.error(str(exc))
     if not 0 < args.p_zero < 1 or args.repeats < 1 or args.steps < 1 or min(args.tokens) < 1:
         parser.error("--p-zero must be in (0, 1); --repeats, --steps and --tokens must be >= 1")
+    if not all(1 <= b <= 8 for b in args.bits):
+        parser.error(f"--bits must be in 1..8, got {args.bits}")
     return args
 
 
@@ -191,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rows, cols in args.shapes:
         lines += shape_rows(rows, cols, args, gbs)
+    if args.bits_shape:
+        lines += ["", f"# bit-packed b-bit experts (one grid a row) vs dense: {torch.get_num_threads()} threads, "
+                  f"medians of {args.repeats}", "",
+                  "| bits shape | tokens | bits/weight | packed fp32 ms | packed bf16 ms | dense fp32 ms | dense bf16 ms "
+                  "| packed/dense fp32 | packed/dense bf16 | floor ms | of floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += bits_rows(args, gbs)
     if args.e2e:
         lines += ["", f"# decoder step at batch 1, Mixtral-shaped: hidden {args.hidden}, {args.experts} experts of "
                   f"{args.expert_width}, top-2, {args.layers} layers, median of {args.steps} steps", "",

@@ -14,11 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_tiny_run_prints_the_table(tmp_path: Path) -> None:
     out = tmp_path / "cpu.md"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--shapes", "97x1025,30x64",
-                           "--tokens", "1,9", "--dictionary", "512", "--repeats", "1", "--out", str(out)],
+                           "--tokens", "1,9", "--dictionary", "512", "--bits-shape", "30x64", "--bits", "2,8",
+                           "--repeats", "1", "--out", str(out)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert done.returncode == 0, done.stderr
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| 97x1025") or line.startswith("| 30x64")]
-    assert len(rows) == 4
+    rows = [line for line in out.read_text().splitlines()
+            if line.startswith(("| 97x1025", "| 30x64", "| 2-bit 30x64", "| 8-bit 30x64"))]
+    assert len(rows) == 8
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 11 and all(float(c) >= 0 for c in cells[2:])

@@ -99,7 +99,7 @@ def ternary_matmul(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tens
     if x_dtype != torch.bfloat16:  # bf16 goes in as it is (exact in fp32), anything else as fp32
         x = x.float()
     y = ext.ternary_matmul(words, offsets, masks, slot_table(masks), lo, hi, x.contiguous(), isa_code(isa))
-    return y if x_dtype == torch.float32 else y.to(x_dtype)
+    return y if y.dtype == x_dtype else y.to(x_dtype)  # fp32 and bf16 come back in their dtype
 
 
 def bitpacked_matmul(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, x: torch.Tensor, bits: int,
