@@ -18,6 +18,7 @@ enum Round : int64_t { kNone = 0, kBf16 = 1, kHalf = 2 };  // the dtype of x, wh
 
 struct Bits {  // one bit-packed matrix, raw, with its unpacking controls
   const uint8_t* packed;
+  const uint8_t* end;  // past the last row
   const float* scale;
   const float* zero;
   int64_t row_bytes, groups, group_cols, bits, width, round;
@@ -34,6 +35,18 @@ void unpack_controls(Bits& m) {
     m.shift[i] = 16 - off - int(m.bits);
   }
 }
+
+// The 2b bytes of a chunk at `p` in the low bytes of a register (the rest is never shuffled in):
+// one unaligned load, or a copy for the last chunks of the matrix, which must not read past it.
+inline __m128i chunk_bytes(const Bits& m, const uint8_t* p) {
+  if (__builtin_expect(p + 16 <= m.end, 1)) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  alignas(16) uint8_t buf[16] = {0};
+  std::memcpy(buf, p, 2 * m.bits);
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+}
+
+// Columns of one grid in the SIMD paths (a multiple of 16 there), or all `full` with one grid a row.
+inline int64_t span(const Bits& m, int64_t full) { return m.groups > 1 ? m.group_cols : full; }
 
 inline float code_at(const uint8_t* row, int64_t c, int64_t bits) {
   const int64_t p = c * bits, j = p >> 3, off = p & 7;
@@ -80,16 +93,16 @@ AVX512 void bits_row_avx512(const Bits& m, int64_t r, const Tile& tile) {
   const uint8_t* row = m.packed + r * m.row_bytes;
   const __m512i shuffle = _mm512_load_si512(m.shuffle), shift = _mm512_load_si512(m.shift);
   const __m512i low = _mm512_set1_epi32((1 << m.bits) - 1);
-  const int64_t full = m.width / 16 * 16, chunk_bytes = 2 * m.bits;
-  for (int64_t c = 0; c < full; c += 16) {
-    alignas(16) uint8_t buf[16] = {0};
-    std::memcpy(buf, row + c / 16 * chunk_bytes, chunk_bytes);  // never past the row: no over-read at the end
-    const __m512i bytes = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
-    const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(bytes, shuffle), shift), low);
-    const int64_t g = r * m.groups + c / m.group_cols;
-    const __m512 w = round512(_mm512_mul_ps(_mm512_set1_ps(m.scale[g]),
-                                            _mm512_sub_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(m.zero[g]))), m.round);
-    for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(tile.x + t * tile.stride + c), acc[t]);
+  const int64_t full = m.width / 16 * 16, chunk = 2 * m.bits;
+  for (int64_t c0 = 0; c0 < full; c0 += span(m, full)) {  // one grid at a time: no division per chunk
+    const int64_t g = r * m.groups + c0 / m.group_cols, stop = std::min(full, c0 + span(m, full));
+    const __m512 scale = _mm512_set1_ps(m.scale[g]), zero = _mm512_set1_ps(m.zero[g]);
+    for (int64_t c = c0; c < stop; c += 16) {
+      const __m512i bytes = _mm512_broadcast_i32x4(chunk_bytes(m, row + c / 16 * chunk));
+      const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(bytes, shuffle), shift), low);
+      const __m512 w = round512(_mm512_mul_ps(scale, _mm512_sub_ps(_mm512_cvtepi32_ps(q), zero)), m.round);
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(tile.x + t * tile.stride + c), acc[t]);
+    }
   }
   float sums[NT];
   for (int t = 0; t < NT; ++t) sums[t] = _mm512_reduce_add_ps(acc[t]);
@@ -114,20 +127,20 @@ AVX2 void bits_row_avx2(const Bits& m, int64_t r, const Tile& tile) {
   for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
   const uint8_t* row = m.packed + r * m.row_bytes;
   const __m256i low = _mm256_set1_epi32((1 << m.bits) - 1);
-  const int64_t full = m.width / 16 * 16, chunk_bytes = 2 * m.bits;
-  for (int64_t c = 0; c < full; c += 16) {
-    alignas(16) uint8_t buf[16] = {0};
-    std::memcpy(buf, row + c / 16 * chunk_bytes, chunk_bytes);
-    const __m256i bytes = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
-    const int64_t g = r * m.groups + c / m.group_cols;
+  const int64_t full = m.width / 16 * 16, chunk = 2 * m.bits;
+  for (int64_t c0 = 0; c0 < full; c0 += span(m, full)) {
+    const int64_t g = r * m.groups + c0 / m.group_cols, stop = std::min(full, c0 + span(m, full));
     const __m256 scale = _mm256_set1_ps(m.scale[g]), zero = _mm256_set1_ps(m.zero[g]);
-    for (int h = 0; h < 2; ++h) {  // lanes 8h .. 8h + 7
-      const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(m.shuffle + 32 * h));
-      const __m256i sh = _mm256_load_si256(reinterpret_cast<const __m256i*>(m.shift + 8 * h));
-      const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, ctl), sh), low);
-      const __m256 w = round256(_mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(q), zero)), m.round);
-      for (int t = 0; t < NT; ++t)
-        acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(tile.x + t * tile.stride + c + 8 * h), acc[t]);
+    for (int64_t c = c0; c < stop; c += 16) {
+      const __m256i bytes = _mm256_broadcastsi128_si256(chunk_bytes(m, row + c / 16 * chunk));
+      for (int h = 0; h < 2; ++h) {  // lanes 8h .. 8h + 7
+        const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(m.shuffle + 32 * h));
+        const __m256i sh = _mm256_load_si256(reinterpret_cast<const __m256i*>(m.shift + 8 * h));
+        const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, ctl), sh), low);
+        const __m256 w = round256(_mm256_mul_ps(scale, _mm256_sub_ps(_mm256_cvtepi32_ps(q), zero)), m.round);
+        for (int t = 0; t < NT; ++t)
+          acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(tile.x + t * tile.stride + c + 8 * h), acc[t]);
+      }
     }
   }
   float sums[NT];
@@ -180,7 +193,7 @@ torch::Tensor bitpacked_matmul(torch::Tensor packed, torch::Tensor scale, torch:
   QMOE_CHECK(0 <= round && round <= 2, "round must be 0 (fp32), 1 (bf16) or 2 (fp16), got ", round);
   isa = resolve_isa(isa);
   if (groups > 1 && group_cols % 16) isa = kPortable;  // a 16-column chunk would straddle two grids
-  Bits m{packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<float>(), packed.size(1), groups,
+  Bits m{packed.data_ptr<uint8_t>(), packed.data_ptr<uint8_t>() + packed.numel(), scale.data_ptr<float>(), zero.data_ptr<float>(), packed.size(1), groups,
          group_cols, bits, width, round, {}, {}};
   unpack_controls(m);
   auto xp = padded(x);
