@@ -11,6 +11,8 @@
 //   directly; AVX2 maps each mask byte to 8 lanes of {0, 1} through a 256-entry table (8 KB,
 //   L1-resident). x is copied once into a zero-padded buffer, so a codeword may read up to 32
 //   columns past its start without a bounds branch (bits past the row's width multiply zeros).
+//   That is 1..3 tokens (1..5 on a bf16 x with AVX-512 BF16); from kSlotTokens on, the slotted
+//   sums of cpu_matmul_slots.h do work per non-zero weight instead of per lane.
 // - b-bit: 16 codes (2b bytes, MSB first) become 16 int32 lanes with one byte shuffle and one
 //   variable shift, then w = scale * (q - zero), rounded to x's dtype (`round_once_linear`'s
 //   numerics: the weight in x's dtype, products summed in fp32, one rounding by the caller).

@@ -6,8 +6,8 @@
 // GEMM beats from 8 tokens on. Here:
 // - The dictionary becomes a slot table (8 bytes a codeword): the rows, in the slotted x below,
 //   of its first 3 lo and first 3 hi positions, unused slots pointing at a zero row; the rows it
-//   advances; and a flag when a side has more than 3 (the ~2% of codewords that then loop over
-//   their remaining mask bits).
+//   advances; and a flag when a side has more than 3 (0.35% of the codewords at p_zero 0.9,
+//   which then loop over their remaining mask bits).
 // - x is laid out "slotted": column c of a tile of TP tokens is row 3 * (c / 2) + c % 2 (TP
 //   floats, one token a lane), and row 3 * (c / 2) + 2 is zeros. Codewords start on even columns
 //   (they hold pairs), so the zero row is at a fixed offset from any codeword's start and an
