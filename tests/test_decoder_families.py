@@ -338,8 +338,8 @@ def test_resume_after_sigkill_is_byte_identical(family, tmp_path: Path) -> None:
     calib = _jsonl(tmp_path / "calib.jsonl", _sequences(16, seed=2, lengths=(24, 17, 30)))
     command = [sys.executable, "-m", "qmoe_cli", "compress", "--model", str(directory), "--calib", str(calib),
                "--device", "cpu", "--bits", "ternary", "--group-size", "2", "--threads", "1"]
-    straight = subprocess.run([*command, "--out", str(tmp_path / "straight")], capture_output=True, text=True)
-    assert straight.returncode == 0, straight.stderr
+    straight = CliRunner().invoke(main, [*command[3:], "--out", str(tmp_path / "straight")])  # same run, in-process
+    assert straight.exit_code == 0, straight.output
     blocks = len(json.loads((tmp_path / "straight" / "manifest.json").read_text())["finished"])
     out = tmp_path / "resumed"
     finished = _kill_after_a_finished_block([*command, "--out", str(out)], tmp_path / ".resumed.partial")

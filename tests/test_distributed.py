@@ -44,9 +44,9 @@ SMALL_GROUPS = ["--group-size", "3", "--token-cap", "1.5"]  # several rounds; ca
 
 
 def _one_process(out: Path, *flags: str) -> dict:
-    done = subprocess.run([sys.executable, *COMPRESS, "--out", str(out), *flags], env=ENV, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    """The reference run: in this process (one thread, like each rank), no torch start-up to pay."""
+    done = CliRunner().invoke(main, [*COMPRESS[2:], "--threads", "1", "--out", str(out), *flags])
+    assert done.exit_code == 0, done.output
     return json.loads(done.stdout)
 
 
