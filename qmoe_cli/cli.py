@@ -88,7 +88,7 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
     if as_json:
         click.echo(json.dumps({"model": model_name, "kind": result.kind, **report.to_json(), "threads": threads}))
         return
-    click.echo(f"model {model_name} ({result.kind}) on {result.device} ({threads} CPU threads), "
+    click.echo(f"model {model_name} ({result.kind}) on {result.device} ({threads} CPU thread{'s' if threads != 1 else ''}), "
                f"{str(result.dtype).removeprefix('torch.')}")
     click.echo(f"{'dataset':<24} {'samples':>8} {'tokens':>9} {'loss':>8} {'ppl':>10}")
     rows = list(report.datasets.items()) + ([("all", report.overall)] if len(report.datasets) > 1 else [])

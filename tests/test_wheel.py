@@ -87,8 +87,10 @@ def quick_start(readme: str) -> list[tuple[str, list[str]]]:
 
 
 def squeeze(lines: list[str]) -> list[str]:
-    """Lines compared with runs of blanks as one: the README may not keep a table's column padding."""
-    return [" ".join(line.split()) for line in lines if line.strip()]
+    """Lines compared with runs of blanks as one (the README may not keep a table's column padding)
+    and the thread count the header reports as N: the README shows 2, the test runs 1, and the
+    figures are the same (the next line of the README says which thread counts may move them)."""
+    return [re.sub(r"\(\d+ CPU threads?\)", "(N CPU threads)", " ".join(line.split())) for line in lines if line.strip()]
 
 
 def results_row(readme: str, method: str, bits: str) -> list[str]:
