@@ -51,7 +51,8 @@ def export(checkpoint: Path, out: Path, cfg: ExportConfig, note: Callable[[str],
     try:
         if cfg.format == "compressed-tensors" and source.spec is None:
             raise ValueError(f"{checkpoint}: an original checkpoint has no quantized experts for --format "
-                             "compressed-tensors; compress it first (qmoe compress --bits 2|3|4|8) or use --format hf")
+                             "compressed-tensors; compress it first (qmoe compress --bits 4 --symmetric) "
+                             "or use --format hf")
         plan = source.plan()
         with atomic_directory(out) as tmp:
             weight_map: dict[str, str] = {}
@@ -69,6 +70,9 @@ def export(checkpoint: Path, out: Path, cfg: ExportConfig, note: Callable[[str],
             for path in source.companion_files():
                 shutil.copyfile(path, tmp / path.name)
             write_card(tmp, _card_facts(source, cfg.format))
+        if cfg.format == "compressed-tensors" and not source.spec.symmetric:
+            note("note: asymmetric (min-max) experts keep their zero points, which transformers 5.25 drops when "
+                 "it loads fused MoE experts; compress with --symmetric for an export it loads")
         return {"path": str(out), "format": cfg.format, "kind": source.kind, "shards": len(plan),
                 "tensor_bytes": total_bytes}
     finally:
@@ -121,6 +125,7 @@ def _card_facts(source: ExportSource, fmt: str) -> dict[str, Any]:
     if source.spec is not None:
         facts["bits"] = source.spec.bits
         facts["grid_group"] = source.spec.group_size
+        facts["symmetric"] = source.spec.symmetric or None  # recorded only when set, as in the manifest
         facts["method"] = manifest.get("settings", {}).get("method")
         facts["calibration_loss"] = manifest.get("calibration_loss")
         facts["bits_per_weight"] = (manifest.get("totals") or {}).get("bits_per_weight_codes")
