@@ -400,6 +400,8 @@ def export_command(checkpoint: Path, fmt: str, out_dir: Path, config: Path | Non
 
     check_output_dir(out_dir, "--out")  # before anything is read
     summary = export(checkpoint, out_dir, ExportConfig(fmt, config), note if sys.stderr.isatty() else silent)
+    for line in summary["notes"]:
+        note(f"note: {line}")
     click.echo(json.dumps(summary) if as_json else f"wrote {out_dir} ({fmt}, {summary['shards']} shards)")
 
 

@@ -26,6 +26,8 @@ from . import compressed_tensors as ct
 from .source import ExportSource, Shard
 
 FORMATS = ("hf", "compressed-tensors")
+ASYMMETRIC_NOTE = ("asymmetric (min-max) experts keep their zero points, which transformers 5.25 drops when it "
+                   "loads fused MoE experts; compress with --symmetric for an export it loads")
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,9 @@ def shard_name(k: int, total: int) -> str:
 
 
 def export(checkpoint: Path, out: Path, cfg: ExportConfig, note: Callable[[str], None]) -> dict[str, Any]:
-    """Write `checkpoint` (original, quantized or packed) to `out` as `cfg.format`; returns a summary.
-    ValueError (a usage error) for a checkpoint the format cannot hold."""
+    """Write `checkpoint` (original, quantized or packed) to `out` as `cfg.format`; returns a summary
+    (its `notes`: what the user should know about the output, e.g. `ASYMMETRIC_NOTE`). ValueError (a
+    usage error) for a checkpoint the format cannot hold; `note` hears progress."""
     source = ExportSource(checkpoint, cfg.config)
     try:
         if cfg.format == "compressed-tensors" and source.spec is None:
@@ -70,11 +73,9 @@ def export(checkpoint: Path, out: Path, cfg: ExportConfig, note: Callable[[str],
             for path in source.companion_files():
                 shutil.copyfile(path, tmp / path.name)
             write_card(tmp, _card_facts(source, cfg.format))
-        if cfg.format == "compressed-tensors" and not source.spec.symmetric:
-            note("note: asymmetric (min-max) experts keep their zero points, which transformers 5.25 drops when "
-                 "it loads fused MoE experts; compress with --symmetric for an export it loads")
+        notes = [ASYMMETRIC_NOTE] if cfg.format == "compressed-tensors" and not source.spec.symmetric else []
         return {"path": str(out), "format": cfg.format, "kind": source.kind, "shards": len(plan),
-                "tensor_bytes": total_bytes}
+                "tensor_bytes": total_bytes, "notes": notes}
     finally:
         source.close()
 
