@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from hf_models import save_hf_decoder, save_hf_switch, write_causal_tokenizer_json
 
+import qmoe_cli
 from qmoe_cli.cli import main
 from qmoe_cli.export.compressed_tensors import centred, pack_int32, ternary_as_affine
 from qmoe_cli.formats.open import open_model
@@ -79,7 +80,11 @@ def qwen(tmp_path_factory) -> dict:
     q4 = _compress(model, root / "q4", "4", calib, "--pack")
     ternary = _compress(model, root / "t", "ternary", calib)
     q4_sym = _compress(model, root / "q4s", "4", calib, "--symmetric", "--pack")
-    ternary_sym = _compress(model, root / "ts", "ternary", calib, "--symmetric")
+    with pytest.MonkeyPatch.context() as patch:  # through the Python API, to its default output name
+        patch.chdir(root)
+        ternary_sym = qmoe_cli.compress(model, qmoe_cli.CompressConfig(bits="ternary", method="rtn", symmetric=True),
+                                        calib=str(calib), calib_samples=8, device="cpu").out.resolve()
+    assert ternary_sym == root / "qwen2_moe-rtn-ternary-sym"
     return dict(root=root, model=model, q4=q4, packed=root / "q4-packed", ternary=ternary, q4_sym=q4_sym,
                 packed_sym=root / "q4s-packed", ternary_sym=ternary_sym)
 
@@ -265,6 +270,24 @@ def test_ternary_grids_map_to_affine_two_bit_exactly() -> None:
     assert int(q.max()) <= 3
     with pytest.raises(ValueError, match="row 0's ternary grid .* not an affine 2-bit grid"):
         ternary_as_affine(codes[:1], torch.tensor([[-1.0]]), torch.tensor([[1.5]]), None, "m")
+
+
+def test_symmetric_checkpoints_record_run_and_pack_like_any_other(qwen: dict) -> None:
+    """The manifest records the setting, every stored grid is symmetric, `qmoe info` shows it, and
+    the packed checkpoint computes the quantized one's logits (packing is lossless)."""
+    weights = open_model(str(qwen["q4_sym"])).weights
+    arch, bank = weights.arch, weights.experts(*weights.arch.sparse_blocks()[0])
+    for j in range(arch.num_experts):
+        assert torch.all(bank.stored(j, arch.expert.matrices[0])["zero"] == 8)
+    for which in ("q4_sym", "packed_sym", "ternary_sym"):
+        info = _run("info", str(qwen[which]), "--json")
+        assert info.exit_code == 0, info.output
+        assert json.loads(info.stdout)["settings"]["symmetric"] is True
+    assert "symmetric" not in json.loads(_run("info", str(qwen["q4"]), "--json").stdout)["settings"]
+    for seq in _ids(2, 17, 64, seed=7):
+        ours = _our_logits(qwen["q4_sym"], seq, seq)
+        torch.testing.assert_close(_our_logits(qwen["packed_sym"], seq, seq), ours, rtol=0,
+                                   atol=_tolerance(ours, depth=3, width=48))
 
 
 def test_centred_codes_keep_their_values_and_refuse_an_asymmetric_grid() -> None:
