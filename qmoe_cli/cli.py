@@ -287,7 +287,7 @@ def _read_prompts(path: Path) -> list[tuple[str, str]]:
 @click.option("--grid-group", type=click.IntRange(min=1), default=None,
               help="Columns per grid (default: one grid per row).")
 @click.option("--symmetric", is_flag=True,
-              help="Grids centred on 0 (zero point 2^(b-1); ternary {-a, 0, a}): exports transformers loads.")
+              help="Grids centred on 0 (zero point 2^(b-1), ternary {-a, 0, a}), as transformers loads exports.")
 @click.option("--token-cap", type=Finite(min=0, min_open=True), default=4.0, show_default=True,
               help="Hessian tokens per expert capped at this multiple of the mean.")
 @click.option("--shared-experts", type=Choice(["quantize", "keep"]), default="quantize", show_default=True,
