@@ -54,7 +54,7 @@ def test_compress_is_the_function_and_the_subpackage_stays_importable() -> None:
     from qmoe_cli.api.ops import compress
     from qmoe_cli.compress.pack import PackConfig
 
-    setattr(qmoe, "compress", sys.modules["qmoe_cli.compress"])  # what importing the subpackage does
+    qmoe.compress = sys.modules["qmoe_cli.compress"]  # what importing the subpackage does
     assert qmoe.compress is compress and "compress" in dir(qmoe)
     from qmoe_cli import compress as imported
 

@@ -176,7 +176,7 @@ def test_symmetric_gptq_matches_reference(bits, act_order, group_size):
     cfg = GPTQConfig(QuantSpec(bits, group_size, symmetric=True), block_size=16, act_order=act_order)
     res = gptq_quantize(w, h, cfg)
     for e in range(2):
-        q, codes, error = gptq_reference(w[e], h[e], cfg)
+        q, codes, _ = gptq_reference(w[e], h[e], cfg)
         assert (res.q[e] - q).abs().max() <= 1e-5 and torch.equal(res.codes[e], codes)
     if isinstance(res.grid, TernaryGrid):
         assert torch.equal(res.grid.lo, -res.grid.hi)
