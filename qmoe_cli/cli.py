@@ -420,7 +420,8 @@ def info_command(directory: Path, verify: bool, as_json: bool) -> None:
         return
     settings = info["settings"]
     click.echo(f"{info['path']}: {info['kind']} checkpoint of {info['source']}, {settings['method']} "
-               f"{settings['bits']}, {info['total_bytes'] / 1e6:.2f} MB" + (", verified" if verify else ""))
+               f"{settings['bits']}{' symmetric' * bool(settings.get('symmetric'))}, {info['total_bytes'] / 1e6:.2f} MB"
+               + (", verified" if verify else ""))
     if "codec" in info:
         codec = info["codec"]
         click.echo("codec: " + (f"dictionary of {codec['size']} codewords, up to {codec['max_pairs']} pairs"

@@ -284,6 +284,7 @@ def test_symmetric_checkpoints_record_run_and_pack_like_any_other(qwen: dict) ->
         assert info.exit_code == 0, info.output
         assert json.loads(info.stdout)["settings"]["symmetric"] is True
     assert "symmetric" not in json.loads(_run("info", str(qwen["q4"]), "--json").stdout)["settings"]
+    assert "rtn 4 symmetric," in _run("info", str(qwen["packed_sym"])).stdout
     for seq in _ids(2, 17, 64, seed=7):
         ours = _our_logits(qwen["q4_sym"], seq, seq)
         torch.testing.assert_close(_our_logits(qwen["packed_sym"], seq, seq), ours, rtol=0,
