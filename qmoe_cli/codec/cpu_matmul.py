@@ -60,12 +60,12 @@ def best_isa() -> str | None:
 
 
 # masks tensor id -> (a weak reference to it, its slot table): a dictionary's table is built once
-# (65536 codewords: ~1 ms), not on every product; an entry dies with its masks.
+# (65536 codewords: ~0.4 ms), not on every product; an entry dies with its masks.
 _SLOTS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
 
 def slot_table(masks: torch.Tensor) -> torch.Tensor | None:
-    """The slot table [size, 8] uint8 of `Codebook.masks` that the 2+ token kernel reads
+    """The slot table [size, 8] uint8 of `Codebook.masks` that the 4+ token kernel reads
     (`kernels/cpu_matmul_slots.h`), cached per masks tensor; None without the kernels."""
     ext = cpu_matmul_extension()
     if ext is None:
