@@ -224,12 +224,16 @@ AVX512BF16 bool ternary_row_bf16(const Ternary& m, int64_t r, const TileBf16& ti
   return true;
 }
 
+// From these many tokens the slotted sums beat expanding codewords to lanes (measured, docs/cpu.md):
+// on an fp32 x, and on a bf16 x where the bf16 dot products run (half the FMAs of fp32).
+constexpr int64_t kSlotTokens = 4, kSlotTokensBf16 = 6;
+
 using TernaryRowBf16 = bool (*)(const Ternary&, int64_t, const TileBf16&);
 
 TernaryRowBf16 ternary_kernel_bf16(int64_t n) {
+  static_assert(kSlotTokensBf16 == 6, "one kernel per token count below kSlotTokensBf16");
   static const TernaryRowBf16 k[] = {ternary_row_bf16<1>, ternary_row_bf16<2>, ternary_row_bf16<3>,
-                                     ternary_row_bf16<4>, ternary_row_bf16<5>, ternary_row_bf16<6>,
-                                     ternary_row_bf16<7>, ternary_row_bf16<8>};
+                                     ternary_row_bf16<4>, ternary_row_bf16<5>};
   return k[n - 1];
 }
 
@@ -307,24 +311,19 @@ AVX2 bool ternary_row_avx2(const Ternary& m, int64_t r, const Tile& tile) {
 
 using TernaryRow = bool (*)(const Ternary&, int64_t, const Tile&);
 
-// The row function for `n` tokens of a tile (1..max tile) on `isa`.
+// The row function for `n` tokens on `isa`: SIMD for n < kSlotTokens, portable for any n.
 TernaryRow ternary_kernel(int64_t isa, int64_t n) {
+  static_assert(kSlotTokens == 4, "one SIMD kernel per token count below kSlotTokens");
   if (isa == kAvx512) {
-    static const TernaryRow k[] = {ternary_row_avx512_1, ternary_row_avx512<2>, ternary_row_avx512<3>,
-                                   ternary_row_avx512<4>, ternary_row_avx512<5>, ternary_row_avx512<6>,
-                                   ternary_row_avx512<7>, ternary_row_avx512<8>};
+    static const TernaryRow k[] = {ternary_row_avx512_1, ternary_row_avx512<2>, ternary_row_avx512<3>};
     return k[n - 1];
   }
   if (isa == kAvx2) {
-    static const TernaryRow k[] = {ternary_row_avx2_1, ternary_row_avx2<2>, ternary_row_avx2<3>, ternary_row_avx2<4>};
+    static const TernaryRow k[] = {ternary_row_avx2_1, ternary_row_avx2<2>, ternary_row_avx2<3>};
     return k[n - 1];
   }
   return ternary_row_portable;
 }
-
-// From these many tokens the slotted sums beat expanding codewords to lanes (measured, docs/cpu.md):
-// on an fp32 x, and on a bf16 x where the bf16 dot products run (half the FMAs of fp32).
-constexpr int64_t kSlotTokens = 4, kSlotTokensBf16 = 6;
 
 // kSlotTokens..32 tokens on AVX2 or AVX-512 (cpu_matmul_slots.h): tiles of TP = 8, 16 or 32 tokens, x
 // slotted once per tile before the rows are split over the threads.
@@ -417,32 +416,25 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
       slot_matmul(m, table, x.data_ptr<float>(), n, rows, y, [](float v) { return v; });
     return bf16 ? out.to(torch::kBFloat16) : out;
   }
+  // Fewer tokens than the slotted sums take (or portable): one tile of all n.
   if (bf16 && isa == kAvx512 && runs_bf16()) {
     auto xp = padded(x);
+    const TileBf16 tile{reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>()), xp.size(1), n, y, rows};
+    const TernaryRowBf16 row = ternary_kernel_bf16(n);
     at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t t0 = 0; t0 < n; t0 += 8) {
-        const int64_t nt = std::min<int64_t>(8, n - t0);
-        const TileBf16 tile{reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>()) + t0 * xp.size(1),
-                            xp.size(1), nt, y + t0 * rows, rows};
-        const TernaryRowBf16 row = ternary_kernel_bf16(nt);
-        for (int64_t r = begin; r < end; ++r)
-          QMOE_CHECK(row(m, r, tile), "row ", r, " holds a codeword beyond the dictionary's ", m.size,
-                     " or does not decode to its width ", m.width);
-      }
-    });
-    return bf16 ? out.to(torch::kBFloat16) : out;
-  }
-  auto xp = padded(x.to(torch::kFloat32));  // a bf16 x is exact in fp32
-  const int64_t step = tile_tokens(isa, n);
-  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t t0 = 0; t0 < n; t0 += step) {  // tokens outermost: a tile of x stays in L2 over the rows
-      const int64_t nt = std::min(step, n - t0);
-      const Tile tile{xp.data_ptr<float>() + t0 * xp.size(1), xp.size(1), nt, y + t0 * rows, rows};
-      const TernaryRow row = ternary_kernel(isa, nt);
       for (int64_t r = begin; r < end; ++r)
         QMOE_CHECK(row(m, r, tile), "row ", r, " holds a codeword beyond the dictionary's ", m.size,
                    " or does not decode to its width ", m.width);
-    }
+    });
+    return out.to(torch::kBFloat16);
+  }
+  auto xp = padded(x.to(torch::kFloat32));  // a bf16 x is exact in fp32
+  const Tile tile{xp.data_ptr<float>(), xp.size(1), n, y, rows};
+  const TernaryRow row = ternary_kernel(isa, n);
+  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      QMOE_CHECK(row(m, r, tile), "row ", r, " holds a codeword beyond the dictionary's ", m.size,
+                 " or does not decode to its width ", m.width);
   });
   return bf16 ? out.to(torch::kBFloat16) : out;
 }
