@@ -24,6 +24,8 @@
 #include "cpu_matmul.h"
 #include "cpu_matmul_slots.h"
 
+#include <torch/library.h>
+
 #include <memory>
 
 namespace qmoe_cpu {
@@ -45,17 +47,17 @@ int64_t resolve_isa(int64_t isa) {
   return isa;
 }
 
-void check(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
   QMOE_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
   QMOE_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
   QMOE_CHECK(t.dim() == dim, name, " must have ", dim, " dims, got shape ", t.sizes());
   QMOE_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-torch::Tensor padded(const torch::Tensor& x) {
+at::Tensor padded(const at::Tensor& x) {
   // By hand, not zeros + narrow + copy_: three dispatched ops cost more than a small product's rows.
   const int64_t n = x.size(0), width = x.size(1), stride = width + kPad, bytes = x.element_size();
-  auto out = torch::empty({n, stride}, x.options());
+  auto out = at::empty({n, stride}, x.options());
   char* dst = static_cast<char*>(out.data_ptr());
   const char* src = static_cast<const char*>(x.data_ptr());
   for (int64_t t = 0; t < n; ++t) {
@@ -358,10 +360,10 @@ void slot_matmul(const Ternary& t, const uint8_t* slots, const T* x, int64_t n, 
 using namespace qmoe_cpu;
 
 // The slot table of a dictionary (cpu_matmul_slots.h): masks [size, 2] int32 -> [size, 8] uint8.
-torch::Tensor ternary_slots(torch::Tensor masks) {
-  check(masks, "masks", torch::kInt32, 2);
+at::Tensor ternary_slots(at::Tensor masks) {
+  check(masks, "masks", at::kInt, 2);
   QMOE_CHECK(masks.size(1) == 2 && masks.size(0) <= 65536, "masks must be [size <= 65536, 2], got ", masks.sizes());
-  auto slots = torch::empty({masks.size(0), 8}, torch::kUInt8);
+  auto slots = at::empty({masks.size(0), 8}, at::kByte);
   qmoe_slots::build_slots(reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>()), masks.size(0),
                           slots.data_ptr<uint8_t>());
   return slots;
@@ -373,15 +375,15 @@ torch::Tensor ternary_slots(torch::Tensor masks) {
 // rounded to x's dtype by the caller), x [n, width] fp32 or bf16. -> y [n, rows] in x's dtype.
 // Few tokens: each codeword expanded to lanes (masked adds; bf16 x on AVX-512 BF16: bf16 dot
 // products); from kSlotTokens on: slotted sums, whose cost grows slower with the tokens.
-torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::Tensor masks, torch::Tensor slots,
-                             torch::Tensor lo, torch::Tensor hi, torch::Tensor x, int64_t isa) {
-  check(words, "words", torch::kInt16, 1);
-  check(offsets, "offsets", torch::kInt32, 1);
-  check(masks, "masks", torch::kInt32, 2);
-  check(slots, "slots", torch::kUInt8, 2);
-  check(lo, "lo", torch::kFloat32, 1);
-  check(hi, "hi", torch::kFloat32, 1);
-  QMOE_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, "x must be fp32 or bf16, got ",
+at::Tensor ternary_matmul(at::Tensor words, at::Tensor offsets, at::Tensor masks, at::Tensor slots,
+                             at::Tensor lo, at::Tensor hi, at::Tensor x, int64_t isa) {
+  check(words, "words", at::kShort, 1);
+  check(offsets, "offsets", at::kInt, 1);
+  check(masks, "masks", at::kInt, 2);
+  check(slots, "slots", at::kByte, 2);
+  check(lo, "lo", at::kFloat, 1);
+  check(hi, "hi", at::kFloat, 1);
+  QMOE_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16, got ",
              x.scalar_type());
   check(x, "x", x.scalar_type(), 2);
   const int64_t rows = offsets.size(0) - 1, n = x.size(0);
@@ -399,9 +401,9 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
     QMOE_CHECK(off[r] <= off[r + 1], "row ", r, " has codeword range [", off[r], ", ", off[r + 1], ")");
   QMOE_CHECK(rows == 0 || (off[0] == 0 && off[rows] == m.total), "offsets must run from 0 to the ", m.total,
              " codewords, got ", off[0], " to ", off[rows]);
-  auto out = torch::empty({n, rows}, torch::kFloat32);
+  auto out = at::empty({n, rows}, at::kFloat);
   float* y = out.data_ptr<float>();
-  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (isa != kPortable && n >= (bf16 && isa == kAvx512 && runs_bf16() ? kSlotTokensBf16 : kSlotTokens)) {
     const uint8_t* table = slots.data_ptr<uint8_t>();
     if (bf16)  // exact in fp32: the top 16 bits of a float
@@ -414,7 +416,7 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
                   });
     else
       slot_matmul(m, table, x.data_ptr<float>(), n, rows, y, [](float v) { return v; });
-    return bf16 ? out.to(torch::kBFloat16) : out;
+    return bf16 ? out.to(at::kBFloat16) : out;
   }
   // Fewer tokens than the slotted sums take (or portable): one tile of all n.
   if (bf16 && isa == kAvx512 && runs_bf16()) {
@@ -426,9 +428,9 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
         QMOE_CHECK(row(m, r, tile), "row ", r, " holds a codeword beyond the dictionary's ", m.size,
                    " or does not decode to its width ", m.width);
     });
-    return out.to(torch::kBFloat16);
+    return out.to(at::kBFloat16);
   }
-  auto xp = padded(x.to(torch::kFloat32));  // a bf16 x is exact in fp32
+  auto xp = padded(x.to(at::kFloat));  // a bf16 x is exact in fp32
   const Tile tile{xp.data_ptr<float>(), xp.size(1), n, y, rows};
   const TernaryRow row = ternary_kernel(isa, n);
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
@@ -436,12 +438,15 @@ torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::
       QMOE_CHECK(row(m, r, tile), "row ", r, " holds a codeword beyond the dictionary's ", m.size,
                  " or does not decode to its width ", m.width);
   });
-  return bf16 ? out.to(torch::kBFloat16) : out;
+  return bf16 ? out.to(at::kBFloat16) : out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("best_isa", &best_isa, "the fastest variant this CPU runs: 0 portable, 1 AVX2, 2 AVX-512");
-  mod.def("ternary_slots", &ternary_slots, "the slot table of a dictionary's masks (cpu_matmul_slots.h)");
-  mod.def("ternary_matmul", &ternary_matmul, "x Wᵀ from dictionary codewords (one grid per row)");
-  mod.def("bitpacked_matmul", &bitpacked_matmul, "x Wᵀ from bit-packed b-bit codes");
+// torch.ops.qmoe_cpu_matmul.*: schemas in the types the Python side passes (Tensor, int = int64_t).
+TORCH_LIBRARY(qmoe_cpu_matmul, m) {
+  m.def("best_isa() -> int", &best_isa);  // the fastest variant this CPU runs: 0 portable, 1 AVX2, 2 AVX-512
+  m.def("ternary_slots(Tensor masks) -> Tensor", &ternary_slots);  // a dictionary's slot table
+  m.def("ternary_matmul(Tensor words, Tensor offsets, Tensor masks, Tensor slots, Tensor lo, Tensor hi, Tensor x, "
+        "int isa) -> Tensor", &ternary_matmul);
+  m.def("bitpacked_matmul(Tensor packed, Tensor scale, Tensor zero, Tensor x, int bits, int group_cols, int round, "
+        "int isa) -> Tensor", &bitpacked_matmul);
 }

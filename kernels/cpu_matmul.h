@@ -2,8 +2,11 @@
 // cpu_matmul_bits.cpp: b-bit): variant selection, argument checks, the padded copy of x.
 #pragma once
 
-#include <torch/extension.h>
+// Only the ATen headers these files use (not <torch/extension.h>: all of libtorch and pybind11,
+// ~28 s of compile time per source), and ops registered with TORCH_LIBRARY, not a Python module.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -34,11 +37,11 @@ inline int64_t tile_tokens(int64_t isa, int64_t n) { return isa == kAvx512 ? 8 :
 int64_t best_isa();
 // `isa` itself (an error if this CPU cannot run it), or the best variant for a negative one.
 int64_t resolve_isa(int64_t isa);
-void check(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim);
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim);
 // x [n, width] -> [n, width + kPad] in x's dtype, with zeros after each row.
-torch::Tensor padded(const torch::Tensor& x);
+at::Tensor padded(const at::Tensor& x);
 
 }  // namespace qmoe_cpu
 
-torch::Tensor bitpacked_matmul(torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, torch::Tensor x,
+at::Tensor bitpacked_matmul(at::Tensor packed, at::Tensor scale, at::Tensor zero, at::Tensor x,
                                int64_t bits, int64_t group_cols, int64_t round, int64_t isa);

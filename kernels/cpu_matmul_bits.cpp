@@ -176,12 +176,12 @@ using namespace qmoe_cpu;
 // y = x Wᵀ for a bit-packed W [rows, width]: packed [rows, ceil(width * bits / 8)] uint8,
 // scale/zero [rows, groups] fp32 (column c in group c / group_cols), x [n, width] fp32, round:
 // 0 fp32 weights, 1 rounded to bf16, 2 to fp16 (x's dtype). -> y [n, rows] fp32.
-torch::Tensor bitpacked_matmul(torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, torch::Tensor x,
+at::Tensor bitpacked_matmul(at::Tensor packed, at::Tensor scale, at::Tensor zero, at::Tensor x,
                                int64_t bits, int64_t group_cols, int64_t round, int64_t isa) {
-  check(packed, "packed", torch::kUInt8, 2);
-  check(scale, "scale", torch::kFloat32, 2);
-  check(zero, "zero", torch::kFloat32, 2);
-  check(x, "x", torch::kFloat32, 2);
+  check(packed, "packed", at::kByte, 2);
+  check(scale, "scale", at::kFloat, 2);
+  check(zero, "zero", at::kFloat, 2);
+  check(x, "x", at::kFloat, 2);
   const int64_t rows = packed.size(0), width = x.size(1), n = x.size(0), groups = scale.size(1);
   QMOE_CHECK(1 <= bits && bits <= 8, "bits must be in [1, 8], got ", bits);
   QMOE_CHECK(packed.size(1) == (width * bits + 7) / 8, width, " codes of ", bits, " bits need ", (width * bits + 7) / 8,
@@ -197,7 +197,7 @@ torch::Tensor bitpacked_matmul(torch::Tensor packed, torch::Tensor scale, torch:
          group_cols, bits, width, round, {}, {}};
   unpack_controls(m);
   auto xp = padded(x);
-  auto out = torch::empty({n, rows}, torch::kFloat32);
+  auto out = at::empty({n, rows}, at::kFloat);
   const int64_t step = tile_tokens(isa, n);
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t t0 = 0; t0 < n; t0 += step) {

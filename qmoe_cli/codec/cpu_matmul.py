@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import weakref
-from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -33,13 +33,14 @@ def cpu_matmul_build() -> NativeBuild:
     native = shipped_dir("native")
     return NativeBuild(name="qmoe_cpu_matmul", sources=(native / "cpu_matmul.cpp", native / "cpu_matmul_bits.cpp"),
                        headers=(native / "cpu_matmul.h", native / "cpu_matmul_slots.h"), what="the CPU decode-matmul",
-                       usual="a minute or two (60 s of CPU time)", extra_cflags=("-O3", "-fopenmp"),
-                       extra_ldflags=("-fopenmp",), timeout_s=900.0)
+                       usual="10-30 s", extra_cflags=("-O3", "-fopenmp"),
+                       extra_ldflags=("-fopenmp",), is_python_module=False, timeout_s=900.0)
 
 
 @functools.cache
-def cpu_matmul_extension() -> ModuleType | None:
-    """The compiled kernels, or None (after one warning) when they cannot be built."""
+def cpu_matmul_extension() -> Any | None:
+    """The compiled kernels' ops (`torch.ops.qmoe_cpu_matmul`), or None (after one warning) when
+    they cannot be built."""
     return load_optional(cpu_matmul_build(), "packed experts use the slower decode path")
 
 
