@@ -406,29 +406,12 @@ def export_command(checkpoint: Path, fmt: str, out_dir: Path, config: Path | Non
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @handle_errors
 def info_command(directory: Path, verify: bool, as_json: bool) -> None:
-    """Kind, source, settings, size and bits per expert weight of a quantized or packed checkpoint."""
-    from .formats.info import checkpoint_info
+    """Kind, source, size of a checkpoint (original, quantized or packed); for a compressed one its
+    settings and bits per expert weight."""
+    from .formats.info import checkpoint_info, info_lines
 
     info = checkpoint_info(directory, verify)
-    if as_json:
-        click.echo(json.dumps(info))
-        return
-    settings = info["settings"]
-    click.echo(f"{info['path']}: {info['kind']} checkpoint of {info['source']}, {settings['method']} "
-               f"{settings['bits']}, {info['total_bytes'] / 1e6:.2f} MB" + (", verified" if verify else ""))
-    if "codec" in info:
-        codec = info["codec"]
-        click.echo("codec: " + (f"dictionary of {codec['size']} codewords, up to {codec['max_pairs']} pairs"
-                                if codec["type"] == "dictionary" else f"{codec['bits']}-bit codes, bit-packed"))
-    entropy = info["entropy_bits_per_weight"]
-    click.echo(f"expert weights {info['weights']}: {info['bits_per_weight_codes']:.4f} bits/weight codes, "
-               f"{info['bits_per_weight_all_in']:.4f} all-in" + (
-                   f", entropy {entropy:.4f} (codes/entropy {info['ratio_to_entropy']:.3f})" if entropy else ""))
-    click.echo(f"{'layer':<12} {'weights':>12} {'codes b/w':>10} {'all-in b/w':>11} {'entropy b/w':>12}")
-    for layer in info["layers"]:
-        e = layer["entropy_bits_per_weight"]
-        click.echo(f"{layer['name']:<12} {layer['weights']:>12} {layer['bits_per_weight_codes']:>10.4f} "
-                   f"{layer['bits_per_weight_all_in']:>11.4f} {'-' if e is None else f'{e:.4f}':>12}")
+    click.echo(json.dumps(info) if as_json else "\n".join(info_lines(info, verify)))
 
 
 @main.command("build-kernels")
