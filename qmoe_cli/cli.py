@@ -10,24 +10,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from . import __version__
-from .cli_contract import Choice, Finite, Main, handle_errors, note, output_dir
-from .errors import QmoeError, UsageError
+from .cli_contract import Choice, Finite, Main, handle_errors, note, output_dir, threads_option
+from .errors import QmoeError
 from .files import check_output_dir
 
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def threads_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--threads", type=click.IntRange(min=1), default=None,
-                        help="CPU threads. Default: the cores this process may use (CPU affinity, cgroup quota), "
-                             "shared among torchrun's local ranks; OMP_NUM_THREADS when set, "
-                             "outside torchrun.")(command)
 
 
 def _use_threads(threads: int | None) -> int:
@@ -165,6 +158,8 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
     """Continue text prompts (decoder-only models) or fill the marked spans of prompts (T5 span
     filling), with a model of any kind, on CPU or GPUs. Timing goes to stderr (and --json)."""
     from .api import CacheReserve, check_room, open_checkpoint, resolve_devices
+    from .cli_output import StreamPrinter
+    from .data.prompts import read_prompts
     from .run.generate import GenerateConfig
     from .run.placement import parse_bytes
     from .run.timing import GenerationStats
@@ -184,7 +179,7 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
     run_devices = resolve_devices(devices)
     if caps and run_devices[0].type != "cuda":
         raise ValueError("--max-memory caps GPUs; it does not apply to --device cpu")
-    texts = [(f"--prompt {i + 1}", t) for i, t in enumerate(prompts)] or _read_prompts(input_file)
+    texts = [(f"--prompt {i + 1}", t) for i, t in enumerate(prompts)] or read_prompts(input_file)
     checkpoint = open_checkpoint(model_name)
     tokenizer = checkpoint.require_tokenizer()
     parsed = tokenizer.parse_prompts(texts, chat=chat)
@@ -193,79 +188,12 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
     reserve = CacheReserve(min(batch_size, len(parsed)), longest + len(tokenizer.suffix), max_new_tokens)
     model = checkpoint.load(run_devices, dtype, caps, reserve, log=note)
     stats = GenerationStats()
-    printer = None if as_json else _Printer(parsed, cfg.stop)
+    printer = None if as_json else StreamPrinter(parsed, cfg.stop)
     outputs = model.generate_text(parsed, cfg, streamer=printer, stats=stats)
     note(stats.describe())
     if as_json:
         click.echo(json.dumps({"model": model_name, "kind": model.kind, "outputs": [o.to_json() for o in outputs],
                                "timing": stats.to_json()}))
-
-
-class _Printer:
-    """`qmoe generate`'s text output, `[i] PROMPT`, `-> TEXT` (and, filling spans, `filled: ...`),
-    prompt by prompt in order, the text of the prompt being printed shown as its tokens come.
-    Later prompts of the same batch wait until it is done, then show what they have so far.
-    Text that may yet turn out to be the start of a stop string is held back until it is known."""
-
-    def __init__(self, prompts: list[Any], stop: tuple[str, ...]):
-        self.prompts, self.current, self.shown = prompts, 0, None
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.texts: dict[int, str] = {}
-        self.done: dict[int, Any] = {}
-
-    def on_text(self, index: int, text: str) -> None:
-        self.texts[index] = text
-        self._advance()
-
-    def on_output(self, index: int, output: Any) -> None:
-        self.done[index] = output
-        self._advance()
-
-    def _show(self, text: str) -> None:
-        if text.startswith(self.shown) and len(text) > len(self.shown):
-            click.echo(text[len(self.shown):], nl=False)
-            sys.stdout.flush()
-            self.shown = text
-
-    def _advance(self) -> None:
-        while self.current < len(self.prompts):
-            i = self.current
-            if self.shown is None:
-                click.echo(f"[{i + 1}] {self.prompts[i].text}\n    -> ", nl=False)
-                self.shown = ""
-            if i not in self.done:
-                text = self.texts.get(i, "").rstrip().rstrip("\ufffd")  # an incomplete character waits too
-                self._show(text[:len(text) - self.hold] if self.hold else text)
-                return
-            output = self.done.pop(i)
-            if not output.text.startswith(self.shown):  # the final text differs from the streamed one
-                click.echo("\n    -> ", nl=False)
-                self.shown = ""
-            self._show(output.text)
-            click.echo("" if output.spans is None else f"\n    filled: {output.filled()}")
-            self.current, self.shown = i + 1, None
-
-
-def _read_prompts(path: Path) -> list[tuple[str, str]]:
-    """(where, text) of every line of a prompts JSONL file."""
-    if not path.is_file():
-        raise UsageError(f"--input {path}: no such file")
-    found = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise QmoeError(f"{where}: not valid JSON ({exc.msg})") from None
-        text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
-        if not isinstance(text, str):
-            raise QmoeError(f'{where}: expected an object with a "prompt" (or "text") string')
-        found.append((where, text))
-    if not found:
-        raise QmoeError(f"--input {path}: holds no prompts")
-    return found
 
 
 @main.command("compress")

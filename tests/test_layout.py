@@ -38,6 +38,7 @@ ALLOWED = {
     "native_build": {"locks"},
     "threads": set(),
     "cli_contract": {"errors"},  # the CLI's error and flag contract, beside cli.py; only cli uses it
+    "cli_output": set(),  # how commands show results as they come (generate's streamed text); only cli uses it
 }
 
 
@@ -184,7 +185,6 @@ def test_python_m_from_a_checkout(tmp_path: Path) -> None:
 MAX_LINES = 450
 # Modules over MAX_LINES, each with why it may be for now; the list only shrinks.
 OVERSIZE = {
-    "qmoe_cli/cli.py": "being split into commands by the CLI work",
     "qmoe_cli/data/datasets.py": "files, the named sets and span corruption; to split by source",
 }
 SCHEME_OWNER = "qmoe_cli/quant/grids.py"  # the quantization scheme (`QuantSpec`)

@@ -155,7 +155,8 @@ def _original_verify(weights: CheckpointWeights) -> None:
 def _original_headline(info: dict[str, Any]) -> str:
     shards = len(info["files"])
     stored = info["dtype"] if info["quantization"] is None else f"{info['quantization']} ({info['dtype']} dense)"
-    return f"original checkpoint ({info['family']}, {stored}), {shards} {info['layout']} shard{'s' if shards > 1 else ''}"
+    plural = "s" if shards > 1 else ""
+    return f"original checkpoint ({info['family']}, {stored}), {shards} {info['layout']} shard{plural}"
 
 
 def _opener(reader: Callable[[Path], ModelWeights]) -> Callable[[str], ModelWeights]:
