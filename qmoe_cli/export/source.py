@@ -79,7 +79,7 @@ class ExportSource:
         which transformers cannot read). Checked against the architecture it must describe."""
         if override is not None:
             path = override / "config.json" if override.is_dir() else override
-        elif self.kind == "original":
+        elif self.manifest is None:  # an original checkpoint: its own
             path = self.directory / "config.json"
         else:
             source = self.manifest["source"] if self.manifest else ""
