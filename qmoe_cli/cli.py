@@ -15,7 +15,17 @@ from typing import Any
 import click
 
 from . import __version__
-from .cli_contract import Choice, Finite, Main, handle_errors, note, output_dir, threads_option
+from .cli_contract import (
+    MODEL_HELP,
+    Choice,
+    Finite,
+    Main,
+    handle_errors,
+    model_option,
+    note,
+    output_dir,
+    threads_option,
+)
 from .errors import QmoeError
 from .files import check_output_dir
 
@@ -41,8 +51,7 @@ def main() -> None:
 
 
 @main.command("eval")
-@click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
-              help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")
+@model_option()
 @click.option("--data", "data_sources", multiple=True, metavar="c4|wikitext2|FILE",
               help="Dataset to evaluate on (wikitext2: its test split); repeat for several. "
                    "Default: the model's (c4 for hub models).")
@@ -115,8 +124,7 @@ def _harness(model_name: str, tasks: str, limit: int | None, num_fewshot: int | 
 
 
 @main.command("generate")
-@click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
-              help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory (original, quantized, packed).")
+@model_option(MODEL_HELP.removesuffix(".") + " (original, quantized, packed).")
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
               help="A prompt: text to continue (decoder-only models), or text with spans to fill marked "
                    "<extra_id_0>, <extra_id_1>, ... (Switch); repeat for several.")
@@ -197,8 +205,7 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
 
 
 @main.command("compress")
-@click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
-              help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")
+@model_option()
 @click.option("--bits", type=Choice(["ternary", "2", "3", "4", "8"]), default="ternary", show_default=True,
               help="Expert weight grid: ternary {min, 0, max} per row, or b-bit min-max per row.")
 @click.option("--method", type=Choice(["gptq", "rtn"]), default="gptq", show_default=True,
