@@ -6,7 +6,12 @@
 // Codes are uint8 0 (lo), 1 (zero), 2 (hi); symbols are pairs 3a + b; an odd width pads its
 // last pair with the zero code. Codewords are 16-bit indices into the dictionary.
 
-#include <torch/extension.h>
+// Only the headers this file uses: <torch/extension.h> (all of libtorch and pybind11) takes ~28 s of
+// CPU time to compile, this set ~5 s, and the ops are registered with the dispatcher
+// (TORCH_LIBRARY) instead of as a Python module, so no Python headers are needed.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -23,7 +28,7 @@ constexpr int kSymbols = 9;
 
 #define QMOE_CHECK(cond, ...) TORCH_CHECK(cond, "qmoe codec: ", __VA_ARGS__)
 
-void check_cpu_contiguous(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
+void check_cpu_contiguous(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
   QMOE_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
   QMOE_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
   QMOE_CHECK(t.dim() == dim, name, " must have ", dim, " dims, got shape ", t.sizes());
@@ -60,9 +65,9 @@ void parallel_rows(int64_t n, int64_t threads, const std::function<void(int64_t,
 // codes [rows, width] uint8 in {0,1,2}; children [size + 1, 9] int32: children[v][s] is the
 // codeword extending codeword v by symbol s, or -1; row `size` is the root (every single symbol
 // must be a codeword). Returns (words [total] int16 holding uint16 bits, offsets [rows + 1] int32).
-std::vector<torch::Tensor> encode(torch::Tensor codes, torch::Tensor children, int64_t threads) {
-  check_cpu_contiguous(codes, "codes", torch::kUInt8, 2);
-  check_cpu_contiguous(children, "children", torch::kInt32, 2);
+std::vector<at::Tensor> encode(at::Tensor codes, at::Tensor children, int64_t threads) {
+  check_cpu_contiguous(codes, "codes", at::kByte, 2);
+  check_cpu_contiguous(children, "children", at::kInt, 2);
   QMOE_CHECK(children.size(1) == kSymbols && children.size(0) >= kSymbols + 1,
              "children must be [size + 1, 9], got ", children.sizes());
   const int64_t rows = codes.size(0), width = codes.size(1), pairs = (width + 1) / 2;
@@ -105,7 +110,7 @@ std::vector<torch::Tensor> encode(torch::Tensor codes, torch::Tensor children, i
       }
     }
   });
-  auto offsets = torch::empty({rows + 1}, torch::kInt32);
+  auto offsets = at::empty({rows + 1}, at::kInt);
   int32_t* off = offsets.data_ptr<int32_t>();
   int64_t total = 0;
   off[0] = 0;
@@ -114,7 +119,7 @@ std::vector<torch::Tensor> encode(torch::Tensor codes, torch::Tensor children, i
     QMOE_CHECK(total <= INT32_MAX, "a matrix of more than 2^31 codewords does not fit int32 offsets");
     off[r + 1] = static_cast<int32_t>(total);
   }
-  auto words = torch::empty({total}, torch::kInt16);
+  auto words = at::empty({total}, at::kShort);
   auto* dst = reinterpret_cast<uint16_t*>(words.data_ptr<int16_t>());
   for (const auto& part : parts) {
     std::memcpy(dst, part.data(), part.size() * sizeof(uint16_t));
@@ -129,13 +134,13 @@ namespace {
 // emit(r, codes). Offsets and lengths are bounds-checked here too, so even an unvalidated file
 // can only raise, never read or write out of bounds.
 template <typename Emit>
-void decode_rows(const torch::Tensor& words, const torch::Tensor& offsets, const torch::Tensor& table,
-                 const torch::Tensor& lengths, int64_t width, int64_t row_begin, int64_t row_end,
+void decode_rows(const at::Tensor& words, const at::Tensor& offsets, const at::Tensor& table,
+                 const at::Tensor& lengths, int64_t width, int64_t row_begin, int64_t row_end,
                  int64_t threads, Emit emit) {
-  check_cpu_contiguous(words, "words", torch::kInt16, 1);
-  check_cpu_contiguous(offsets, "offsets", torch::kInt32, 1);
-  check_cpu_contiguous(table, "table", torch::kUInt8, 2);
-  check_cpu_contiguous(lengths, "lengths", torch::kUInt8, 1);
+  check_cpu_contiguous(words, "words", at::kShort, 1);
+  check_cpu_contiguous(offsets, "offsets", at::kInt, 1);
+  check_cpu_contiguous(table, "table", at::kByte, 2);
+  check_cpu_contiguous(lengths, "lengths", at::kByte, 1);
   QMOE_CHECK(table.size(0) == lengths.size(0), "table has ", table.size(0), " codewords but lengths ", lengths.size(0));
   const int64_t rows = offsets.size(0) - 1, total = words.size(0), size = table.size(0);
   const int64_t max_weights = table.size(1);
@@ -173,9 +178,9 @@ void decode_rows(const torch::Tensor& words, const torch::Tensor& offsets, const
 
 // words [total] int16 (uint16 bits), offsets [rows + 1] int32, table [size, 2 * max_len] uint8
 // (codes of each codeword, padded), lengths [size] uint8 (pairs). -> codes [row_end - row_begin, width] uint8.
-torch::Tensor decode(torch::Tensor words, torch::Tensor offsets, torch::Tensor table, torch::Tensor lengths,
+at::Tensor decode(at::Tensor words, at::Tensor offsets, at::Tensor table, at::Tensor lengths,
                      int64_t width, int64_t row_begin, int64_t row_end, int64_t threads) {
-  auto out = torch::empty({row_end - row_begin, width}, torch::kUInt8);
+  auto out = at::empty({row_end - row_begin, width}, at::kByte);
   uint8_t* dst = out.data_ptr<uint8_t>();
   decode_rows(words, offsets, table, lengths, width, row_begin, row_end, threads,
               [&](int64_t i, const uint8_t* codes) { std::memcpy(dst + i * width, codes, width); });
@@ -184,17 +189,17 @@ torch::Tensor decode(torch::Tensor words, torch::Tensor offsets, torch::Tensor t
 
 // As decode, but writes the weights: code 0 -> lo, 1 -> 0, 2 -> hi of the row's grid, where
 // lo and hi are [rows, groups] fp32 and column c uses group c / group_cols. -> [row_end - row_begin, width] fp32.
-torch::Tensor decode_dense(torch::Tensor words, torch::Tensor offsets, torch::Tensor table, torch::Tensor lengths,
-                           torch::Tensor lo, torch::Tensor hi, int64_t width, int64_t group_cols, int64_t row_begin,
+at::Tensor decode_dense(at::Tensor words, at::Tensor offsets, at::Tensor table, at::Tensor lengths,
+                           at::Tensor lo, at::Tensor hi, int64_t width, int64_t group_cols, int64_t row_begin,
                            int64_t row_end, int64_t threads) {
-  check_cpu_contiguous(lo, "lo", torch::kFloat32, 2);
-  check_cpu_contiguous(hi, "hi", torch::kFloat32, 2);
+  check_cpu_contiguous(lo, "lo", at::kFloat, 2);
+  check_cpu_contiguous(hi, "hi", at::kFloat, 2);
   const int64_t rows = offsets.size(0) - 1, groups = lo.size(1);
   QMOE_CHECK(lo.size(0) == rows && hi.sizes() == lo.sizes(), "lo/hi must be [", rows, ", groups], got ", lo.sizes(),
              " and ", hi.sizes());
   QMOE_CHECK(group_cols >= 1 && (width + group_cols - 1) / group_cols == groups, "width ", width, " in groups of ",
              group_cols, " columns needs ", (width + group_cols - 1) / group_cols, " grids per row, got ", groups);
-  auto out = torch::empty({row_end - row_begin, width}, torch::kFloat32);
+  auto out = at::empty({row_end - row_begin, width}, at::kFloat);
   float* dst = out.data_ptr<float>();
   const float* lo_p = lo.data_ptr<float>();
   const float* hi_p = hi.data_ptr<float>();
@@ -212,71 +217,12 @@ torch::Tensor decode_dense(torch::Tensor words, torch::Tensor offsets, torch::Te
   return out;
 }
 
-// y = x Wᵀ for an encoded ternary W [rows, width] with one grid per row, never decoding W:
-// y[t, r] = lo[r] * (sum of x[t, c] over code-0 columns c) + hi[r] * (sum over code-2 columns).
-// Only the non-zero weights cost work (~10% of them at QMoE's sparsity). Each codeword is two
-// 32-bit masks of its code-0 and code-2 positions (`Codebook.masks` [size, 2] int32; bits 28..31
-// of the first hold its length, ignored here): 512 KB for 65536 codewords, which stays in L2,
-// where a table of positions or codes (1.8 MB) misses on nearly every codeword. xt [width, n] fp32 is x transposed so the n tokens of a column are contiguous.
-// -> y [n, rows] fp32.
-torch::Tensor ternary_matmul(torch::Tensor words, torch::Tensor offsets, torch::Tensor lengths, torch::Tensor masks,
-                             torch::Tensor lo, torch::Tensor hi, torch::Tensor xt, int64_t threads) {
-  check_cpu_contiguous(words, "words", torch::kInt16, 1);
-  check_cpu_contiguous(offsets, "offsets", torch::kInt32, 1);
-  check_cpu_contiguous(lengths, "lengths", torch::kUInt8, 1);
-  check_cpu_contiguous(masks, "masks", torch::kInt32, 2);
-  check_cpu_contiguous(lo, "lo", torch::kFloat32, 2);
-  check_cpu_contiguous(hi, "hi", torch::kFloat32, 2);
-  check_cpu_contiguous(xt, "xt", torch::kFloat32, 2);
-  const int64_t rows = offsets.size(0) - 1, total = words.size(0), size = lengths.size(0);
-  const int64_t width = xt.size(0), n = xt.size(1);
-  QMOE_CHECK(masks.size(0) == size && masks.size(1) == 2, "masks must be [", size, ", 2], got ", masks.sizes());
-  QMOE_CHECK(lo.size(0) == rows && lo.size(1) == 1 && hi.sizes() == lo.sizes(), "lo/hi must be [", rows,
-             ", 1], got ", lo.sizes(), " and ", hi.sizes());
-  const auto* w = reinterpret_cast<const uint16_t*>(words.data_ptr<int16_t>());
-  const int32_t* off = offsets.data_ptr<int32_t>();
-  const uint8_t* len = lengths.data_ptr<uint8_t>();
-  const auto* mask = reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>());
-  const float* x = xt.data_ptr<float>();
-  const float* lo_p = lo.data_ptr<float>();
-  const float* hi_p = hi.data_ptr<float>();
-  auto out = torch::empty({n, rows}, torch::kFloat32);
-  float* y = out.data_ptr<float>();
-  parallel_rows(rows, threads, [&](int64_t b, int64_t e) {
-    std::vector<float> acc(2 * n);
-    for (int64_t r = b; r < e; ++r) {
-      const int64_t start = off[r], stop = off[r + 1];
-      QMOE_CHECK(0 <= start && start <= stop && stop <= total, "row ", r, " has codeword range [", start, ", ",
-                 stop, ") outside the ", total, " codewords");
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      float* acc_lo = acc.data();
-      float* acc_hi = acc.data() + n;
-      int64_t col = 0;
-      for (int64_t k = start; k < stop; ++k) {
-        const int64_t word = w[k];
-        QMOE_CHECK(word < size && col < width, "row ", r, " holds a codeword beyond the dictionary or its width");
-        const int64_t span = std::min<int64_t>(28, width - col);  // an odd width's padding lies past the row
-        const uint32_t keep = (1u << span) - 1;
-        for (uint32_t m = mask[2 * word] & keep; m; m &= m - 1) {
-          const float* xc = x + (col + __builtin_ctz(m)) * n;
-          for (int64_t t = 0; t < n; ++t) acc_lo[t] += xc[t];
-        }
-        for (uint32_t m = mask[2 * word + 1] & keep; m; m &= m - 1) {
-          const float* xc = x + (col + __builtin_ctz(m)) * n;
-          for (int64_t t = 0; t < n; ++t) acc_hi[t] += xc[t];
-        }
-        col += 2 * int64_t(len[word]);
-      }
-      QMOE_CHECK(col == width || col == width + 1, "row ", r, " decodes to ", col, " codes, not its width ", width);
-      for (int64_t t = 0; t < n; ++t) y[t * rows + r] = lo_p[r] * acc_lo[t] + hi_p[r] * acc_hi[t];
-    }
-  });
-  return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("encode", &encode, "greedy longest-match encoding of ternary rows");
-  m.def("decode", &decode, "codewords -> ternary codes of a range of rows");
-  m.def("decode_dense", &decode_dense, "codewords -> fp32 weights of a range of rows");
-  m.def("ternary_matmul", &ternary_matmul, "x Wᵀ straight from the codewords (one grid per row)");
+// The ops of the library `qmoe_codec` (torch.ops.qmoe_codec.*); schemas name the argument types
+// the Python side passes: Tensor, int (int64_t).
+TORCH_LIBRARY(qmoe_codec, m) {
+  m.def("encode(Tensor codes, Tensor children, int threads) -> Tensor[]", &encode);
+  m.def("decode(Tensor words, Tensor offsets, Tensor table, Tensor lengths, int width, int row_begin, "
+        "int row_end, int threads) -> Tensor", &decode);
+  m.def("decode_dense(Tensor words, Tensor offsets, Tensor table, Tensor lengths, Tensor lo, Tensor hi, "
+        "int width, int group_cols, int row_begin, int row_end, int threads) -> Tensor", &decode_dense);
 }

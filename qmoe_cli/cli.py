@@ -90,7 +90,7 @@ def eval_command(model_name: str, data_sources: tuple[str, ...], samples: int, s
     if as_json:
         click.echo(json.dumps({"model": model_name, "kind": result.kind, **report.to_json(), "threads": threads}))
         return
-    click.echo(f"model {model_name} ({result.kind}) on {result.device} ({threads} CPU threads), "
+    click.echo(f"model {model_name} ({result.kind}) on {result.device} ({threads} CPU thread{'s' if threads != 1 else ''}), "
                f"{str(result.dtype).removeprefix('torch.')}")
     click.echo(f"{'dataset':<24} {'samples':>8} {'tokens':>9} {'loss':>8} {'ppl':>10}")
     rows = list(report.datasets.items()) + ([("all", report.overall)] if len(report.datasets) > 1 else [])
@@ -221,6 +221,8 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
 @click.option("--act-order", is_flag=True, help="GPTQ columns by descending Hessian diagonal.")
 @click.option("--grid-group", type=click.IntRange(min=1), default=None,
               help="Columns per grid (default: one grid per row).")
+@click.option("--symmetric", is_flag=True,
+              help="Grids centred on 0 (zero point 2^(b-1), ternary {-a, 0, a}), as transformers loads exports.")
 @click.option("--token-cap", type=Finite(min=0, min_open=True), default=4.0, show_default=True,
               help="Hessian tokens per expert capped at this multiple of the mean.")
 @click.option("--shared-experts", type=Choice(["quantize", "keep"]), default="quantize", show_default=True,
@@ -228,7 +230,7 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Span-corruption seed; also picks wikitext2's calibration windows.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, callback=output_dir,
-              help="Output directory (default: ./NAME-METHOD-BITS). Never overwritten.")
+              help="Output directory (default: ./NAME-METHOD-BITS[-sym]). Never overwritten.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same settings into --out.")
 @click.option("--pack", "then_pack", is_flag=True, help="Then pack the result into OUT-packed (see `qmoe pack`).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
@@ -240,9 +242,10 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary object on stdout.")
 @handle_errors
 def compress_command(model_name: str, bits: str, method: str, calib_source: str | None, calib_samples: int,
-                     group_size: int, damp: float, act_order: bool, grid_group: int | None, token_cap: float,
-                     shared_experts: str, seed: int, out_dir: Path | None, resume: bool, then_pack: bool, device: str,
-                     distributed: bool, dist_timeout: float, threads: int | None, as_json: bool) -> None:
+                     group_size: int, damp: float, act_order: bool, grid_group: int | None, symmetric: bool,
+                     token_cap: float, shared_experts: str, seed: int, out_dir: Path | None, resume: bool,
+                     then_pack: bool, device: str, distributed: bool, dist_timeout: float, threads: int | None,
+                     as_json: bool) -> None:
     """Quantize every expert with batched GPTQ, streaming the model block by block.
 
     Under torchrun (`torchrun --nproc-per-node N -m qmoe_cli compress ...`) each process is one
@@ -254,7 +257,7 @@ def compress_command(model_name: str, bits: str, method: str, calib_source: str 
     from .formats.info import checkpoint_info
 
     cfg = CompressConfig(bits=bits, method=method, group_size=group_size, damp=damp, act_order=act_order,
-                         grid_group=grid_group, token_cap=token_cap, shared_experts=shared_experts)
+                         grid_group=grid_group, symmetric=symmetric, token_cap=token_cap, shared_experts=shared_experts)
     threads = _use_threads(threads)
     result = compress(model_name, cfg, calib=calib_source, calib_samples=calib_samples, seed=seed, out=out_dir,
                       resume=resume, then_pack=then_pack, device=device, distributed=distributed,
@@ -332,6 +335,8 @@ def export_command(checkpoint: Path, fmt: str, out_dir: Path, config: Path | Non
 
     check_output_dir(out_dir, "--out")  # before anything is read
     summary = export(checkpoint, out_dir, ExportConfig(fmt, config), note if sys.stderr.isatty() else silent)
+    for line in summary["notes"]:
+        note(f"note: {line}")
     click.echo(json.dumps(summary) if as_json else f"wrote {out_dir} ({fmt}, {summary['shards']} shards)")
 
 

@@ -33,6 +33,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from .locks import waiting_lock
 
@@ -138,12 +139,18 @@ def _import(build: NativeBuild, library: Path) -> ModuleType | None:
     return module
 
 
-def load_optional(build: NativeBuild, fallback: str) -> ModuleType | None:
-    """The compiled module, or None after one warning naming `build.what`, the compiler's first
-    line and `fallback` (what runs instead): the native code is an accelerator, never required."""
+def load_optional(build: NativeBuild, fallback: str) -> Any | None:
+    """The compiled module (for a library of ops: its `torch.ops` namespace, which the sources
+    register under `build.name`), or None after one warning naming `build.what`, the compiler's
+    first line and `fallback` (what runs instead): the native code is an accelerator, never required."""
     try:
-        return load_native(build)[1]
+        module = load_native(build)[1]
     except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"qmoe: {build.what} could not be built ({reason}); {fallback}", RuntimeWarning, stacklevel=3)
         return None
+    if module is None:
+        import torch
+
+        return getattr(torch.ops, build.name)
+    return module

@@ -21,6 +21,17 @@ TINY_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
 TINY_SENTINELS = 10  # <extra_id_0> .. <extra_id_9>
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A command run in-process sets torch's threads (`--threads`, or its default): later tests of
+    the same worker get theirs back, so thread counts (and BLAS summation orders) never leak."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_sentences(count: int = 300, seed: int = 0) -> list[str]:
     """`count` random sentences of 4 to 12 TINY_WORDS."""
     rnd = random.Random(seed)

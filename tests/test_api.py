@@ -34,12 +34,32 @@ def _ids(shape: tuple[int, int], vocab: int, seed: int) -> torch.Tensor:
 
 def test_import_is_cheap_and_the_api_is_lazy() -> None:
     """`import qmoe_cli` (what `qmoe --version` pays) imports no torch; the API names load on use."""
-    code = "import sys, qmoe_cli; assert 'torch' not in sys.modules; qmoe_cli.load; assert 'torch' in sys.modules"
+    # The compress subpackage imported first (Python binds it on the package) still leaves
+    # `qmoe_cli.compress` the API function.
+    code = ("import sys, qmoe_cli.compress; assert 'torch' not in sys.modules; qmoe_cli.load; "
+            "assert 'torch' in sys.modules; from qmoe_cli.api.ops import compress; assert qmoe_cli.compress is compress")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         qmoe.nothing  # noqa: B018
+
+
+def test_compress_is_the_function_and_the_subpackage_stays_importable() -> None:
+    """Whatever binds `qmoe_cli.compress` (the import system does `setattr(package, "compress",
+    subpackage)` when it first imports it), the name stays the API function; the subpackage's
+    modules stay importable by their full names."""
+    import importlib
+
+    from qmoe_cli.api.ops import compress
+    from qmoe_cli.compress.pack import PackConfig
+
+    qmoe.compress = sys.modules["qmoe_cli.compress"]  # what importing the subpackage does
+    assert qmoe.compress is compress and "compress" in dir(qmoe)
+    from qmoe_cli import compress as imported
+
+    assert imported is compress
+    assert importlib.import_module("qmoe_cli.compress.pack").PackConfig is PackConfig
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -122,6 +122,23 @@ def test_bad_flag_value_is_one_usage_error(command: str, flag: str, value: str, 
     assert len(result.stderr.splitlines()) == 1, result.stderr  # not even a note: nothing ran
 
 
+def _switches(command: click.Command) -> list[str]:
+    """The on/off flags of `command` (`--symmetric`, `--json`, ...), each by its long name."""
+    return [max(p.opts, key=len) for p in command.params if isinstance(p, click.Option) and p.is_flag
+            and max(p.opts, key=len) not in ("--help", "--version")]
+
+
+@pytest.mark.parametrize("command,flag", [(name, flag) for name, command in sorted(main.commands.items())
+                                          for flag in _switches(command)])
+def test_a_value_given_to_a_switch_is_one_usage_error(command: str, flag: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, no_model_reads: None) -> None:
+    """A switch takes no value (`--symmetric=yes`): one usage error naming it, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, [command, *BASE.get(command, []), f"{flag}=yes"])
+    assert sorted(tmp_path.iterdir()) == []
+    assert_one_error_line(result, 2, flag)
+
+
 def test_typos_get_suggestions(no_model_reads: None) -> None:
     result = CliRunner().invoke(main, ["compress", "--bits", "tenary"])
     assert_one_error_line(result, 2, "--bits", "did you mean ternary")

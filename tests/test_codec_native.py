@@ -11,7 +11,7 @@ from test_codec_reference import fixed_probs, ternary
 from qmoe_cli.codec.bitpack import pack_bits, row_bytes, unpack_bits
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, build_dictionary, encode_row, pair_symbols
 from qmoe_cli.codec.native import codec_extension
-from qmoe_cli.codec.rows import decode_dense, decode_matrix, encode_matrix, row_offsets, row_widths, ternary_matmul
+from qmoe_cli.codec.rows import decode_dense, decode_matrix, encode_matrix, row_offsets, row_widths
 
 WIDTHS = [1, 2, 27, 28, 29, 768, 3072, 2080]
 
@@ -96,20 +96,6 @@ def test_decode_dense_maps_codes_to_the_row_grids(book: Codebook, group_cols: in
     column_group = torch.arange(29) // cols
     expected = torch.where(codes == 0, lo[:, column_group], torch.where(codes == 2, hi[:, column_group], 0.0))
     assert torch.equal(got, expected[2:8])
-
-
-@pytest.mark.parametrize("rows,cols,tokens", [(5, 29, 1), (7, 1, 3), (97, 1025, 4), (64, 768, 32), (3, 2080, 2)])
-def test_sparse_matmul_equals_the_dense_product(book: Codebook, rows: int, cols: int, tokens: int) -> None:
-    codes = ternary(rows, cols, 0.85, seed=cols)
-    codes[0] = 0  # a row of lo only: every weight non-zero
-    words, offsets = encode_matrix(codes, book)
-    g = torch.Generator().manual_seed(rows)
-    lo, hi, x = (-torch.rand(rows, 1, generator=g), torch.rand(rows, 1, generator=g),
-                 torch.randn(tokens, cols, generator=g))
-    dense = torch.where(codes == 0, lo, torch.where(codes == 2, hi, 0.0))
-    got = ternary_matmul(words, offsets, book, lo, hi, x)
-    assert got.shape == (tokens, rows)
-    assert torch.allclose(got, x.double().matmul(dense.double().T).float(), rtol=1e-5, atol=1e-5)
 
 
 def test_small_dictionaries_and_short_codewords_round_trip() -> None:

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from interrupted import kill_after_a_finished_block, tree_hashes
 
 from qmoe_cli.arch.switch.config import SwitchConfig
 from qmoe_cli.arch.switch.model import random_model, save_pretrained
@@ -102,35 +98,21 @@ def test_bad_flags_are_usage_errors(setup, tmp_path: Path, flags: list[str], fra
     assert result.exit_code == 2 and fragment in result.stderr and "Traceback" not in result.stderr
 
 
-def _hashes(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 def test_resume_after_sigkill_is_byte_identical(tmp_path: Path) -> None:
-    model = _model(tmp_path / "model", experts=8, layers=4, d_model=64, d_ff=256)
-    calib = _calib(tmp_path / "calib.jsonl", samples=48, length=48)
-    command = [sys.executable, "-m", "qmoe_cli", "compress", "--model", str(model), "--calib", str(calib),
-               "--bits", "ternary", "--device", "cpu", "--group-size", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([*command, "--out", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
-
+    """A Switch compression (encoder and decoder blocks) killed after its first sparse block, then
+    `--resume`d in this process: the files equal an uninterrupted run's. Decoder-only families:
+    tests/test_decoder_families.py."""
+    model = _model(tmp_path / "model", experts=8, layers=2, d_model=64, d_ff=128)
+    calib = _calib(tmp_path / "calib.jsonl", samples=16, length=32)
+    command = ["compress", "--model", str(model), "--calib", str(calib), "--bits", "ternary", "--device", "cpu",
+               "--group-size", "3", "--threads", "1"]
+    straight = CliRunner().invoke(main, [*command, "--out", str(tmp_path / "straight")])
+    assert straight.exit_code == 0, straight.output
     out = tmp_path / "resumed"
-    manifest = tmp_path / ".resumed.partial" / "manifest.json"
-    victim = subprocess.Popen([*command, "--out", str(out)], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and victim.poll() is None:
-        try:
-            if 1 <= len(json.loads(manifest.read_text())["finished"]) < 8:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.005)
-    assert victim.poll() is None, "the run finished before it could be killed; make the model bigger"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert not out.exists()
-    resumed = subprocess.run([*command, "--out", str(out), "--resume"], env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stderr
-    assert _hashes(out) == _hashes(tmp_path / "straight")
+    finished = kill_after_a_finished_block([sys.executable, "-m", "qmoe_cli", *command, "--out", str(out)],
+                                           tmp_path / ".resumed.partial")
+    assert 1 <= finished < 4 and not out.exists()
+    resumed = CliRunner().invoke(main, [*command, "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming: {finished} sparse blocks already done" in resumed.stderr
+    assert tree_hashes(out) == tree_hashes(tmp_path / "straight")

@@ -5,22 +5,18 @@ and `--resume` after a real SIGKILL."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import fake_hub_datasets, wikitext_rows
 from hf_models import DECODER_FAMILIES, causal_lm_loss, save_hf_decoder, write_causal_tokenizer_json
+from interrupted import kill_after_a_finished_block, tree_hashes
 
 from qmoe_cli.cli import main
 from qmoe_cli.formats.open import open_model
@@ -125,7 +121,7 @@ def test_wikitext2_calibrates_on_seeded_random_windows(monkeypatch: pytest.Monke
         result = CliRunner().invoke(main, ["compress", "--model", str(model), "--calib", source, "--calib-samples", "3",
                                            "--seed", "2", "--out", str(outs[-1]), "--device", "cpu"])
         assert result.exit_code == 0, result.output
-    experts = {d: {k: v for k, v in _hashes(d).items() if k.startswith("experts/")} for d in outs}
+    experts = {d: {k: v for k, v in tree_hashes(d).items() if k.startswith("experts/")} for d in outs}
     assert experts[outs[0]] and experts[outs[0]] == experts[outs[1]]
 
 
@@ -287,47 +283,6 @@ def test_compress_pack_eval(compressed: dict) -> None:
         assert gptq_error < rtn_error, (bits, gptq_error, rtn_error)
 
 
-def _hashes(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def _finished_blocks(partial: Path) -> int:
-    try:
-        return len(json.loads((partial / "manifest.json").read_text())["finished"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
-
-
-def _kill_after_a_finished_block(command: list[str], partial: Path) -> int:
-    """Run `command` and SIGKILL it once its partial manifest lists a finished sparse block;
-    returns how many were finished. Once the partial directory appears, the run goes on in
-    slices of ~2 ms between SIGSTOPs, at the lowest priority (so this process gets the CPU back
-    on time): a tiny model compresses a block in tens of milliseconds, and the kill must land
-    after the first one and before the last."""
-    victim = subprocess.Popen(["nice", "-n", "19", *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    process = psutil.Process(victim.pid)
-    deadline = time.monotonic() + 120
-    try:
-        while not partial.exists() and victim.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.001)  # imports and calibration data: seconds, nothing written yet
-        while (finished := _finished_blocks(partial)) == 0 and time.monotonic() < deadline:
-            victim.send_signal(signal.SIGSTOP)
-            while victim.poll() is None and process.status() != psutil.STATUS_STOPPED:
-                time.sleep(0.0002)
-            assert victim.poll() is None, "the run ended before a block finished"
-            if _finished_blocks(partial):
-                continue
-            victim.send_signal(signal.SIGCONT)
-            time.sleep(0.002)
-        assert finished, "no sparse block finished in 120 s"
-    finally:
-        victim.kill()
-        victim.wait()
-    assert victim.returncode == -signal.SIGKILL
-    return finished
-
-
 @pytest.mark.slow
 def test_resume_after_sigkill_is_byte_identical(family, tmp_path: Path) -> None:
     """`qmoe compress` killed (SIGKILL, a real process) after its first sparse block, then
@@ -338,13 +293,13 @@ def test_resume_after_sigkill_is_byte_identical(family, tmp_path: Path) -> None:
     calib = _jsonl(tmp_path / "calib.jsonl", _sequences(16, seed=2, lengths=(24, 17, 30)))
     command = [sys.executable, "-m", "qmoe_cli", "compress", "--model", str(directory), "--calib", str(calib),
                "--device", "cpu", "--bits", "ternary", "--group-size", "2", "--threads", "1"]
-    straight = subprocess.run([*command, "--out", str(tmp_path / "straight")], capture_output=True, text=True)
-    assert straight.returncode == 0, straight.stderr
+    straight = CliRunner().invoke(main, [*command[3:], "--out", str(tmp_path / "straight")])  # in-process: no start-up
+    assert straight.exit_code == 0, straight.output
     blocks = len(json.loads((tmp_path / "straight" / "manifest.json").read_text())["finished"])
     out = tmp_path / "resumed"
-    finished = _kill_after_a_finished_block([*command, "--out", str(out)], tmp_path / ".resumed.partial")
+    finished = kill_after_a_finished_block([*command, "--out", str(out)], tmp_path / ".resumed.partial")
     assert 1 <= finished < blocks and not out.exists()
-    resumed = subprocess.run([*command, "--out", str(out), "--resume"], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = CliRunner().invoke(main, [*command[3:], "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
     assert f"resuming: {finished} sparse blocks already done" in resumed.stderr
-    assert _hashes(out) == _hashes(tmp_path / "straight")
+    assert tree_hashes(out) == tree_hashes(tmp_path / "straight")

@@ -44,9 +44,9 @@ SMALL_GROUPS = ["--group-size", "3", "--token-cap", "1.5"]  # several rounds; ca
 
 
 def _one_process(out: Path, *flags: str) -> dict:
-    done = subprocess.run([sys.executable, *COMPRESS, "--out", str(out), *flags], env=ENV, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    """The reference run: in this process (one thread, like each rank), no torch start-up to pay."""
+    done = CliRunner().invoke(main, [*COMPRESS[2:], "--threads", "1", "--out", str(out), *flags])
+    assert done.exit_code == 0, done.output
     return json.loads(done.stdout)
 
 
@@ -255,29 +255,62 @@ def test_three_ranks_with_small_groups_write_what_one_process_writes(reference, 
     _assert_same_checkpoint(reference["small"], tmp_path / "q")
 
 
+# One process per rank compresses every family in turn (a process group per run, each on its own
+# port): what a rank does is the same as under torchrun, without a torch start-up per family.
+RANK_OF_EVERY_FAMILY = """
+import json, os, sys
+from click.testing import CliRunner
+from qmoe_cli.cli import main
+for job in json.loads(sys.argv[1]):
+    os.environ["MASTER_PORT"] = str(job["port"])
+    done = CliRunner().invoke(main, job["argv"])
+    if done.exit_code:
+        sys.exit(f"{job['family']}: exit {done.exit_code}: {done.output}")
+    if done.stdout.strip():  # rank 0 alone prints its summary
+        print(job["family"], json.loads(done.stdout)["world_size"])
+"""
+
+
+@pytest.fixture(scope="module")
+def every_family_on_two_ranks(tmp_path_factory) -> Path:
+    """ROOT/FAMILY/{model,one,two}: each decoder family's checkpoint compressed by one process and
+    by two ranks (ternary, one expert per group, so rounds of 2 vs 1 experts)."""
+    root = tmp_path_factory.mktemp("families")
+    jobs = []
+    for family in sorted(DECODER_FAMILIES):
+        model = root / family / "model"
+        save_hf_decoder(model, family)
+        g = torch.Generator().manual_seed(5)
+        calib = root / family / "calib.jsonl"
+        calib.write_text("".join(json.dumps({"input_ids": torch.randint(0, 64, (n,), generator=g).tolist()}) + "\n"
+                                 for n in (24, 17, 30, 9) * 4))
+        flags = ["--model", str(model), "--calib", str(calib), "--bits", "ternary", "--group-size", "1"]
+        _one_process(root / family / "one", *flags)
+        jobs.append({"family": family, "port": _free_port(),
+                     "argv": [*COMPRESS[2:], "--out", str(root / family / "two"), *flags]})
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_OF_EVERY_FAMILY, json.dumps(jobs)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r),
+                                                                     "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"})
+             for r in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    assert [out.split() for out, _ in outputs] == [[w for job in jobs for w in (job["family"], "2")], []]
+    return root
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(DECODER_FAMILIES))
-def test_two_ranks_compress_every_decoder_family_as_one_process_does(family: str, tmp_path: Path):
+def test_two_ranks_compress_every_decoder_family_as_one_process_does(family: str, every_family_on_two_ranks: Path):
     """Each decoder family (top-2 SwiGLU experts; Qwen2-MoE's gated shared expert and dense
     block, DeepSeek-V3's dense first block, shared expert and sigmoid router with correction
     bias over 8 grouped experts): a token goes to both its experts' owners and their weighted
     outputs add up on its rank, gate and up are quantized stacked, and the bytes match one
-    process's (rounds of 2 vs 1 experts); shared experts quantized on rank 0 from both ranks' Hessian sums."""
-    model = tmp_path / "model"
-    save_hf_decoder(model, family)
-    g = torch.Generator().manual_seed(5)
-    calib = tmp_path / "calib.jsonl"
-    calib.write_text("".join(json.dumps({"input_ids": torch.randint(0, 64, (n,), generator=g).tolist()}) + "\n"
-                             for n in (24, 17, 30, 9) * 4))
-    flags = ["--model", str(model), "--calib", str(calib), "--bits", "ternary", "--group-size", "1"]
-    _one_process(tmp_path / "one", *flags)
-    procs = _ranks(2, tmp_path / "two", *flags)
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
-    shared = sorted((tmp_path / "one/experts").glob("*/shared.safetensors"))  # quantized: its Hessians reduced
-    has_shared = open_model(str(model)).weights.arch.shared_expert is not None  # Qwen2-MoE, DeepSeek, GLM
+    process's; shared experts quantized on rank 0 from both ranks' Hessian sums."""
+    root = every_family_on_two_ranks / family
+    shared = sorted((root / "one/experts").glob("*/shared.safetensors"))  # quantized: its Hessians reduced
+    has_shared = open_model(str(root / "model")).weights.arch.shared_expert is not None  # Qwen2-MoE, DeepSeek, GLM
     assert bool(shared) == has_shared, shared
-    _assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
+    _assert_same_checkpoint(root / "one", root / "two")
 
 
 @pytest.mark.slow

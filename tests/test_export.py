@@ -12,8 +12,9 @@ import torch
 from click.testing import CliRunner
 from hf_models import save_hf_decoder, save_hf_switch, write_causal_tokenizer_json
 
+import qmoe_cli
 from qmoe_cli.cli import main
-from qmoe_cli.export.compressed_tensors import pack_int32, ternary_as_affine
+from qmoe_cli.export.compressed_tensors import centred, pack_int32, ternary_as_affine
 from qmoe_cli.formats.open import open_model
 from qmoe_cli.resources import package_dir
 from qmoe_cli.run.stream import RunConfig, streamed_states
@@ -60,18 +61,41 @@ def _tolerance(reference: torch.Tensor, depth: int, width: int) -> float:
     return float(reference.abs().max()) * FP32_EPS * width * depth
 
 
+def _decoder(root: Path, family: str) -> tuple[Path, Path]:
+    """A transformers-written tiny decoder of `family` with a tokenizer, and calibration ids for it."""
+    model = root / family
+    save_hf_decoder(model, family)
+    write_causal_tokenizer_json(model)
+    calib = root / f"{family}-calib.jsonl"
+    calib.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in _ids(8, 20, 64, seed=0)))
+    return model, calib
+
+
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory) -> dict:
-    """A transformers-written Qwen2-MoE (shared experts) compressed to 4 bits and packed, and to ternary."""
+    """A transformers-written Qwen2-MoE (shared experts) compressed to 4 bits and packed, and to
+    ternary, each with min-max and with symmetric grids."""
     root = tmp_path_factory.mktemp("export-qwen")
-    model = root / "model"
-    save_hf_decoder(model, "qwen2_moe")
-    write_causal_tokenizer_json(model)
-    calib = root / "calib.jsonl"
-    calib.write_text("".join(json.dumps({"input_ids": s}) + "\n" for s in _ids(8, 20, 64, seed=0)))
+    model, calib = _decoder(root, "qwen2_moe")
     q4 = _compress(model, root / "q4", "4", calib, "--pack")
     ternary = _compress(model, root / "t", "ternary", calib)
-    return dict(root=root, model=model, q4=q4, packed=root / "q4-packed", ternary=ternary)
+    q4_sym = _compress(model, root / "q4s", "4", calib, "--symmetric", "--pack")
+    with pytest.MonkeyPatch.context() as patch:  # through the Python API, to its default output name
+        patch.chdir(root)
+        ternary_sym = qmoe_cli.compress(model, qmoe_cli.CompressConfig(bits="ternary", method="rtn", symmetric=True),
+                                        calib=str(calib), calib_samples=8, device="cpu").out.resolve()
+    assert ternary_sym == root / "qwen2_moe-rtn-ternary-sym"
+    return dict(root=root, model=model, q4=q4, packed=root / "q4-packed", ternary=ternary, q4_sym=q4_sym,
+                packed_sym=root / "q4s-packed", ternary_sym=ternary_sym)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory) -> dict:
+    """A transformers-written Mixtral (no shared expert) compressed to 3 bits with symmetric grids
+    of 16 columns (compressed-tensors' group strategy; 3 bits: codes straddle int32 words)."""
+    root = tmp_path_factory.mktemp("export-mixtral")
+    model, calib = _decoder(root, "mixtral")
+    return dict(model=model, q3_sym_g16=_compress(model, root / "q3", "3", calib, "--symmetric", "--grid-group", "16"))
 
 
 @pytest.mark.parametrize("which", ["q4", "packed", "ternary"])
@@ -164,40 +188,76 @@ def _decompressed(out: Path, name: str) -> torch.Tensor:
     return PackedQuantizationCompressor.decompress(state, scheme)["weight"]
 
 
-@pytest.mark.parametrize("which", ["q4", "packed"])
-def test_compressed_tensors_export_decodes_to_our_expert_weights(qwen: dict, which: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("which, bits, symmetric", [("q4", 4, False), ("packed", 4, False), ("q4_sym", 4, True),
+                                                   ("packed_sym", 4, True), ("ternary_sym", 2, True)])
+def test_compressed_tensors_export_decodes_to_our_expert_weights(qwen: dict, which: str, bits: int, symmetric: bool,
+                                                                 tmp_path: Path) -> None:
     """compressed-tensors' own decoder gives exactly (bit for bit) the fp32 weights our runtime
-    dequantizes, routed and shared experts alike."""
+    dequantizes, routed and shared experts alike; symmetric grids are stored without zero points."""
     out = _export(qwen[which], tmp_path / "ct", "compressed-tensors")
     weights = open_model(str(qwen[which])).weights
-    arch = weights.arch
+    arch, packed = weights.arch, which.startswith("packed")
     for stack, i in arch.sparse_blocks():
         bank = weights.experts(stack, i)
         for j in range(arch.num_experts):
             for m in arch.expert.matrices:
-                ours = bank.matrix(j, m) if which == "q4" else dict(bank.matrices([j]))[j][m].dense(0, 10**9)
+                ours = dict(bank.matrices([j]))[j][m].dense(0, 10**9) if packed else bank.matrix(j, m)
                 assert torch.equal(_decompressed(out, arch.expert_tensor(stack, i, j, m)), ours)
         for m in arch.shared_expert.matrices:
-            ours = bank.matrix("shared", m) if which == "q4" else bank.shared_matrices()[m].dense(0, 10**9)
+            ours = bank.shared_matrices()[m].dense(0, 10**9) if packed else bank.matrix("shared", m)
             assert torch.equal(_decompressed(out, arch.shared_tensor(stack, i, m)), ours)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["format"] == "pack-quantized" and config["config_groups"]["group_0"]["weights"]["num_bits"] == 4
-    assert not config["config_groups"]["group_0"]["weights"]["symmetric"]
+    weights_config = config["config_groups"]["group_0"]["weights"]
+    assert config["format"] == "pack-quantized" and weights_config["num_bits"] == bits
+    assert weights_config["symmetric"] is symmetric
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(name.endswith(".weight_zero_point") for name in index) is not symmetric
+
+
+def _assert_transformers_computes_our_logits(checkpoint: Path, out: Path, width: int) -> None:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    for seq in _ids(2, 17, 64, seed=4):
+        ours = _our_logits(checkpoint, seq, seq)
+        with torch.no_grad():
+            theirs = model(torch.tensor([seq])).logits[0]
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=_tolerance(ours, depth=3, width=width))
+
+
+@pytest.mark.parametrize("which", ["q4_sym", "packed_sym", "ternary_sym"])
+def test_transformers_loads_a_symmetric_compressed_tensors_export(qwen: dict, which: str, tmp_path: Path) -> None:
+    """transformers (with compressed-tensors) loads a symmetric export into its fused Qwen2-MoE
+    experts, shared expert included, and computes our logits to fp32 rounding."""
+    out = _export(qwen[which], tmp_path / "ct", "compressed-tensors")
+    _assert_transformers_computes_our_logits(qwen[which], out, width=48)
+
+
+def test_transformers_loads_a_symmetric_grouped_mixtral_export(mixtral: dict, tmp_path: Path) -> None:
+    out = _export(mixtral["q3_sym_g16"], tmp_path / "ct", "compressed-tensors")
+    weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert (weights["strategy"], weights["group_size"], weights["num_bits"]) == ("group", 16, 3)
+    _assert_transformers_computes_our_logits(mixtral["q3_sym_g16"], out, width=48)
 
 
 @pytest.mark.xfail(strict=True, raises=RuntimeError,
                    reason="transformers 5.25 decompresses fused MoE experts without their zero points "
                           "(CompressedTensorsDequantize's DummyModule), so asymmetric pack-quantized experts fail")
-def test_transformers_loads_the_compressed_tensors_export(qwen: dict, tmp_path: Path) -> None:
-    import transformers
-
+def test_transformers_loads_an_asymmetric_compressed_tensors_export(qwen: dict, tmp_path: Path) -> None:
     out = _export(qwen["q4"], tmp_path / "ct", "compressed-tensors")
-    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    seq = _ids(1, 17, 64, seed=4)[0]
-    ours = _our_logits(qwen["q4"], seq, seq)
-    with torch.no_grad():
-        theirs = model(torch.tensor([seq])).logits[0]
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=_tolerance(ours, depth=3, width=48))
+    _assert_transformers_computes_our_logits(qwen["q4"], out, width=48)
+
+
+def test_asymmetric_export_says_what_transformers_cannot_load(qwen: dict, tmp_path: Path) -> None:
+    result = _run("export", str(qwen["q4"]), "--format", "compressed-tensors", "--out", str(tmp_path / "ct"))
+    assert result.exit_code == 0, result.output
+    assert "zero points" in result.stderr and "--symmetric" in result.stderr
+    card = (tmp_path / "ct" / "README.md").read_text()
+    assert "asymmetric integer grids" in card
+    result = _run("export", str(qwen["q4_sym"]), "--format", "compressed-tensors", "--out", str(tmp_path / "cs"))
+    assert result.exit_code == 0 and "--symmetric" not in result.stderr
+    card = (tmp_path / "cs" / "README.md").read_text()
+    assert "(symmetric integer grids)" in card and "| symmetric grids (zero point 2^(b-1)) | True |" in card
 
 
 def test_ternary_grids_map_to_affine_two_bit_exactly() -> None:
@@ -210,6 +270,41 @@ def test_ternary_grids_map_to_affine_two_bit_exactly() -> None:
     assert int(q.max()) <= 3
     with pytest.raises(ValueError, match="row 0's ternary grid .* not an affine 2-bit grid"):
         ternary_as_affine(codes[:1], torch.tensor([[-1.0]]), torch.tensor([[1.5]]), None, "m")
+
+
+def test_symmetric_checkpoints_record_run_and_pack_like_any_other(qwen: dict) -> None:
+    """The manifest records the setting, every stored grid is symmetric, `qmoe info` shows it, and
+    the packed checkpoint computes the quantized one's logits (packing is lossless)."""
+    weights = open_model(str(qwen["q4_sym"])).weights
+    arch, bank = weights.arch, weights.experts(*weights.arch.sparse_blocks()[0])
+    for j in range(arch.num_experts):
+        assert torch.all(bank.stored(j, arch.expert.matrices[0])["zero"] == 8)
+    for which in ("q4_sym", "packed_sym", "ternary_sym"):
+        info = _run("info", str(qwen[which]), "--json")
+        assert info.exit_code == 0, info.output
+        assert json.loads(info.stdout)["settings"]["symmetric"] is True
+    assert "symmetric" not in json.loads(_run("info", str(qwen["q4"]), "--json").stdout)["settings"]
+    assert "rtn 4 symmetric," in _run("info", str(qwen["packed_sym"])).stdout
+    for seq in _ids(2, 17, 64, seed=7):
+        ours = _our_logits(qwen["q4_sym"], seq, seq)
+        torch.testing.assert_close(_our_logits(qwen["packed_sym"], seq, seq), ours, rtol=0,
+                                   atol=_tolerance(ours, depth=3, width=48))
+
+
+def test_centred_codes_keep_their_values_and_refuse_an_asymmetric_grid() -> None:
+    codes = torch.randint(0, 16, (5, 12), generator=torch.Generator().manual_seed(3)).to(torch.uint8)
+    scale = torch.rand(5, 3) + 0.5  # [rows, G], groups of 4 columns
+    group_of = torch.arange(12) // 4
+    stored = centred(codes, torch.full((5, 3), 8.0), 4, 4, "m")
+    assert torch.equal(stored, codes)  # the fixed zero point 2^(b-1): our codes as they are
+    zero = torch.tensor([[1.0, 1.0, 0.0]] * 5)  # ternary {-a, 0, a} as 2-bit: zero 1 (0: an all-zero row)
+    ternary = torch.randint(0, 3, (5, 12), generator=torch.Generator().manual_seed(4)).to(torch.uint8)
+    ternary[:, 8:] = 0
+    stored = centred(ternary, zero, 2, 4, "m")
+    values = scale[:, group_of] * (ternary.float() - zero[:, group_of])
+    assert torch.equal(scale[:, group_of] * (stored.float() - 2), values)
+    with pytest.raises(ValueError, match="m: row 0's grid is not symmetric"):
+        centred(codes, torch.full((5, 3), 3.0), 4, 4, "m")
 
 
 def test_min_max_ternary_refused_for_compressed_tensors(qwen: dict, tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ def _layer(E: int, rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch
 @pytest.mark.parametrize("kwargs, field", [
     (dict(bits="5"), "bits"), (dict(bits=4), "bits"), (dict(bits="ternary", group_size=0), "group_size"),
     (dict(bits="2", group_size=True), "group_size"), (dict(bits="2", group_size=2.0), "group_size"),
+    (dict(bits="4", symmetric=1), "symmetric"), (dict(bits="4", symmetric="yes"), "symmetric"),
 ])
 def test_quant_spec_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=f"QuantSpec.{field}"):
@@ -85,9 +86,9 @@ def test_gptq_rejects_mismatched_hessian():
 @settings(max_examples=40, deadline=None)
 @given(bits=st.sampled_from(ALL_BITS), group=st.sampled_from([None, 1, 3, 8]),
        rows=st.integers(1, 4), cols=st.integers(1, 11), seed=st.integers(0, 2**16),
-       zero_row=st.booleans())
-def test_round_to_nearest_on_grid(bits, group, rows, cols, seed, zero_row):
-    spec = QuantSpec(bits, group)
+       zero_row=st.booleans(), symmetric=st.booleans())
+def test_round_to_nearest_on_grid(bits, group, rows, cols, seed, zero_row, symmetric):
+    spec = QuantSpec(bits, group, symmetric)
     w = torch.randn(2, rows, cols, generator=torch.Generator().manual_seed(seed))
     if zero_row:
         w[1, 0] = 0  # a row (and its groups) with no range at all
@@ -106,8 +107,30 @@ def test_round_to_nearest_on_grid(bits, group, rows, cols, seed, zero_row):
     else:
         assert isinstance(grid, IntGrid)
         scale = grid.scale[..., group_of]
-        # every weight lies inside its (0-widened) range, so rounding is off by <= half a step
-        assert torch.all((w - q).abs() <= scale / 2 * (1 + 1e-5))
+        # Every weight lies inside its (0-widened) range, so rounding is off by <= half a step
+        # (symmetric: the top level is a - scale/2, so +a is off by exactly half a step), plus
+        # fp32 rounding: of w / scale before rounding (eps |w|), of scale and of the product q
+        # (eps |q| each, |q| <= |w| + scale) and of the difference (eps scale).
+        eps = torch.finfo(torch.float32).eps
+        assert torch.all((w - q).abs() <= scale / 2 + 4 * eps * (w.abs() + scale))
+    if symmetric:
+        _assert_symmetric_grid(w, grid, spec)
+
+
+def _assert_symmetric_grid(w: torch.Tensor, grid, spec: QuantSpec) -> None:
+    """The symmetric grid of each row-group, from its definition: a = max |w| over the group
+    (1 for an all-zero group, GPTQ's [-1, 1]); ternary {-a, 0, a} (a in bf16), b-bit scale
+    2a / (2^b - 1) with zero point 2^(b-1)."""
+    g = spec.group_size or w.shape[-1]
+    for j in range(grid.n_groups):
+        a = w[..., j * g:(j + 1) * g].abs().amax(-1)  # [E, rows]
+        if isinstance(grid, TernaryGrid):
+            a = a.bfloat16().float()
+            assert torch.equal(grid.hi[..., j], a) and torch.equal(grid.lo[..., j], -a)
+        else:
+            a = torch.where(a == 0, 1.0, a)
+            assert torch.equal(grid.scale[..., j], 2 * a / spec.maxq)  # a + a is exact: one rounding each
+            assert torch.all(grid.zero[..., j] == 2 ** (int(spec.bits) - 1))
 
 
 def test_quantize_column_slices_use_their_groups():
@@ -143,6 +166,22 @@ def test_batched_gptq_matches_reference(bits, act_order, group_size):
         assert (res.q[e] - q).abs().max() <= 1e-5
         assert torch.equal(res.codes[e], codes)
         torch.testing.assert_close(res.error[e], error, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("bits, act_order, group_size", [("4", False, 24), ("3", True, None), ("ternary", True, 32)])
+def test_symmetric_gptq_matches_reference(bits, act_order, group_size):
+    """Symmetric grids through the batched GPTQ (lazy groups included) against the reference: the
+    grids are the scheme's, so both paths must agree exactly and keep every grid symmetric."""
+    w, h = _layer(E=2, rows=7, cols=53, seed=11)
+    cfg = GPTQConfig(QuantSpec(bits, group_size, symmetric=True), block_size=16, act_order=act_order)
+    res = gptq_quantize(w, h, cfg)
+    for e in range(2):
+        q, codes, _ = gptq_reference(w[e], h[e], cfg)
+        assert (res.q[e] - q).abs().max() <= 1e-5 and torch.equal(res.codes[e], codes)
+    if isinstance(res.grid, TernaryGrid):
+        assert torch.equal(res.grid.lo, -res.grid.hi)
+    else:
+        assert torch.all(res.grid.zero == 2 ** (int(bits) - 1))
 
 
 @pytest.mark.parametrize("bits, group_size", [("ternary", 16), ("4", 24), ("8", None)])

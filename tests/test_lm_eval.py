@@ -48,9 +48,10 @@ def setup(tmp_path_factory) -> dict:
 
 def _samples(lm, tasks: Path, names: list[str]) -> dict:
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    out = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=str(tasks)),
+    from qmoe_cli.run.harness import task_manager
+
+    out = simple_evaluate(model=lm, tasks=names, task_manager=task_manager(str(tasks)),
                           log_samples=True, num_fewshot=0)
     return {name: [s["resps"] for s in out["samples"][name]] for name in names}
 

@@ -59,6 +59,7 @@ def test_a_partial_run_keeps_no_calibration_loss() -> None:
     (lambda m: m["settings"].update(group_size=0), "settings.group_size must be an integer >= 1, got 0"),
     (lambda m: m["settings"].update(bits="5"), "QuantSpec.bits must be one of"),
     (lambda m: m["settings"].update(shared_experts="drop"), "settings.shared_experts must be one of"),
+    (lambda m: m["settings"].update(symmetric="yes"), "QuantSpec.symmetric must be True or False, got 'yes'"),
     (lambda m: m.pop("fingerprint"), "malformed manifest (KeyError: 'fingerprint')"),
     (lambda m: m.update(complete=False), "incomplete"),
     (lambda m: m.update(format_version=1), "format version 1 is not readable"),

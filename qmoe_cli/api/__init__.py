@@ -148,15 +148,3 @@ __all__ = ["CacheReserve", "Checkpoint", "CompressConfig", "GenerateConfig", "Ge
            "QmoeModel", "QmoeTokenizer", "check_room", "compress", "evaluate", "load", "open_checkpoint", "pack",
            "resolve_devices"]
 
-
-def _expose_compress() -> None:
-    """`qmoe_cli.compress` is also the name of the compress subpackage, which Python binds on the
-    package when it is first imported (above, by this module), hiding the public `compress`
-    function behind the module. The package attribute is pointed at the function; the
-    subpackage stays importable by its full name (`from qmoe_cli.compress.pack import ...`)."""
-    import sys
-
-    sys.modules[__name__.rpartition(".")[0]].compress = compress
-
-
-_expose_compress()

@@ -120,13 +120,15 @@ def compress(model: str | Path, config: CompressConfig | None = None, *, calib: 
              then_pack: bool = False, device: str = "auto", distributed: bool = False, dist_timeout: float = 600.0,
              progress: bool = False, log: Log = silent) -> Compression:
     """Quantize every expert (batched GPTQ or RTN, `config`), streaming the model block by block
-    into `out` (default: ./NAME-METHOD-BITS), then, with `then_pack`, pack it into OUT-packed:
-    `qmoe compress`. Under torchrun each process is one rank (see `compress.distributed`)."""
+    into `out` (default: ./NAME-METHOD-BITS, or NAME-METHOD-BITS-sym for symmetric grids), then,
+    with `then_pack`, pack it into OUT-packed: `qmoe compress`. Under torchrun each process is one
+    rank (see `compress.distributed`)."""
     from ..compress.distributed import DistConfig, process_group
     from ..compress.pipeline import compress as run_compress
 
     config = config or CompressConfig()
-    target = Path(out) if out is not None else Path(f"{Path(str(model)).name}-{config.method}-{config.bits}")
+    default = f"{Path(str(model)).name}-{config.method}-{config.bits}" + ("-sym" if config.symmetric else "")
+    target = Path(out) if out is not None else Path(default)
     packed_out = target.with_name(target.name + "-packed")
     check_output_dir(target, "--out")  # before the model is read: a run must not fail at its end
     with process_group(DistConfig(timeout_s=dist_timeout), resolve_device(device), distributed) as comm:

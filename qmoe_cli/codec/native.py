@@ -10,7 +10,7 @@ build is an error (QmoeError), not a fallback.
 from __future__ import annotations
 
 import functools
-from types import ModuleType
+from typing import Any
 
 from ..native_build import NativeBuild, load_optional
 from ..resources import shipped_dir
@@ -18,10 +18,11 @@ from ..resources import shipped_dir
 
 def codec_build() -> NativeBuild:
     return NativeBuild(name="qmoe_codec", sources=(shipped_dir("native") / "codec.cpp",), what="the C++ codec",
-                       usual="a minute or two (30 s of CPU time)", extra_cflags=("-O3",), timeout_s=900.0)
+                       usual="10-20 s", extra_cflags=("-O3",), is_python_module=False, timeout_s=900.0)
 
 
 @functools.cache
-def codec_extension() -> ModuleType | None:
-    """The compiled codec module, or None (after one warning) when it cannot be built."""
+def codec_extension() -> Any | None:
+    """The compiled codec's ops (`torch.ops.qmoe_codec`: encode, decode, decode_dense), or None
+    (after one warning) when it cannot be built."""
     return load_optional(codec_build(), "using the slow Python reference")

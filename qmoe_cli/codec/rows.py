@@ -94,15 +94,3 @@ def decode_dense(words: torch.Tensor, offsets: torch.Tensor, book: Codebook, lo:
     group = torch.arange(width) // group_cols
     lo_cols, hi_cols = lo[begin:end][:, group], hi[begin:end][:, group]
     return torch.where(codes == 0, lo_cols, torch.where(codes == 2, hi_cols, torch.zeros(())))
-
-
-def ternary_matmul(words: torch.Tensor, offsets: torch.Tensor, book: Codebook, lo: torch.Tensor, hi: torch.Tensor,
-                   x: torch.Tensor) -> torch.Tensor | None:
-    """x [n, width] fp32 @ Wᵀ for an encoded ternary W with one grid per row (lo/hi [rows, 1]
-    fp32), from the codewords directly -> [n, rows] fp32; None without the C++ codec or for
-    codewords longer than 14 pairs (no `book.masks`)."""
-    ext = codec_extension()
-    if ext is None or book.masks is None:
-        return None
-    return ext.ternary_matmul(words, offsets, book.lengths, book.masks, lo, hi, x.T.contiguous(),
-                              torch.get_num_threads())

@@ -24,6 +24,9 @@ class CompressConfig:
     block_size: int = 128  # GPTQ lazy-batch width
     act_order: bool = False
     grid_group: int | None = None  # columns per grid; None: one grid per row (QMoE)
+    # Grids centred on 0 with a fixed zero point (GPTQ's `sym`): what compressed-tensors readers
+    # without zero points (transformers' fused MoE experts) load. Recorded only when set (`settings_of`).
+    symmetric: bool = False
     token_cap: float = 4.0  # an expert's Hessian uses at most token_cap x mean tokens/expert
     # Shared experts (families with one): quantized like routed ones, or kept as stored. Left out
     # of the settings of a model without one (`settings_of`), whose output it does not change.
@@ -42,16 +45,19 @@ class CompressConfig:
 
     def settings_of(self, arch: Architecture) -> dict[str, Any]:
         """The settings as the manifest and the fingerprint record them for `arch`: all of them,
-        but `shared_experts` only where the model has shared experts (so a Switch run's output is
-        what it was before the setting existed)."""
+        but `shared_experts` only where the model has shared experts and `symmetric` only when set
+        (so runs that do not use them write what they wrote before the settings existed, and
+        `--resume` of such a run still matches)."""
         settings = asdict(self)
         if arch.shared_expert is None:
             del settings["shared_experts"]
+        if not self.symmetric:
+            del settings["symmetric"]
         return settings
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.grid_group)
+        return QuantSpec(self.bits, self.grid_group, self.symmetric)
 
     @property
     def gptq(self) -> GPTQConfig:

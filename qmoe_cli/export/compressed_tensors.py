@@ -7,13 +7,20 @@ Per quantized Linear `X` the checkpoint holds `X.weight_packed` [rows, ceil(cols
 integers; compressed-tensors stores `q + 2^(b-1)`, which is exactly our unsigned code, packed
 densely, least significant bit first: element i of a row occupies bits [i*b, (i+1)*b) of the
 row's little-endian int32 words (`compressed_tensors...pack_quantized.helpers.pack_to_int32`;
-the zero points are packed the same way down each column). Our grids are asymmetric min-max
-grids, so every export is asymmetric.
+the zero points are packed the same way down each column).
+
+Symmetric grids (`qmoe compress --symmetric`) export as `symmetric: true` with no
+`weight_zero_point`: values are `q * scale`, q signed, stored as `q + 2^(b-1)`; our fixed zero
+point is 2^(b-1), so the stored value is again our code (`centred`). This is the layout
+transformers 5.25 loads into its fused MoE experts (it decompresses them without zero points);
+asymmetric (min-max) grids keep their zero points and load with compressed-tensors itself, not
+with transformers' fused experts.
 
 Ternary `{lo, 0, hi}` is a 2-bit affine grid `s * (q - z)`, q in 0..3, only when its three levels
 fit four equally spaced ones: hi = -lo (s = hi, z = 1), lo = -2 hi (s = hi, z = 2), hi = -2 lo
 (s = -lo, z = 1), or one side 0 (s = the other's magnitude). A GPTQ ternary grid is min-max per
 row, so in general it is none of these; such a checkpoint is refused, naming the first matrix.
+A symmetric ternary grid `{-a, 0, a}` is always the first (and exports with `symmetric: true`).
 """
 
 from __future__ import annotations
@@ -57,13 +64,32 @@ def ternary_as_affine(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, g
         r, g = (int(i) for i in torch.nonzero(~exact)[0])
         raise ValueError(f"{where}: row {r}'s ternary grid {{{float(lo[r, g]):g}, 0, {float(hi[r, g]):g}}} is not "
                          "an affine 2-bit grid (its levels are not equally spaced: hi must be -lo, -2 lo or -lo/2, "
-                         "or one side 0); export it with --format hf, or compress with --bits 2")
-    cols = codes.shape[1]
-    index = torch.arange(cols) // (group or cols)  # [cols] grid of each column
+                         "or one side 0); export it with --format hf, or compress with --symmetric")
+    index = _group_of_columns(codes.shape[1], group)
     zero = below.round()
     z, up = zero[:, index], above.round()[:, index]  # [rows, cols]
     q = torch.where(codes == 0, 0, torch.where(codes == 2, z + up, z))
     return q.to(torch.uint8), scale, zero
+
+
+def centred(codes: torch.Tensor, zero: torch.Tensor, bits: int, group: int | None, where: str) -> torch.Tensor:
+    """Codes of an affine grid `scale * (code - zero)` as a symmetric one's `scale * (stored - 2^(b-1))`:
+    codes [rows, cols] uint8, zero [rows, G] fp32 -> stored [rows, cols] uint8 in [0, 2^b - 1]
+    (`code + 2^(b-1) - zero`: the same values). ValueError naming `where` and the first row that
+    does not fit, which a grid fitted with `symmetric` never has."""
+    shift = (1 << (bits - 1)) - zero.to(torch.int64)  # [rows, G]
+    stored = codes.to(torch.int64) + shift[:, _group_of_columns(codes.shape[1], group)]  # [rows, cols]
+    fits = (stored >= 0) & (stored < 1 << bits)
+    if not bool(fits.all()):
+        r = int(torch.nonzero(~fits)[0, 0])
+        raise ValueError(f"{where}: row {r}'s grid is not symmetric (its codes do not fit {bits}-bit signed values "
+                         "around its zero point), though the checkpoint's settings say symmetric; compress it again")
+    return stored.to(torch.uint8)
+
+
+def _group_of_columns(cols: int, group: int | None) -> torch.Tensor:
+    """[cols] int64: the grid (group) index of each column."""
+    return torch.arange(cols) // (group or cols)
 
 
 def matrix_tensors(matrix: ExpertMatrix, spec: QuantSpec, where: str) -> dict[str, torch.Tensor]:
@@ -80,12 +106,16 @@ def matrix_tensors(matrix: ExpertMatrix, spec: QuantSpec, where: str) -> dict[st
         codes, scale, zero = matrix.codes, matrix.grid["scale"], matrix.grid["zero"]
     bits = bits_of(spec)
     module = matrix.name.removesuffix(".weight")
+    if spec.symmetric:
+        codes = centred(codes, zero, bits, spec.group_size, where)
     # Scales stay fp32: compressed-tensors dequantizes in the scale's dtype, so fp32 scales give
     # exactly our fp32 values before the one rounding to the model dtype, as our runtime does.
-    return {f"{module}.weight_packed": pack_int32(codes, bits),
-            f"{module}.weight_scale": scale.float().contiguous(),
-            f"{module}.weight_zero_point": pack_int32(zero.to(torch.int64).T.contiguous(), bits).T.contiguous(),
-            f"{module}.weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
+    tensors = {f"{module}.weight_packed": pack_int32(codes, bits),
+               f"{module}.weight_scale": scale.float().contiguous(),
+               f"{module}.weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
+    if not spec.symmetric:
+        tensors[f"{module}.weight_zero_point"] = pack_int32(zero.to(torch.int64).T.contiguous(), bits).T.contiguous()
+    return tensors
 
 
 def bits_of(spec: QuantSpec) -> int:
@@ -94,8 +124,8 @@ def bits_of(spec: QuantSpec) -> int:
 
 
 def quantization_config(spec: QuantSpec, targets: list[str]) -> dict[str, Any]:
-    """`config.json`'s `quantization_config` for experts quantized per `spec` (asymmetric int)."""
-    weights = {"num_bits": bits_of(spec), "type": "int", "symmetric": False, "dynamic": False,
+    """`config.json`'s `quantization_config` for experts quantized per `spec` (int, symmetric as `spec`)."""
+    weights = {"num_bits": bits_of(spec), "type": "int", "symmetric": spec.symmetric, "dynamic": False,
                "strategy": "channel" if spec.group_size is None else "group", "group_size": spec.group_size,
                "observer": "minmax", "actorder": None, "block_structure": None, "observer_kwargs": {}}
     return {"quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",

@@ -26,6 +26,8 @@ from . import compressed_tensors as ct
 from .source import ExportSource, Shard
 
 FORMATS = ("hf", "compressed-tensors")
+ASYMMETRIC_NOTE = ("asymmetric (min-max) experts keep their zero points, which transformers 5.25 drops when it "
+                   "loads fused MoE experts; compress with --symmetric for an export it loads")
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,15 @@ def shard_name(k: int, total: int) -> str:
 
 
 def export(checkpoint: Path, out: Path, cfg: ExportConfig, note: Callable[[str], None]) -> dict[str, Any]:
-    """Write `checkpoint` (original, quantized or packed) to `out` as `cfg.format`; returns a summary.
-    ValueError (a usage error) for a checkpoint the format cannot hold."""
+    """Write `checkpoint` (original, quantized or packed) to `out` as `cfg.format`; returns a summary
+    (its `notes`: what the user should know about the output, e.g. `ASYMMETRIC_NOTE`). ValueError (a
+    usage error) for a checkpoint the format cannot hold; `note` hears progress."""
     source = ExportSource(checkpoint, cfg.config)
     try:
         if cfg.format == "compressed-tensors" and source.spec is None:
             raise ValueError(f"{checkpoint}: an original checkpoint has no quantized experts for --format "
-                             "compressed-tensors; compress it first (qmoe compress --bits 2|3|4|8) or use --format hf")
+                             "compressed-tensors; compress it first (qmoe compress --bits 4 --symmetric) "
+                             "or use --format hf")
         plan = source.plan()
         with atomic_directory(out) as tmp:
             weight_map: dict[str, str] = {}
@@ -69,8 +73,9 @@ def export(checkpoint: Path, out: Path, cfg: ExportConfig, note: Callable[[str],
             for path in source.companion_files():
                 shutil.copyfile(path, tmp / path.name)
             write_card(tmp, _card_facts(source, cfg.format))
+        notes = [ASYMMETRIC_NOTE] if cfg.format == "compressed-tensors" and not source.spec.symmetric else []
         return {"path": str(out), "format": cfg.format, "kind": source.kind, "shards": len(plan),
-                "tensor_bytes": total_bytes}
+                "tensor_bytes": total_bytes, "notes": notes}
     finally:
         source.close()
 
@@ -121,6 +126,7 @@ def _card_facts(source: ExportSource, fmt: str) -> dict[str, Any]:
     if source.spec is not None:
         facts["bits"] = source.spec.bits
         facts["grid_group"] = source.spec.group_size
+        facts["symmetric"] = source.spec.symmetric or None  # recorded only when set, as in the manifest
         facts["method"] = manifest.get("settings", {}).get("method")
         facts["calibration_loss"] = manifest.get("calibration_loss")
         facts["bits_per_weight"] = (manifest.get("totals") or {}).get("bits_per_weight_codes")

@@ -14,7 +14,8 @@ from typing import Any
 CARD = "README.md"
 _LABELS = {  # fact -> how the card names it
     "kind": "qmoe checkpoint kind", "format": "export format", "family": "model family",
-    "bits": "expert bits", "grid_group": "columns per grid (none: one grid per row)", "method": "quantizer",
+    "bits": "expert bits", "grid_group": "columns per grid (none: one grid per row)",
+    "symmetric": "symmetric grids (zero point 2^(b-1))", "method": "quantizer",
     "bits_per_weight": "bits per expert weight (codes)", "calibration_loss": "calibration loss",
     "dtype": "dense weights dtype",
 }
@@ -22,7 +23,7 @@ _LABELS = {  # fact -> how the card names it
 
 def card_text(facts: dict[str, Any]) -> str:
     """The card for `facts` (`base_model`, `kind`, optional `format`, `bits`, `grid_group`,
-    `method`, `bits_per_weight`, `calibration_loss`, `family`, `dtype`)."""
+    `symmetric`, `method`, `bits_per_weight`, `calibration_loss`, `family`, `dtype`)."""
     fmt, bits = facts.get("format"), facts.get("bits")
     tags = ["qmoe", "mixture-of-experts", "moe"] + ([f"{bits}-bit" if bits != "ternary" else "ternary"]
                                                    if bits else [])
@@ -31,6 +32,7 @@ def card_text(facts: dict[str, Any]) -> str:
     front = {"base_model": facts["base_model"], "library_name": "transformers" if fmt else "qmoe", "tags": tags}
     if bits:
         front["quantization"] = {"method": "QMoE (arXiv 2310.16795)", "bits": bits,
+                                 **({"symmetric": True} if facts.get("symmetric") else {}),
                                  **({"quantizer": facts["method"]} if facts.get("method") else {})}
     lines = ["---"] + [f"{key}: {json.dumps(value)}" for key, value in front.items()] + ["---", ""]
     lines += [f"# {Path(str(facts['base_model'])).name} ({_title(facts)})", ""]
@@ -58,8 +60,9 @@ def _intro(facts: dict[str, Any]) -> str:
         return ("Dequantized export of a qmoe checkpoint: every expert weight is its quantized value, stored "
                 "dense, so any Hugging Face tool runs it (no size saving).")
     if facts.get("format") == "compressed-tensors":
+        grids = "symmetric integer grids" if facts.get("symmetric") else "asymmetric integer grids, with zero points"
         return ("Expert weights quantized with QMoE and stored in compressed-tensors' `pack-quantized` layout "
-                "(asymmetric integer grids); every other weight as in the base model.")
+                f"({grids}); every other weight as in the base model.")
     return "Mixture-of-experts model compressed with qmoe (QMoE: GPTQ over expert groups, entropy-coded experts)."
 
 
@@ -79,6 +82,7 @@ def manifest_facts(manifest: dict[str, Any]) -> dict[str, Any]:
     """The card facts a quantized or packed manifest records."""
     settings = manifest.get("settings") or {}
     return {"base_model": manifest.get("source"), "kind": manifest.get("kind"), "bits": settings.get("bits"),
-            "grid_group": settings.get("grid_group"), "method": settings.get("method"),
+            "grid_group": settings.get("grid_group"), "symmetric": settings.get("symmetric"),
+            "method": settings.get("method"),
             "calibration_loss": manifest.get("calibration_loss"),
             "bits_per_weight": (manifest.get("totals") or {}).get("bits_per_weight_codes")}

@@ -50,7 +50,7 @@ from ..codec.bitpack import row_bytes, unpack_bits
 from ..codec.cpu_matmul import bitpacked_matmul
 from ..codec.cpu_matmul import ternary_matmul as cpu_ternary_matmul
 from ..codec.dictionary import Codebook
-from ..codec.rows import decode_dense, row_offsets, row_widths, ternary_matmul
+from ..codec.rows import decode_dense, row_offsets, row_widths
 from ..errors import QmoeError
 from ..execute.device import cuda_device
 from ..execute.grouped import DeviceExperts, DeviceSharedExpert
@@ -110,16 +110,11 @@ class DictionaryMatrix:
     def sparse_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [n, cols] @ Wᵀ -> [n, rows] in x's dtype from the codewords (no dense W at all), the
         grid rounded to x's dtype and the sums in fp32 (`round_once_linear`'s numerics); None
-        where unsupported (grids per column group, or no C++ codec)."""
-        if self.lo.shape[1] != 1:
+        where unsupported (grids per column group, codewords too long for `book.masks`, or no
+        native CPU decode-matmul)."""
+        if self.lo.shape[1] != 1 or self.book.masks is None:
             return None
-        if self.book.masks is not None:
-            y = cpu_ternary_matmul(self.words, self.offsets, self.book.masks, self.lo, self.hi, x)
-            if y is not None:
-                return y
-        lo, hi = (g.to(x.dtype).float() for g in (self.lo, self.hi))
-        y = ternary_matmul(self.words, self.offsets, self.book, lo, hi, x.float())
-        return None if y is None else y.to(x.dtype)
+        return cpu_ternary_matmul(self.words, self.offsets, self.book.masks, self.lo, self.hi, x)
 
 
 class BitpackedMatrix:

@@ -68,15 +68,16 @@ class QuantizationSettings:
     settings: dict[str, Any]
 
     def check_settings(self) -> None:
-        """ValueError naming the field unless group_size and the scheme (bits, grid_group) hold."""
+        """ValueError naming the field unless group_size and the scheme (bits, grid_group, symmetric) hold."""
         group_size = self.settings.get("group_size") if isinstance(self.settings, dict) else None
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"settings.group_size must be an integer >= 1, got {group_size!r}")
-        QuantSpec(self.settings["bits"], self.settings.get("grid_group"))  # a scheme, else ValueError
+        self.spec  # a scheme, else ValueError
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.settings["bits"], self.settings.get("grid_group"))
+        # `symmetric` is recorded only when set: checkpoints written before it existed are asymmetric
+        return QuantSpec(self.settings["bits"], self.settings.get("grid_group"), self.settings.get("symmetric", False))
 
     @property
     def group_size(self) -> int:

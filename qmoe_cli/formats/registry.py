@@ -86,7 +86,8 @@ def _compressed_origin(weights: quantized.QuantizedWeights | packed.PackedWeight
 
 def _compressed_headline(info: dict[str, Any]) -> str:
     settings = info["settings"]
-    return f"{info['kind']} checkpoint of {info['source']}, {settings['method']} {settings['bits']}"
+    symmetric = " symmetric" if settings.get("symmetric") else ""
+    return f"{info['kind']} checkpoint of {info['source']}, {settings['method']} {settings['bits']}{symmetric}"
 
 
 def _with_ratio(sizes: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,15 @@ consecutive columns of that row) may take after quantization:
   (2^b - 1)`, `zero = round(-xmin / scale)`; codes in [0, 2^b - 1], value `scale * (code - zero)`.
   Including 0 means a zero weight (a dead input column) always stays exactly 0.
 
+Symmetric grids (`QuantSpec.symmetric`, GPTQ's and compressed-tensors' `sym`): centred on 0 with
+`a = max(|min|, |max|)` per row (or group). b-bit: `scale = 2a / (2^b - 1)`, a fixed `zero =
+2^(b-1)`, so codes [0, 2^b - 1] are the signed integers [-2^(b-1), 2^(b-1) - 1] shifted, and the
+largest positive level is `a (2^b - 2) / (2^b - 1)`, just below a (the observer GPTQ and
+llm-compressor use). Ternary: `{-a, 0, a}`. They are stored exactly like asymmetric ones (the fixed
+zero point is a zero point like any other), so the quantized and packed formats and every reader
+are unchanged; what they buy is a grid readers without zero points take (compressed-tensors'
+`symmetric: true`, which transformers loads for fused MoE experts).
+
 Every tensor has a leading expert dim E; grid parameters are `[E, rows, G]` fp32 with
 `G = ceil(cols / group_size)` groups (G = 1 for one grid per row). A grid "aligned" to a block of
 k columns has parameters `[E, rows, k]` (or `[E, rows, 1]`, broadcast) and is what `encode`,
@@ -39,6 +48,7 @@ class QuantSpec:
 
     bits: str  # "ternary" | "2" | "3" | "4" | "8"; a string so "ternary" needs no sentinel number
     group_size: int | None = None  # None: one grid per row; N: one per N consecutive columns
+    symmetric: bool = False  # centred on 0 with a fixed zero point (see the module docstring)
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, str) or self.bits not in BITS_CHOICES:
@@ -51,6 +61,8 @@ class QuantSpec:
             raise ValueError(
                 f"QuantSpec.group_size must be None (one grid per row) or an integer >= 1, got {g!r}"
             )
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"QuantSpec.symmetric must be True or False, got {self.symmetric!r}")
 
     @property
     def ternary(self) -> bool:
@@ -60,7 +72,7 @@ class QuantSpec:
     @property
     def label(self) -> str:
         """The scheme in messages: "ternary" or "3-bit"."""
-        return "ternary" if self.ternary else f"{self.bits}-bit"
+        return ("symmetric " if self.symmetric else "") + ("ternary" if self.ternary else f"{self.bits}-bit")
 
     @property
     def levels(self) -> int:
@@ -215,6 +227,9 @@ def fit_grid(w: Tensor, spec: QuantSpec) -> Grid:
     wg = F.pad(w, (0, n_groups * g - cols)).view(E, rows, n_groups, g)
     xmin = wg.amin(-1).clamp(max=0)  # [E, rows, G]
     xmax = wg.amax(-1).clamp(min=0)  # [E, rows, G]
+    if spec.symmetric:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
     if spec.ternary:
         # Rounded to bfloat16 (at most 2^-9 relative, far inside GPTQ's error): the packed format
         # stores ternary grids in bf16, and so stays lossless against the quantized checkpoint.
@@ -225,7 +240,9 @@ def fit_grid(w: Tensor, spec: QuantSpec) -> Grid:
     xmin = torch.where(flat, -1.0, xmin)
     xmax = torch.where(flat, 1.0, xmax)
     scale = (xmax - xmin) / spec.maxq
-    zero = torch.round(-xmin / scale)
+    # Symmetric: the fixed zero 2^(b-1) (where round(-xmin / scale) = round(2^b / 2 - 1/2) could tie
+    # either way), so every grid of the matrix shares it and a reader may drop it.
+    zero = torch.full_like(scale, (spec.maxq + 1) // 2) if spec.symmetric else torch.round(-xmin / scale)
     return IntGrid(scale=scale, zero=zero, maxq=spec.maxq)
 
 

@@ -19,6 +19,7 @@ This module needs the optional `lm-eval` package (`pip install qmoe[eval]`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -150,13 +151,21 @@ class QmoeLM(TemplateLM):
         return outputs
 
 
+@functools.cache
+def task_manager(include_path: str | None) -> Any:
+    """lm-eval's index of its ~15k task configs plus those under `include_path`. Built once per
+    process: indexing reads every YAML file (~6 s of CPU), and the index does not change."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
+
+
 def run_tasks(model: OpenModel, run: RunConfig, cfg: HarnessConfig) -> dict[str, Any]:
     """lm-eval's `simple_evaluate` of `cfg.tasks` on our runtime: its results dict (JSON-ready
     parts: `results`, `n-shot`, `versions`, ...). ValueError naming an unknown task."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=cfg.include_path) if cfg.include_path else TaskManager()
+    manager = task_manager(cfg.include_path)
     unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"--tasks: {unknown[0]!r} is not an lm-eval task (see `lm-eval ls tasks`"
