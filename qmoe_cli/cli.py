@@ -10,24 +10,27 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from . import __version__
-from .cli_contract import Choice, Finite, Main, handle_errors, note, output_dir
-from .errors import QmoeError, UsageError
+from .cli_contract import (
+    MODEL_HELP,
+    Choice,
+    Finite,
+    Main,
+    handle_errors,
+    model_option,
+    note,
+    output_dir,
+    threads_option,
+)
+from .errors import QmoeError
 from .files import check_output_dir
 
 DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def threads_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--threads", type=click.IntRange(min=1), default=None,
-                        help="CPU threads. Default: the cores this process may use (CPU affinity, cgroup quota), "
-                             "shared among torchrun's local ranks; OMP_NUM_THREADS when set, "
-                             "outside torchrun.")(command)
 
 
 def _use_threads(threads: int | None) -> int:
@@ -48,8 +51,7 @@ def main() -> None:
 
 
 @main.command("eval")
-@click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
-              help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")
+@model_option()
 @click.option("--data", "data_sources", multiple=True, metavar="c4|wikitext2|FILE",
               help="Dataset to evaluate on (wikitext2: its test split); repeat for several. "
                    "Default: the model's (c4 for hub models).")
@@ -122,8 +124,7 @@ def _harness(model_name: str, tasks: str, limit: int | None, num_fewshot: int | 
 
 
 @main.command("generate")
-@click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
-              help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory (original, quantized, packed).")
+@model_option(MODEL_HELP.removesuffix(".") + " (original, quantized, packed).")
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
               help="A prompt: text to continue (decoder-only models), or text with spans to fill marked "
                    "<extra_id_0>, <extra_id_1>, ... (Switch); repeat for several.")
@@ -165,6 +166,8 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
     """Continue text prompts (decoder-only models) or fill the marked spans of prompts (T5 span
     filling), with a model of any kind, on CPU or GPUs. Timing goes to stderr (and --json)."""
     from .api import CacheReserve, check_room, open_checkpoint, resolve_devices
+    from .cli_output import StreamPrinter
+    from .data.prompts import read_prompts
     from .run.generate import GenerateConfig
     from .run.placement import parse_bytes
     from .run.timing import GenerationStats
@@ -184,7 +187,7 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
     run_devices = resolve_devices(devices)
     if caps and run_devices[0].type != "cuda":
         raise ValueError("--max-memory caps GPUs; it does not apply to --device cpu")
-    texts = [(f"--prompt {i + 1}", t) for i, t in enumerate(prompts)] or _read_prompts(input_file)
+    texts = [(f"--prompt {i + 1}", t) for i, t in enumerate(prompts)] or read_prompts(input_file)
     checkpoint = open_checkpoint(model_name)
     tokenizer = checkpoint.require_tokenizer()
     parsed = tokenizer.parse_prompts(texts, chat=chat)
@@ -193,7 +196,7 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
     reserve = CacheReserve(min(batch_size, len(parsed)), longest + len(tokenizer.suffix), max_new_tokens)
     model = checkpoint.load(run_devices, dtype, caps, reserve, log=note)
     stats = GenerationStats()
-    printer = None if as_json else _Printer(parsed, cfg.stop)
+    printer = None if as_json else StreamPrinter(parsed, cfg.stop)
     outputs = model.generate_text(parsed, cfg, streamer=printer, stats=stats)
     note(stats.describe())
     if as_json:
@@ -201,76 +204,8 @@ def generate_command(model_name: str, prompts: tuple[str, ...], input_file: Path
                                "timing": stats.to_json()}))
 
 
-class _Printer:
-    """`qmoe generate`'s text output, `[i] PROMPT`, `-> TEXT` (and, filling spans, `filled: ...`),
-    prompt by prompt in order, the text of the prompt being printed shown as its tokens come.
-    Later prompts of the same batch wait until it is done, then show what they have so far.
-    Text that may yet turn out to be the start of a stop string is held back until it is known."""
-
-    def __init__(self, prompts: list[Any], stop: tuple[str, ...]):
-        self.prompts, self.current, self.shown = prompts, 0, None
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.texts: dict[int, str] = {}
-        self.done: dict[int, Any] = {}
-
-    def on_text(self, index: int, text: str) -> None:
-        self.texts[index] = text
-        self._advance()
-
-    def on_output(self, index: int, output: Any) -> None:
-        self.done[index] = output
-        self._advance()
-
-    def _show(self, text: str) -> None:
-        if text.startswith(self.shown) and len(text) > len(self.shown):
-            click.echo(text[len(self.shown):], nl=False)
-            sys.stdout.flush()
-            self.shown = text
-
-    def _advance(self) -> None:
-        while self.current < len(self.prompts):
-            i = self.current
-            if self.shown is None:
-                click.echo(f"[{i + 1}] {self.prompts[i].text}\n    -> ", nl=False)
-                self.shown = ""
-            if i not in self.done:
-                text = self.texts.get(i, "").rstrip().rstrip("\ufffd")  # an incomplete character waits too
-                self._show(text[:len(text) - self.hold] if self.hold else text)
-                return
-            output = self.done.pop(i)
-            if not output.text.startswith(self.shown):  # the final text differs from the streamed one
-                click.echo("\n    -> ", nl=False)
-                self.shown = ""
-            self._show(output.text)
-            click.echo("" if output.spans is None else f"\n    filled: {output.filled()}")
-            self.current, self.shown = i + 1, None
-
-
-def _read_prompts(path: Path) -> list[tuple[str, str]]:
-    """(where, text) of every line of a prompts JSONL file."""
-    if not path.is_file():
-        raise UsageError(f"--input {path}: no such file")
-    found = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise QmoeError(f"{where}: not valid JSON ({exc.msg})") from None
-        text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
-        if not isinstance(text, str):
-            raise QmoeError(f'{where}: expected an object with a "prompt" (or "text") string')
-        found.append((where, text))
-    if not found:
-        raise QmoeError(f"--input {path}: holds no prompts")
-    return found
-
-
 @main.command("compress")
-@click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
-              help="A preset (see `qmoe presets`), a hub id, or a checkpoint directory.")
+@model_option()
 @click.option("--bits", type=Choice(["ternary", "2", "3", "4", "8"]), default="ternary", show_default=True,
               help="Expert weight grid: ternary {min, 0, max} per row, or b-bit min-max per row.")
 @click.option("--method", type=Choice(["gptq", "rtn"]), default="gptq", show_default=True,
@@ -411,30 +346,12 @@ def export_command(checkpoint: Path, fmt: str, out_dir: Path, config: Path | Non
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @handle_errors
 def info_command(directory: Path, verify: bool, as_json: bool) -> None:
-    """Kind, source, settings, size and bits per expert weight of a quantized or packed checkpoint."""
-    from .formats.info import checkpoint_info
+    """Kind, source, size of a checkpoint (original, quantized or packed); for a compressed one its
+    settings and bits per expert weight."""
+    from .formats.info import checkpoint_info, info_lines
 
     info = checkpoint_info(directory, verify)
-    if as_json:
-        click.echo(json.dumps(info))
-        return
-    settings = info["settings"]
-    click.echo(f"{info['path']}: {info['kind']} checkpoint of {info['source']}, {settings['method']} "
-               f"{settings['bits']}{' symmetric' * bool(settings.get('symmetric'))}, {info['total_bytes'] / 1e6:.2f} MB"
-               + (", verified" if verify else ""))
-    if "codec" in info:
-        codec = info["codec"]
-        click.echo("codec: " + (f"dictionary of {codec['size']} codewords, up to {codec['max_pairs']} pairs"
-                                if codec["type"] == "dictionary" else f"{codec['bits']}-bit codes, bit-packed"))
-    entropy = info["entropy_bits_per_weight"]
-    click.echo(f"expert weights {info['weights']}: {info['bits_per_weight_codes']:.4f} bits/weight codes, "
-               f"{info['bits_per_weight_all_in']:.4f} all-in" + (
-                   f", entropy {entropy:.4f} (codes/entropy {info['ratio_to_entropy']:.3f})" if entropy else ""))
-    click.echo(f"{'layer':<12} {'weights':>12} {'codes b/w':>10} {'all-in b/w':>11} {'entropy b/w':>12}")
-    for layer in info["layers"]:
-        e = layer["entropy_bits_per_weight"]
-        click.echo(f"{layer['name']:<12} {layer['weights']:>12} {layer['bits_per_weight_codes']:>10.4f} "
-                   f"{layer['bits_per_weight_all_in']:>11.4f} {'-' if e is None else f'{e:.4f}':>12}")
+    click.echo(json.dumps(info) if as_json else "\n".join(info_lines(info, verify)))
 
 
 @main.command("build-kernels")

@@ -140,3 +140,20 @@ def output_dir(ctx: click.Context, param: click.Parameter, value: Path | None) -
     if value is not None and value.name in ("", ".", ".."):
         raise click.BadParameter(f"{str(value)!r} does not name a new directory; give one, such as ./my-run")
     return value
+
+
+def threads_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--threads`, the same on every command that computes."""
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="CPU threads. Default: the cores this process may use (CPU affinity, cgroup quota), "
+                             "shared among torchrun's local ranks; OMP_NUM_THREADS when set, "
+                             "outside torchrun.")(command)
+
+
+MODEL_HELP = "A preset (see `qmoe presets`), a hub id, or a checkpoint directory."
+
+
+def model_option(help: str = MODEL_HELP) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--model` (passed as `model_name`), the same on every command that opens a model."""
+    return click.option("--model", "model_name", default="tiny-switch", show_default=True, metavar="NAME|HUB_ID|DIR",
+                        help=help)

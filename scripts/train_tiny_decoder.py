@@ -3,7 +3,7 @@
 
 Why: on a randomly initialised decoder-only checkpoint the loss says nothing, so compression
 could only be judged by logits distances; a Mixtral that has learned the synthetic corpus
-(`qmoe_cli.data.corpus`) makes "GPTQ loses less than RTN" a statement about loss, as the trained
+(scripts/corpus.py) makes "GPTQ loses less than RTN" a statement about loss, as the trained
 `tiny-switch` does for Switch. This script is how `qmoe_cli/assets/tiny-mixtral/` was made:
 
     nice python scripts/train_tiny_decoder.py --out qmoe_cli/assets/tiny-mixtral --threads 2
@@ -46,9 +46,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tokenizers import processors  # noqa: E402
 
-from qmoe_cli.data.corpus import build_tokenizer, generate_documents, unigram_entropy_bits, write_jsonl  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# scripts/ is on sys.path when a script runs: its siblings import by name
+from corpus import build_tokenizer, generate_documents, unigram_entropy_bits, write_jsonl  # noqa: E402
 from train_tiny_switch import (  # noqa: E402
     CALIBRATION_DOCS,
     EVAL_SAMPLES,

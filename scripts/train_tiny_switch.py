@@ -2,7 +2,7 @@
 """Train the tiny Switch Transformer that ships in the package as the `tiny-switch` preset.
 
 Why: compressing a randomly initialised model costs no loss worth showing; a model that has
-learned the synthetic corpus (`qmoe_cli.data.corpus`) does, and it runs on any machine without a
+learned the synthetic corpus (scripts/corpus.py) does, and it runs on any machine without a
 download. This script is how `qmoe_cli/assets/tiny-switch/` was made:
 
     python scripts/train_tiny_switch.py --out qmoe_cli/assets/tiny-switch --threads 2
@@ -49,12 +49,14 @@ from torch import nn  # noqa: E402
 from qmoe_cli.arch.switch.config import SwitchConfig  # noqa: E402
 from qmoe_cli.arch.switch.layers import Attention, ExpertFFN, RMSNorm, Router  # noqa: E402
 from qmoe_cli.arch.switch.model import SwitchModel, save_pretrained, shift_right  # noqa: E402
-from qmoe_cli.data.corpus import CorpusSpec, generate_documents, save_tokenizer, unigram_entropy_bits, write_jsonl  # noqa: E402
 from qmoe_cli.data.datasets import DataSpec, Sample, SpanCorruption, corrupted_lengths, load_samples, span_corrupt  # noqa: E402
 from qmoe_cli.data.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from qmoe_cli.formats.open import open_model  # noqa: E402
 from qmoe_cli.run.evaluate import evaluate  # noqa: E402
 from qmoe_cli.run.stream import RunConfig  # noqa: E402
+
+# scripts/ is on sys.path when a script runs: its siblings import by name
+from corpus import CorpusSpec, generate_documents, save_tokenizer, unigram_entropy_bits, write_jsonl  # noqa: E402
 
 VOCAB_SIZE = 955  # the corpus tokenizer: 3 specials, the words, 100 sentinels
 VALIDATION_DOCS = 256  # validation.jsonl, the preset's default eval data

@@ -106,8 +106,8 @@ def no_model_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("a model was opened before the command line was checked")
 
-    monkeypatch.setattr("qmoe_cli.formats.open.CheckpointWeights", refuse)
-    monkeypatch.setattr("qmoe_cli.formats.open.read_manifest", refuse)
+    monkeypatch.setattr("qmoe_cli.formats.registry.CheckpointWeights", refuse)
+    monkeypatch.setattr("qmoe_cli.formats.registry.read_manifest", refuse)
     monkeypatch.setattr("qmoe_cli.formats.hf._download", refuse)
 
 

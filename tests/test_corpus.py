@@ -1,4 +1,4 @@
-"""Tests for the synthetic corpus and its tokenizer (qmoe_cli/corpus.py): fast, CPU only."""
+"""Tests for the synthetic corpus and its tokenizer (scripts/corpus.py): fast, CPU only."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import re
 import pytest
 from tokenizers import Tokenizer
 
-from qmoe_cli.data import corpus
-from qmoe_cli.data.corpus import (
+import corpus  # scripts/corpus.py: pyproject's pytest `pythonpath` puts scripts/ on sys.path
+from corpus import (
     NUM_SENTINELS,
     STREAMS,
     TOPICS,

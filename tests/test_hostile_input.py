@@ -169,7 +169,7 @@ def test_unwritable_out_fails_before_any_work(small, tmp_path: Path, monkeypatch
     def refuse(*args, **kwargs):
         raise AssertionError("the model was opened before --out was checked")
 
-    monkeypatch.setattr("qmoe_cli.formats.open.CheckpointWeights", refuse)
+    monkeypatch.setattr("qmoe_cli.formats.registry.CheckpointWeights", refuse)
     result = CliRunner().invoke(main, ["compress", "--model", str(model), "--calib", str(calib), "--out", str(out),
                                        "--device", "cpu"])
     assert_one_error_line(result, 1, f"--out {out}")

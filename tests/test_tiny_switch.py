@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 
 from qmoe_cli.arch.switch.layers import Router
 from qmoe_cli.arch.switch.model import SwitchModel, shift_right
-from qmoe_cli.data.corpus import unigram_entropy_bits
 from qmoe_cli.data.datasets import DataSpec, Sample, load_samples
 from qmoe_cli.data.tokenizer import load_tokenizer
 from qmoe_cli.formats.open import open_model
+
+from corpus import unigram_entropy_bits  # scripts/corpus.py: pyproject's pytest `pythonpath`
 
 MIN_EXPERT_SHARE = 0.02  # the acceptance bar of scripts/train_tiny_switch.py
 

@@ -60,3 +60,11 @@ class Tally:
         self.files = files
         self.errors: list[float] = []  # per expert and matrix; summed with fsum, so order-free
         self.fallbacks = self.zeros = self.total = 0
+
+    def record(self, errors: list[float], fallbacks: int, zeros: int, weights: int) -> None:
+        """Matrices quantized: their GPTQ errors, how many fell back to rounding, their zero
+        weights out of `weights`."""
+        self.errors.extend(errors)
+        self.fallbacks += fallbacks
+        self.zeros += zeros
+        self.total += weights

@@ -22,6 +22,7 @@ from ..errors import QmoeError
 from ..files import read_json_object
 from ..formats.hf import COMPANION_FILES, resolve_model
 from ..formats.open import OpenModel, open_model
+from ..formats.original import OriginalManifest
 from ..formats.packed import BitpackedMatrix, PackedExperts
 from ..formats.quantized import SHARED, QuantizedExperts, member_shape
 from ..quant.grids import QuantSpec, dequantize
@@ -57,8 +58,8 @@ class ExportSource:
         self.weights = self.model.weights
         self.arch: Architecture = self.weights.arch
         self.kind = self.model.kind
-        typed = getattr(self.weights, "manifest", None)  # a compressed checkpoint's Quantized/PackedManifest
-        self.manifest: dict[str, Any] | None = None if typed is None else typed.to_json()
+        typed = self.weights.manifest  # the format's typed manifest: Original-, Quantized- or PackedManifest
+        self.manifest: dict[str, Any] | None = None if isinstance(typed, OriginalManifest) else typed.to_json()
         self.spec: QuantSpec | None = getattr(self.weights, "spec", None)
         self.hf_config = self._hf_config(config)
 
@@ -78,7 +79,7 @@ class ExportSource:
         which transformers cannot read). Checked against the architecture it must describe."""
         if override is not None:
             path = override / "config.json" if override.is_dir() else override
-        elif self.kind == "original":
+        elif self.manifest is None:  # an original checkpoint: its own
             path = self.directory / "config.json"
         else:
             source = self.manifest["source"] if self.manifest else ""

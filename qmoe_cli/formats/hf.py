@@ -1,5 +1,5 @@
 """Original Hugging Face checkpoints: finding the directory, lazy per-tensor access, and the
-`ModelWeights` over them.
+`ModelWeights` over them (what the directory holds, its typed description: `original.py`).
 
 A `CheckpointReader` maps tensor names to shards through the index JSON (or the single shard),
 opens shards on demand and keeps at most `max_open_shards` open (least recently used closed
@@ -23,20 +23,17 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..arch import Architecture, architecture_from_config, resolve_name
+from ..arch import Architecture, resolve_name
 from ..arch.presets import Preset, load_preset, preset_names
 from ..data.hub import offline_variable, probe_hub
 from ..errors import QmoeError, UsageError, did_you_mean
 from ..files import read_json_object
 from ..resources import package_dir
-from .fp8 import FP8, SCALE_SUFFIX, BlockFp8, block_fp8_scheme, dequantize
-from .mxfp4 import BLOCKS, SCALES, Mxfp4, dequantize_mxfp4, mxfp4_scheme, split_mxfp4_names
+from .fp8 import FP8, SCALE_SUFFIX, BlockFp8, dequantize
+from .mxfp4 import BLOCKS, SCALES, Mxfp4, dequantize_mxfp4, split_mxfp4_names
+from .original import OriginalManifest, WeightFiles, find_weight_files
 from .safetensors_io import SafetensorsFile
 
-_LAYOUTS = (  # (index file, single-shard file), in order of preference
-    ("model.safetensors.index.json", "model.safetensors"),
-    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-)
 # What a checkpoint directory holds beside its config and weights that compressed checkpoints copy
 # (each recorded with its checksum): the tokenizer's files and the generation defaults.
 COMPANION_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -96,14 +93,15 @@ class CheckpointReader:
     """Tensor-by-tensor reader of one checkpoint directory (see module docstring)."""
 
     def __init__(self, directory: Path, max_open_shards: int = 2, fp8: BlockFp8 | None = None,
-                 mxfp4: Mxfp4 | None = None):
-        """`fp8`, `mxfp4`: the scheme `config.json` declares, None for an unquantized checkpoint."""
+                 mxfp4: Mxfp4 | None = None, files: WeightFiles | None = None):
+        """`fp8`, `mxfp4`: the scheme `config.json` declares, None for an unquantized checkpoint;
+        `files`: the weight files (`OriginalManifest.weights`), found in `directory` when None."""
         if max_open_shards < 1:
             raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
         self.directory = directory
         self.max_open_shards = max_open_shards
         self.fp8 = fp8
-        weight_map = self._find_weight_map(directory)
+        weight_map = self._weight_map(directory, files or find_weight_files(directory))
         self.scale_map = {n: f for n, f in weight_map.items() if fp8 is not None and n.endswith(SCALE_SUFFIX)}
         self.weight_map = {n: f for n, f in weight_map.items() if n not in self.scale_map}
         self.mxfp4_map: dict[str, tuple[str, str]] = {}  # X -> (X_blocks file, X_scales file)
@@ -112,28 +110,15 @@ class CheckpointReader:
         self._open: OrderedDict[str, SafetensorsFile | _BinShard] = OrderedDict()
 
     @staticmethod
-    def _find_weight_map(directory: Path) -> dict[str, str]:
-        for index_name, single_name in _LAYOUTS:
-            index = directory / index_name
-            if index.is_file():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                    raise QmoeError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
-                if not isinstance(weight_map, dict):
-                    raise QmoeError(f"{index}: 'weight_map' must map tensor names to shard files")
-                for shard in sorted(set(weight_map.values())):
-                    if not isinstance(shard, str) or "/" in shard or not (directory / shard).is_file():
-                        raise QmoeError(f"{index}: shard {shard!r} is listed but missing from {directory}")
-                return weight_map
-            single = directory / single_name
-            if single.is_file():
-                shard = (SafetensorsFile if single_name.endswith(".safetensors") else _BinShard)(single)
-                names = shard.keys()
-                shard.close()
-                return {name: single_name for name in names}
-        raise QmoeError(f"{directory}: no model weights found (expected model.safetensors, "
-                        "model.safetensors.index.json or pytorch_model*.bin)")
+    def _weight_map(directory: Path, files: WeightFiles) -> dict[str, str]:
+        """Tensor name -> shard file: the index's, or the one shard's header read."""
+        if files.index is not None:
+            return files.index
+        [single_name] = files.shards
+        shard = (SafetensorsFile if files.layout == "safetensors" else _BinShard)(directory / single_name)
+        names = shard.keys()
+        shard.close()
+        return {name: single_name for name in names}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map or name in self.mxfp4_map
@@ -223,24 +208,10 @@ class ModelSource:
     preset: Preset | None
     label: str  # what the user named: preset name, hub id or directory
 
-    def arch(self) -> Architecture:
-        """The architecture its `config.json` describes, with the preset's overrides."""
-        path = self.directory / "config.json"
-        raw = read_json_object(path, "a model directory needs a config.json")
-        try:
-            return architecture_from_config(raw, self.preset.config_overrides if self.preset else None)
-        except (TypeError, ValueError, QmoeError) as exc:  # an unknown model_type included: name the file
-            raise QmoeError(f"{path}: {exc}") from None
-
-    def fp8(self) -> BlockFp8 | None:
-        """The block-fp8 scheme its `config.json` declares (None: the weights are unquantized)."""
-        path = self.directory / "config.json"
-        return block_fp8_scheme(read_json_object(path, "a model directory needs a config.json"), path)
-
-    def mxfp4(self) -> Mxfp4 | None:
-        """The MXFP4 scheme its `config.json` declares (GPT-OSS's experts), else None."""
-        path = self.directory / "config.json"
-        return mxfp4_scheme(read_json_object(path, "a model directory needs a config.json"), path)
+    def manifest(self) -> OriginalManifest:
+        """What its directory holds (config, architecture with the preset's overrides, weight
+        files), read and checked."""
+        return OriginalManifest.read(self.directory, self.preset.config_overrides if self.preset else None)
 
 
 def resolve_model(name: str) -> ModelSource:
@@ -336,8 +307,10 @@ class CheckpointWeights:
 
     def __init__(self, source: ModelSource, max_open_shards: int = 2):
         self.source = source
-        self.arch = source.arch()
-        self.reader = CheckpointReader(source.directory, max_open_shards, source.fp8(), source.mxfp4())
+        self.manifest = source.manifest()
+        self.arch = self.manifest.arch
+        self.reader = CheckpointReader(source.directory, max_open_shards, self.manifest.fp8, self.manifest.mxfp4,
+                                       self.manifest.weights)
         self._check_embedding()
 
     def _check_embedding(self) -> None:

@@ -4,29 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..arch import ModelWeights
-from ..arch.presets import Preset, load_preset
-from ..errors import QmoeError
+from ..arch.presets import Preset
 from ..resources import package_dir
-from . import packed, quantized
-from .hf import CheckpointWeights, resolve_model
-from .quantized_manifest import read_manifest
-
-# The checkpoint formats with a manifest, by its `kind`: how each opens. A manifest of another
-# kind goes to the quantized reader, whose check names the kind and version it expects.
-READERS: dict[str, Callable[[Path], ModelWeights]] = {quantized.KIND: quantized.QuantizedWeights.open,
-                                                      packed.KIND: packed.PackedWeights.open}
-
-
-def open_compressed(directory: Path) -> tuple[str, ModelWeights]:
-    """(kind, weights) of the compressed checkpoint in `directory` (it has a manifest.json)."""
-    kind = read_manifest(directory)["kind"]
-    return kind, READERS.get(kind, quantized.QuantizedWeights.open)(directory)
-
+from .registry import detect
 
 DEFAULT_WINDOW = 512  # Switch Transformers were trained on 512-token inputs
 DEFAULT_DATA = "c4"
@@ -62,24 +46,11 @@ def _defaults(preset: Preset | None, directory: Path | None = None) -> tuple[int
 
 
 def open_model(name: str) -> OpenModel:
-    """Open `--model`; a directory with a qmoe manifest.json is a quantized or packed checkpoint
-    (its `kind` says which).
-
-    A compressed checkpoint keeps its source's window and default data (via the manifest).
-    """
-    path = Path(name).expanduser()
-    if path.is_dir() and (path / "manifest.json").is_file():
-        manifest = read_manifest(path)
-        kind, weights = open_compressed(path)
-        window, source = manifest.get("window"), manifest.get("source")
-        if not isinstance(window, int) or window < 2 or not isinstance(source, str):
-            raise QmoeError(f"{path / 'manifest.json'}: malformed manifest (needs a 'source' name and a 'window' >= 2)")
-        embedding = weights.arch.embedding_tensor(weights.arch.stacks[0])
-        stored = weights.tensor(embedding, None, torch.device("cpu")).dtype
-        source_dir = Path(source).expanduser()
-        _, data, calib = _defaults(load_preset(source), source_dir if source_dir.is_dir() else None)
-        return OpenModel(name, kind, weights, path, stored, window, data, calib)
-    source = resolve_model(name)
-    weights = CheckpointWeights(source)
-    window, data, calib = _defaults(source.preset, source.directory)
-    return OpenModel(name, "original", weights, source.directory, weights.stored_dtype(), window, data, calib)
+    """Open `--model`: its format (`registry.detect`) reads and checks it and says where its
+    window and default data come from (a compressed checkpoint keeps its source's)."""
+    fmt = detect(name)
+    weights = fmt.open(name)
+    origin = fmt.origin(weights)
+    window, data, calib = _defaults(origin.preset, origin.data_dir)
+    return OpenModel(name, fmt.kind, weights, origin.tokenizer_dir, origin.stored_dtype, origin.window or window,
+                     data, calib)

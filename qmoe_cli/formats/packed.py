@@ -35,7 +35,9 @@ kernel can be handed a matrix that makes it read or write out of bounds.
 
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -347,3 +349,13 @@ class PackedWeights(DenseTensorFiles):
 
     def experts(self, stack: str, index: int) -> PackedExperts:
         return PackedExperts(self, stack, index)
+
+    def verify(self) -> None:
+        """Check every file's checksum and validate every expert matrix (reads everything)."""
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # sha256 releases the GIL
+            list(pool.map(self.verify_file, self.manifest.files))
+        for stack, i in self.arch.sparse_blocks():
+            bank = self.experts(stack, i)
+            bank.load(range(self.arch.num_experts), torch.device("cpu"), torch.float32)
+            if bank.stores_shared:
+                bank.shared(torch.device("cpu"), torch.float32)
