@@ -90,10 +90,15 @@ def test_ternary_equals_the_reference(isa: str, rows: int, cols: int) -> None:
 
 @ALL_ISAS
 def test_ternary_with_the_full_dictionary(isa: str) -> None:
+    """65536 codewords: the few-token kernels compiled without the per-codeword range check."""
     skip_unless_runs(isa)
     words, offsets, masks, lo, hi, w = ternary_case(40, 3001, seed=3, size=1 << 16)
-    x = torch.randn(5, 3001, generator=torch.Generator().manual_seed(4))
-    assert_close(ternary_matmul(words, offsets, masks, lo, hi, x, isa), x, w)
+    assert masks.shape[0] == 1 << 16
+    for n in (1, 2, 5):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(n, 3001, generator=torch.Generator().manual_seed(4 + n)).to(dtype)
+            assert_close(ternary_matmul(words, offsets, masks, lo, hi, x, isa), x,
+                         torch.where(w == 0, w, w.to(dtype).float()).to(dtype))
 
 
 @ALL_ISAS
