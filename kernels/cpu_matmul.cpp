@@ -69,14 +69,7 @@ at::Tensor padded(const at::Tensor& x) {
 
 namespace {
 
-struct Ternary {  // one dictionary-coded matrix, raw (see ternary_matmul for the layouts)
-  const uint16_t* words;
-  const int32_t* offsets;
-  const uint32_t* masks;
-  const float* lo;
-  const float* hi;
-  int64_t size, width, total;
-};
+using Ternary = qmoe_slots::Matrix;  // one dictionary-coded matrix, raw (layouts: see ternary_matmul)
 
 // ---------------------------------------------------------------- ternary, portable reference-like
 // Every path returns false on a malformed row (a codeword beyond the dictionary, or a row that
@@ -341,15 +334,13 @@ TernaryRow ternary_kernel(int64_t isa, int64_t n, bool full) {
 // kSlotTokens..32 tokens on AVX2 or AVX-512 (cpu_matmul_slots.h): tiles of TP = 8, 16 or 32 tokens, x
 // slotted once per tile before the rows are split over the threads.
 template <typename T, typename ToFloat>
-void slot_matmul(const Ternary& t, const uint8_t* slots, const T* x, int64_t n, int64_t rows, float* y,
-                 ToFloat to_float) {
+void slot_matmul(const Ternary& m, const T* x, int64_t n, int64_t rows, float* y, ToFloat to_float) {
   using qmoe_slots::row_v;
-  const qmoe_slots::Matrix m{t.words, t.offsets, t.masks, slots, t.lo, t.hi, t.size, t.width, t.total};
   const int64_t tp = n <= 8 ? 8 : n <= 16 ? 16 : 32, tiles = (n + tp - 1) / tp;
-  const int64_t tile_floats = qmoe_slots::slotted_rows(t.width) * tp;
+  const int64_t tile_floats = qmoe_slots::slotted_rows(m.width) * tp;
   std::unique_ptr<float[]> xs(new float[tiles * tile_floats]);
   for (int64_t i = 0; i < tiles; ++i)
-    qmoe_slots::slot_x(x + i * tp * t.width, t.width, std::min(tp, n - i * tp), t.width, tp, xs.get() + i * tile_floats,
+    qmoe_slots::slot_x(x + i * tp * m.width, m.width, std::min(tp, n - i * tp), m.width, tp, xs.get() + i * tile_floats,
                        to_float);
   const auto row = tp == 8 ? row_v<1> : tp == 16 ? row_v<2> : row_v<4>;
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
@@ -405,8 +396,8 @@ at::Tensor ternary_matmul(at::Tensor words, at::Tensor offsets, at::Tensor masks
              slots.sizes());
   isa = resolve_isa(isa);
   const Ternary m{reinterpret_cast<const uint16_t*>(words.data_ptr<int16_t>()), offsets.data_ptr<int32_t>(),
-                  reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>()), lo.data_ptr<float>(),
-                  hi.data_ptr<float>(), masks.size(0), x.size(1), words.size(0)};
+                  reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>()), slots.data_ptr<uint8_t>(),
+                  lo.data_ptr<float>(), hi.data_ptr<float>(), masks.size(0), x.size(1), words.size(0)};
   const int32_t* off = m.offsets;
   for (int64_t r = 0; r < rows; ++r)  // monotone and inside the words: rows may then be read blindly
     QMOE_CHECK(off[r] <= off[r + 1], "row ", r, " has codeword range [", off[r], ", ", off[r + 1], ")");
@@ -416,9 +407,8 @@ at::Tensor ternary_matmul(at::Tensor words, at::Tensor offsets, at::Tensor masks
   float* y = out.data_ptr<float>();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (isa != kPortable && n >= (bf16 && isa == kAvx512 && runs_bf16() ? kSlotTokensBf16 : kSlotTokens)) {
-    const uint8_t* table = slots.data_ptr<uint8_t>();
     if (bf16)  // exact in fp32: the top 16 bits of a float
-      slot_matmul(m, table, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), n, rows, y,
+      slot_matmul(m, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), n, rows, y,
                   [](uint16_t b) {
                     float f;
                     const uint32_t u = uint32_t(b) << 16;
@@ -426,7 +416,7 @@ at::Tensor ternary_matmul(at::Tensor words, at::Tensor offsets, at::Tensor masks
                     return f;
                   });
     else
-      slot_matmul(m, table, x.data_ptr<float>(), n, rows, y, [](float v) { return v; });
+      slot_matmul(m, x.data_ptr<float>(), n, rows, y, [](float v) { return v; });
     return bf16 ? out.to(at::kBFloat16) : out;
   }
   // Fewer tokens than the slotted sums take (or portable): one tile of all n.
