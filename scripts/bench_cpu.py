@@ -37,10 +37,10 @@ import bench_decoder  # noqa: E402
 from bench_codec import random_ternary  # noqa: E402
 from bench_gptq import emit_table  # noqa: E402
 
+from qmoe_cli.codec.bitpack import pack_bits  # noqa: E402
 from qmoe_cli.codec.cpu_matmul import best_isa, isa_code  # noqa: E402
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, fit_dictionary  # noqa: E402
 from qmoe_cli.codec.rows import encode_matrix  # noqa: E402
-from qmoe_cli.codec.bitpack import pack_bits  # noqa: E402
 from qmoe_cli.formats.packed import BitpackedMatrix, DictionaryMatrix, PackedLinear  # noqa: E402
 from qmoe_cli.quant.grids import QuantSpec  # noqa: E402
 

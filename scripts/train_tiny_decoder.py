@@ -44,10 +44,10 @@ import numpy as np  # noqa: E402
 import tokenizers  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from tokenizers import processors  # noqa: E402
 
 # scripts/ is on sys.path when a script runs: its siblings import by name
 from corpus import build_tokenizer, generate_documents, unigram_entropy_bits, write_jsonl  # noqa: E402
+from tokenizers import processors  # noqa: E402
 from train_tiny_switch import (  # noqa: E402
     CALIBRATION_DOCS,
     EVAL_SAMPLES,

@@ -44,6 +44,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+# scripts/ is on sys.path when a script runs: its siblings import by name
+from corpus import CorpusSpec, generate_documents, save_tokenizer, unigram_entropy_bits, write_jsonl  # noqa: E402
 from torch import nn  # noqa: E402
 
 from qmoe_cli.arch.switch.config import SwitchConfig  # noqa: E402
@@ -54,9 +57,6 @@ from qmoe_cli.data.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from qmoe_cli.formats.open import open_model  # noqa: E402
 from qmoe_cli.run.evaluate import evaluate  # noqa: E402
 from qmoe_cli.run.stream import RunConfig  # noqa: E402
-
-# scripts/ is on sys.path when a script runs: its siblings import by name
-from corpus import CorpusSpec, generate_documents, save_tokenizer, unigram_entropy_bits, write_jsonl  # noqa: E402
 
 VOCAB_SIZE = 955  # the corpus tokenizer: 3 specials, the words, 100 sentinels
 VALIDATION_DOCS = 256  # validation.jsonl, the preset's default eval data

@@ -1,12 +1,15 @@
 """Checks shared by the per-family test files (GLM-4.5, DeepSeek-V2): published sizes from a real
 config, `qmoe eval` against transformers, a config change transformers' own result is sensitive
-to, greedy tokens against transformers' `generate`, a packed checkpoint on a GPU."""
+to, greedy tokens against transformers' `generate`, an unsupported config refused in one line,
+4-bit GPTQ against RTN, a packed checkpoint on a GPU."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from hf_models import causal_lm_loss
@@ -16,6 +19,7 @@ from qmoe_cli.cli import main
 from qmoe_cli.formats.open import open_model
 from qmoe_cli.run.generate import GenerateConfig, generate_ids
 from qmoe_cli.run.resident import load_resident
+from qmoe_cli.run.stream import RunConfig, streamed_states
 
 VOCAB = 64
 CPU = torch.device("cpu")
@@ -106,6 +110,50 @@ def compress(model: Path, out: Path, calib: Path, bits: str, method: str = "gptq
     code, stdout, err = cli(*args, *(["--pack"] if pack else []))
     assert code == 0, err
     return json.loads(stdout)
+
+
+def streamed_logits(model: Path, sequences: list[list[int]]) -> torch.Tensor:
+    """Next-token logits [tokens, vocab] of every position, streamed as `qmoe eval` runs them."""
+    weights = open_model(str(model)).weights
+    run = RunConfig(CPU, torch.float32, progress=False)
+    states = streamed_states(weights, weights.arch.stack_tokens(sequences, sequences), run)
+    return weights.arch.head(weights.tensor, run.device, run.dtype)(states.data)
+
+
+def assert_config_change_is_one_line_error(model: Path, tmp_path: Path, change: dict, message: str) -> None:
+    """`qmoe eval` of a copy of `model` with `change` merged into its config.json: exit 1 and one
+    line `error: ...` holding `message`."""
+    changed = tmp_path / "model"
+    shutil.copytree(model, changed)
+    raw = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps({**raw, **change}))
+    data = write_jsonl(tmp_path / "data.jsonl", random_sequences((5, 9), seed=0))
+    code, _, err = cli("eval", "--model", str(changed), "--data", str(data), "--device", "cpu")
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+
+
+def four_bit_runs(model: Path, root: Path) -> dict:
+    """`model` compressed to 4 bits with GPTQ (then packed) and with RTN under `root`, with
+    validation sequences and their JSONL."""
+    calib = write_jsonl(root / "calib.jsonl", random_sequences((24, 17, 30) * 8, seed=2))
+    validation = random_sequences((24, 17, 30) * 4, seed=3)
+    summaries = {method: compress(model, root / method, calib, "4", method, pack=method == "gptq")
+                 for method in ("gptq", "rtn")}
+    return dict(root=root, validation=validation, data=write_jsonl(root / "val.jsonl", validation),
+                summaries=summaries)
+
+
+def assert_four_bit_gptq_packs_losslessly_and_beats_rtn(model: Path, runs: dict) -> None:
+    """4-bit GPTQ (`four_bit_runs`): packed eval equals quantized eval, no fallbacks, and its logits
+    are nearer the original's than round-to-nearest's on the same grid (random weights: the
+    original's loss is no optimum, so GPTQ's gain is measured where it aims)."""
+    root, data, validation = runs["root"], runs["data"], runs["validation"]
+    assert eval_loss(root / "gptq-packed", data) == pytest.approx(eval_loss(root / "gptq", data), rel=1e-6)
+    assert runs["summaries"]["gptq"]["fallbacks"] == 0
+    reference = streamed_logits(model, validation)
+    gptq, rtn = ((streamed_logits(root / m, validation) - reference).pow(2).mean().item() for m in ("gptq", "rtn"))
+    assert gptq < rtn, (gptq, rtn)
 
 
 def assert_packed_eval_on_the_gpu(quantized: Path, packed: Path, data: Path) -> None:

@@ -7,10 +7,8 @@ import json
 import math
 import re
 
-import pytest
-from tokenizers import Tokenizer
-
 import corpus  # scripts/corpus.py: pyproject's pytest `pythonpath` puts scripts/ on sys.path
+import pytest
 from corpus import (
     NUM_SENTINELS,
     STREAMS,
@@ -25,6 +23,7 @@ from corpus import (
     vocabulary,
     write_jsonl,
 )
+from tokenizers import Tokenizer
 
 # sha256 of write_jsonl(..., "train", 50, CorpusSpec(seed=0)). If generation changes on purpose,
 # update it (and retrain anything trained on the old corpus); if it changes by accident, that

@@ -15,12 +15,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import fake_hub_datasets, wikitext_rows
+from family_checks import streamed_logits
 from hf_models import DECODER_FAMILIES, causal_lm_loss, save_hf_decoder, write_causal_tokenizer_json
 from interrupted import kill_after_a_finished_block, tree_hashes
 
 from qmoe_cli.cli import main
-from qmoe_cli.formats.open import open_model
-from qmoe_cli.run.stream import ListBuffer, RunConfig, apply_experts, finish_sparse, route, streamed_states
+from qmoe_cli.run.stream import ListBuffer, RunConfig, apply_experts, finish_sparse, route
 
 FAMILIES = sorted(DECODER_FAMILIES)
 VOCAB = 64
@@ -236,14 +236,6 @@ def test_grouped_top_1_adds_what_one_call_per_slot_added(dtype: torch.dtype) -> 
     assert torch.equal(out, before)
 
 
-def _logits(model: Path, sequences: list[list[int]]) -> torch.Tensor:
-    """Next-token logits [tokens, vocab] of every position, streamed as `qmoe eval` runs them."""
-    weights = open_model(str(model)).weights
-    run = RunConfig(torch.device("cpu"), torch.float32, progress=False)
-    states = streamed_states(weights, weights.arch.stack_tokens(sequences, sequences), run)
-    return weights.arch.head(weights.tensor, run.device, run.dtype)(states.data)
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def compressed(request, tmp_path_factory) -> dict:
     """One family compressed at ternary and 2 bits with GPTQ (then packed) and RTN, evaluated."""
@@ -253,7 +245,7 @@ def compressed(request, tmp_path_factory) -> dict:
     data = _jsonl(root / "val.jsonl", validation)
     model = root / "model"
     save_hf_decoder(model, request.param)
-    reference = _logits(model, validation)
+    reference = streamed_logits(model, validation)
     results: dict = {}
     for bits in ("ternary", "2"):
         for method in ("gptq", "rtn"):
@@ -263,7 +255,7 @@ def compressed(request, tmp_path_factory) -> dict:
                                                "--out", str(out), "--bits", bits, "--method", method,
                                                "--device", "cpu", "--json", *pack])
             assert result.exit_code == 0, result.output
-            error = (_logits(out, validation) - reference).pow(2).mean().item()
+            error = (streamed_logits(out, validation) - reference).pow(2).mean().item()
             losses = (_eval(out, data)["loss"], _eval(Path(f"{out}-packed"), data)["loss"]) if pack else (None, None)
             results[method, bits] = (*losses, json.loads(result.stdout), error)
     return results

@@ -7,27 +7,22 @@ refusals, 4-bit GPTQ, and the packed checkpoint on a GPU."""
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from family_checks import (
+    assert_config_change_is_one_line_error,
     assert_eval_equals_transformers,
+    assert_four_bit_gptq_packs_losslessly_and_beats_rtn,
     assert_greedy_equals_transformers,
     assert_packed_eval_on_the_gpu,
-    cli,
-    compress,
-    eval_loss,
+    four_bit_runs,
     parameter_count,
-    random_sequences,
     with_config,
-    write_jsonl,
 )
 from hf_models import save_hf_decoder
-from test_decoder_families import _logits
 from test_generate_decoder import _assert_cached_equals_streamed
 
 from qmoe_cli.arch import architecture_from_config
@@ -156,38 +151,18 @@ def test_routing_changes_move_transformers_loss(v2, tmp_path: Path, change: dict
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
 ])
 def test_unsupported_config_is_a_one_line_error(v2, tmp_path: Path, change: dict, message: str) -> None:
-    model = tmp_path / "model"
-    shutil.copytree(v2[0], model)
-    raw = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**raw, **change}))
-    data = write_jsonl(tmp_path / "data.jsonl", random_sequences((5, 9), seed=0))
-    code, _, err = cli("eval", "--model", str(model), "--data", str(data), "--device", "cpu")
-    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert message in err, err
+    assert_config_change_is_one_line_error(v2[0], tmp_path, change, message)
 
 
 @pytest.fixture(scope="module")
 def four_bit(v2, tmp_path_factory) -> dict:
     """The tiny DeepSeek-V2 compressed to 4 bits with GPTQ (then packed) and with RTN."""
-    root = tmp_path_factory.mktemp("deepseek-v2-4bit")
-    calib = write_jsonl(root / "calib.jsonl", random_sequences((24, 17, 30) * 8, seed=2))
-    validation = random_sequences((24, 17, 30) * 4, seed=3)
-    summaries = {method: compress(v2[0], root / method, calib, "4", method, pack=method == "gptq")
-                 for method in ("gptq", "rtn")}
-    return dict(root=root, validation=validation, data=write_jsonl(root / "val.jsonl", validation),
-                summaries=summaries)
+    return four_bit_runs(v2[0], tmp_path_factory.mktemp("deepseek-v2-4bit"))
 
 
 @pytest.mark.slow
 def test_four_bit_gptq_packs_losslessly_and_beats_rtn(v2, four_bit: dict) -> None:
-    """4-bit GPTQ: packed eval equals quantized eval, no fallbacks, logits nearer the original's
-    than round-to-nearest's on the same grid."""
-    root, data, validation = four_bit["root"], four_bit["data"], four_bit["validation"]
-    assert eval_loss(root / "gptq-packed", data) == pytest.approx(eval_loss(root / "gptq", data), rel=1e-6)
-    assert four_bit["summaries"]["gptq"]["fallbacks"] == 0
-    reference = _logits(v2[0], validation)
-    gptq, rtn = ((_logits(root / m, validation) - reference).pow(2).mean().item() for m in ("gptq", "rtn"))
-    assert gptq < rtn, (gptq, rtn)
+    assert_four_bit_gptq_packs_losslessly_and_beats_rtn(v2[0], four_bit)
 
 
 @needs_gpu

@@ -5,26 +5,21 @@ with the other switches off, refusals, 4-bit GPTQ, and the packed checkpoint on 
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from family_checks import (
+    assert_config_change_is_one_line_error,
     assert_eval_equals_transformers,
+    assert_four_bit_gptq_packs_losslessly_and_beats_rtn,
     assert_greedy_equals_transformers,
     assert_packed_eval_on_the_gpu,
-    cli,
-    compress,
-    eval_loss,
+    four_bit_runs,
     parameter_count,
-    random_sequences,
     with_config,
-    write_jsonl,
 )
 from hf_models import save_hf_decoder
-from test_decoder_families import _logits
 from test_generate_decoder import _assert_cached_equals_streamed
 
 from qmoe_cli.arch import architecture_from_config
@@ -105,39 +100,18 @@ def glm(tmp_path_factory) -> Path:
     ({"partial_rotary_factor": 0.3, "rope_parameters": None}, "rotary_dim must be an even width"),
 ])
 def test_unsupported_config_is_a_one_line_error(glm: Path, tmp_path: Path, change: dict, message: str) -> None:
-    model = tmp_path / "model"
-    shutil.copytree(glm, model)
-    raw = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**raw, **change}))
-    data = write_jsonl(tmp_path / "data.jsonl", random_sequences((5, 9), seed=0))
-    code, _, err = cli("eval", "--model", str(model), "--data", str(data), "--device", "cpu")
-    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert message in err, err
+    assert_config_change_is_one_line_error(glm, tmp_path, change, message)
 
 
 @pytest.fixture(scope="module")
 def four_bit(glm: Path, tmp_path_factory) -> dict:
     """The tiny GLM compressed to 4 bits with GPTQ (then packed) and with RTN."""
-    root = tmp_path_factory.mktemp("glm-4bit")
-    calib = write_jsonl(root / "calib.jsonl", random_sequences((24, 17, 30) * 8, seed=2))
-    validation = random_sequences((24, 17, 30) * 4, seed=3)
-    summaries = {method: compress(glm, root / method, calib, "4", method, pack=method == "gptq")
-                 for method in ("gptq", "rtn")}
-    return dict(root=root, validation=validation, data=write_jsonl(root / "val.jsonl", validation),
-                summaries=summaries)
+    return four_bit_runs(glm, tmp_path_factory.mktemp("glm-4bit"))
 
 
 @pytest.mark.slow
 def test_four_bit_gptq_packs_losslessly_and_beats_rtn(glm: Path, four_bit: dict) -> None:
-    """4-bit GPTQ: packed eval equals quantized eval, no fallbacks, and its logits are nearer the
-    original's than round-to-nearest's on the same grid (random weights: the original's loss is
-    no optimum, so GPTQ's gain is measured where it aims)."""
-    root, data, validation = four_bit["root"], four_bit["data"], four_bit["validation"]
-    assert eval_loss(root / "gptq-packed", data) == pytest.approx(eval_loss(root / "gptq", data), rel=1e-6)
-    assert four_bit["summaries"]["gptq"]["fallbacks"] == 0
-    reference = _logits(glm, validation)
-    gptq, rtn = ((_logits(root / m, validation) - reference).pow(2).mean().item() for m in ("gptq", "rtn"))
-    assert gptq < rtn, (gptq, rtn)
+    assert_four_bit_gptq_packs_losslessly_and_beats_rtn(glm, four_bit)
 
 
 @needs_gpu

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import unigram_entropy_bits  # scripts/corpus.py: pyproject's pytest `pythonpath`
 from safetensors.torch import load_file
 
 from qmoe_cli.arch.switch.layers import Router
@@ -15,8 +16,6 @@ from qmoe_cli.arch.switch.model import SwitchModel, shift_right
 from qmoe_cli.data.datasets import DataSpec, Sample, load_samples
 from qmoe_cli.data.tokenizer import load_tokenizer
 from qmoe_cli.formats.open import open_model
-
-from corpus import unigram_entropy_bits  # scripts/corpus.py: pyproject's pytest `pythonpath`
 
 MIN_EXPERT_SHARE = 0.02  # the acceptance bar of scripts/train_tiny_switch.py
 

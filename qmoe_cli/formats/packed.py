@@ -47,8 +47,7 @@ from torch import nn
 
 from ..arch import Architecture, ExpertShape, RoutedExperts, architecture_from_config
 from ..codec.bitpack import row_bytes, unpack_bits
-from ..codec.cpu_matmul import bitpacked_matmul
-from ..codec.cpu_matmul import ternary_grids
+from ..codec.cpu_matmul import bitpacked_matmul, ternary_grids
 from ..codec.cpu_matmul import ternary_matmul as cpu_ternary_matmul
 from ..codec.dictionary import Codebook
 from ..codec.rows import decode_dense, row_offsets, row_widths
