@@ -20,7 +20,7 @@ namespace qmoe_cpu {
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
-constexpr int64_t kPad = 64;  // zero floats after each token's row of x: a codeword reads <= 32 past its start
+constexpr int64_t kPad = 64;  // zero floats after each token's row of x: a b-bit chunk reads <= 15 past its width
 constexpr int64_t kGrain = 8;  // rows per parallel task at least
 enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 

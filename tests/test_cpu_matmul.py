@@ -19,8 +19,8 @@ from qmoe_cli.codec.cpu_matmul import (
     best_isa,
     bitpacked_matmul,
     cpu_matmul_extension,
-    slot_table,
     ternary_grids,
+    ternary_layout,
     ternary_matmul,
 )
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, build_dictionary
@@ -56,77 +56,73 @@ def assert_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     assert worst <= 1.0, f"error {float(err.max()):.3g} exceeds the bound by {worst:.2f}x"
 
 
-def book(size: int, max_len: int = 14) -> Codebook:
-    return Codebook.from_sequences(build_dictionary(fixed_probs(0.9), DictionarySpec(size, max_len)), max_len)
+def book(size: int, p_zero: float = 0.9, max_len: int = 14) -> Codebook:
+    return Codebook.from_sequences(build_dictionary(fixed_probs(p_zero), DictionarySpec(size, max_len)), max_len)
 
 
-def ternary_case(rows: int, cols: int, seed: int, size: int = 4096):
-    """(words, offsets, masks, lo [rows, 1], hi, W [rows, cols] fp32 from the codes themselves); rows
+def ternary_case(rows: int, cols: int, seed: int, size: int = 4096, p_zero: float = 0.9):
+    """(codes, lookup layout, lo [rows, 1], hi, W [rows, cols] fp32 from the codes themselves); rows
     0 and 1 (when there are that many) all zero and all non-zero: the longest and shortest runs."""
-    codes = ternary(rows, cols, 0.9, seed)
+    codes = ternary(rows, cols, p_zero, seed)
     if rows > 2:
         codes[0], codes[1] = 1, torch.randint(0, 2, (cols,), generator=torch.Generator().manual_seed(seed)) * 2
-    b = book(size)
+    b = book(size, p_zero)
     words, offsets = encode_matrix(codes, b)
     g = torch.Generator().manual_seed(seed + 1)
     lo, hi = -torch.rand(rows, 1, generator=g) - 0.1, torch.rand(rows, 1, generator=g) + 0.1
     w = torch.where(codes == 0, lo, torch.where(codes == 2, hi, torch.zeros(())))
-    return words, offsets, b.masks, lo, hi, w
+    return codes, ternary_layout(words, offsets, b.masks, cols), lo, hi, w
+
+
+def coded_case(rows: int, cols: int, seed: int, size: int = 512):
+    """(words, offsets, masks) of a random ternary matrix."""
+    b = book(size)
+    return *encode_matrix(ternary(rows, cols, 0.9, seed), b), b.masks
+
+
+def unpacked(layout: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The ternary codes [rows, cols] uint8 a lookup layout holds, by its definition: byte k of row
+    i's word in chunk c is the lo nibble | hi nibble << 4 of columns 16c + 4k .. 16c + 4k + 3."""
+    blocks, chunks, _ = layout.shape
+    bit = torch.arange(32, dtype=torch.int32)
+    bits = (layout.unsqueeze(-1) >> bit) & 1  # [blocks, chunks, 16 rows, 32 bits]: bit 8k + 4h + j
+    bits = bits.reshape(blocks, chunks, 16, 4, 2, 4).permute(0, 2, 1, 3, 4, 5)  # [b, rows, c, k, h, j]
+    lo, hi = (bits[..., h, :].reshape(16 * blocks, 16 * chunks) for h in (0, 1))
+    assert not bool((lo & hi).any()), "a weight is both lo and hi"
+    assert not bool(lo[rows:].any() or hi[rows:].any() or lo[:, cols:].any() or hi[:, cols:].any()), "padding"
+    return (1 - lo + hi)[:rows, :cols].to(torch.uint8)
+
+
+@pytest.mark.parametrize("rows, cols, size, p_zero", [(97, 1025, 4096, 0.9), (64, 28, 4096, 0.9), (5, 1, 4096, 0.9),
+                                                      (33, 30, 4096, 0.9), (40, 3001, 1 << 16, 0.9),
+                                                      (23, 301, 2048, 0.3)])
+def test_the_lookup_layout_holds_the_codes(rows: int, cols: int, size: int, p_zero: float) -> None:
+    """Odd shapes (padding rows and columns, an odd width's padded pair), the full dictionary and
+    a dense one (codewords of many non-zero weights, spilling across 64-bit words)."""
+    codes, layout, *_ = ternary_case(rows, cols, seed=rows + cols, size=size, p_zero=p_zero)
+    assert layout.shape == (-(-rows // 16), -(-cols // 16), 16) and layout.dtype == torch.int32
+    assert torch.equal(unpacked(layout, rows, cols), codes)
 
 
 @ALL_ISAS
-@pytest.mark.parametrize("rows, cols", [(97, 1025), (64, 28), (5, 1), (33, 30)])
-def test_ternary_equals_the_reference(isa: str, rows: int, cols: int) -> None:
+@pytest.mark.parametrize("rows, cols, p_zero", [(97, 1025, 0.9), (64, 28, 0.9), (5, 1, 0.9), (33, 30, 0.9),
+                                                (23, 301, 0.3)])
+def test_ternary_equals_the_reference(isa: str, rows: int, cols: int, p_zero: float) -> None:
     skip_unless_runs(isa)
-    words, offsets, masks, lo, hi, w = ternary_case(rows, cols, seed=rows + cols)
+    _, layout, lo, hi, w = ternary_case(rows, cols, seed=rows + cols, p_zero=p_zero)
     for n in TOKENS:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n)).to(dtype)
-            y = ternary_matmul(words, offsets, masks, lo, hi, x, isa)
+            y = ternary_matmul(layout, lo, hi, x, isa)
             assert y.dtype == dtype and y.shape == (n, rows)
             # the grid is rounded to x's dtype (round_once_linear): W of lo/hi rounded
             assert_close(y, x, torch.where(w == 0, w, w.to(dtype).float()).to(dtype))
 
 
-@ALL_ISAS
-def test_ternary_with_the_full_dictionary(isa: str) -> None:
-    """65536 codewords: the few-token kernels compiled without the per-codeword range check."""
-    skip_unless_runs(isa)
-    words, offsets, masks, lo, hi, w = ternary_case(40, 3001, seed=3, size=1 << 16)
-    assert masks.shape[0] == 1 << 16
-    for n in (1, 2, 5):
-        for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(n, 3001, generator=torch.Generator().manual_seed(4 + n)).to(dtype)
-            assert_close(ternary_matmul(words, offsets, masks, lo, hi, x, isa), x,
-                         torch.where(w == 0, w, w.to(dtype).float()).to(dtype))
-
-
-@ALL_ISAS
-def test_ternary_dense_codewords_take_the_slot_overflow(isa: str) -> None:
-    """At p_zero 0.3 most codewords hold more than the slot table's 3 lo or 3 hi positions, so
-    the 4+ token kernel adds the rest from the masks; 1..3 tokens are the masked kernels."""
-    skip_unless_runs(isa)
-    rows, cols = 23, 301
-    codes = ternary(rows, cols, 0.3, seed=11)
-    b = Codebook.from_sequences(build_dictionary(fixed_probs(0.3), DictionarySpec(2048, 14)), 14)
-    words, offsets = encode_matrix(codes, b)
-    slots = slot_table(b.masks)
-    assert bool((slots[words.long() & 0xFFFF, 7] != 0).float().mean() > 0.3)  # the overflow is exercised
-    g = torch.Generator().manual_seed(12)
-    lo, hi = -torch.rand(rows, 1, generator=g) - 0.1, torch.rand(rows, 1, generator=g) + 0.1
-    w = torch.where(codes == 0, lo, torch.where(codes == 2, hi, torch.zeros(())))
-    for n in (1, 4, 9, 17, 32):
-        x = torch.randn(n, cols, generator=g)
-        assert_close(ternary_matmul(words, offsets, b.masks, lo, hi, x, isa), x, w)
-
-
-def test_slot_table_is_built_once_per_dictionary_and_grids_may_come_rounded() -> None:
-    words, offsets, masks, lo, hi, w = ternary_case(9, 70, seed=13, size=512)
-    assert slot_table(masks) is slot_table(masks)
-    assert slot_table(masks.clone()) is not slot_table(masks)
+def test_grids_may_come_rounded() -> None:
+    _, layout, lo, hi, _ = ternary_case(9, 70, seed=13, size=512)
     x = torch.randn(5, 70, generator=torch.Generator().manual_seed(14)).bfloat16()
-    assert torch.equal(ternary_matmul(words, offsets, masks, *ternary_grids(lo, hi, x.dtype), x),
-                       ternary_matmul(words, offsets, masks, lo, hi, x))
+    assert torch.equal(ternary_matmul(layout, *ternary_grids(lo, hi, x.dtype), x), ternary_matmul(layout, lo, hi, x))
 
 
 @ALL_ISAS
@@ -153,42 +149,49 @@ def test_bitpacked_equals_the_reference(isa: str, bits: int, group: int | None) 
 
 
 def test_threads_do_not_change_the_output() -> None:
-    words, offsets, masks, lo, hi, _ = ternary_case(97, 1025, seed=9)
+    words, offsets, masks = coded_case(97, 1025, seed=9, size=4096)
+    _, layout, lo, hi, _ = ternary_case(97, 1025, seed=9)
     x = torch.randn(9, 1025, generator=torch.Generator().manual_seed(9))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ternary_matmul(words, offsets, masks, lo, hi, x)
+        one, layout_one = ternary_matmul(layout, lo, hi, x), ternary_layout(words, offsets, masks, 1025)
         torch.set_num_threads(2)
-        two = ternary_matmul(words, offsets, masks, lo, hi, x)
+        two, layout_two = ternary_matmul(layout, lo, hi, x), ternary_layout(words, offsets, masks, 1025)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)  # rows are independent: the split cannot change a sum
+    assert torch.equal(layout_one, layout_two)
 
 
 def test_malformed_matrices_raise_instead_of_reading_out_of_bounds() -> None:
-    words, offsets, masks, lo, hi, _ = ternary_case(8, 100, seed=5, size=512)
-    x = torch.randn(2, 100)
+    words, offsets, masks = coded_case(8, 100, seed=5)
+    bad = words.clone()
+    bad[3] = 600  # beyond the 512 codewords
+    with pytest.raises(RuntimeError, match="beyond the dictionary"):
+        ternary_layout(bad, offsets, masks, 100)
+    with pytest.raises(RuntimeError, match="does not decode to its width"):
+        ternary_layout(words, offsets, masks, 60)
+    shifted = offsets.clone()
+    shifted[2], shifted[3] = int(offsets[3]), int(offsets[2])  # row 2 runs backwards
+    with pytest.raises(RuntimeError, match="codeword range"):
+        ternary_layout(words, shifted, masks, 100)
+    layout = ternary_layout(words, offsets, masks, 100)
+    lo, hi = torch.rand(8, 1), torch.rand(8, 1)
     for isa in runnable_isas():
-        bad = words.clone()
-        bad[3] = 600  # beyond the 512 codewords
-        with pytest.raises(RuntimeError, match="beyond the dictionary"):
-            ternary_matmul(bad, offsets, masks, lo, hi, x, isa)
-        with pytest.raises(RuntimeError, match="does not decode to its width"):
-            ternary_matmul(words, offsets, masks, lo, hi, torch.randn(2, 60), isa)
-        shifted = offsets.clone()
-        shifted[2], shifted[3] = int(offsets[3]), int(offsets[2])  # row 2 runs backwards
-        with pytest.raises(RuntimeError, match="codeword range"):
-            ternary_matmul(words, shifted, masks, lo, hi, x, isa)
+        with pytest.raises(RuntimeError, match=r"the layout of 8 rows of width 60 must be \[1, 4, 16\]"):
+            ternary_matmul(layout, lo, hi, torch.randn(2, 60), isa)
+        with pytest.raises(RuntimeError, match=r"the layout of 17 rows"):
+            ternary_matmul(layout, torch.rand(17, 1), torch.rand(17, 1), torch.randn(2, 100), isa)
 
 
 def test_bad_variant_names_and_unsupported_variants_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    words, offsets, masks, lo, hi, _ = ternary_case(4, 20, seed=6, size=512)
+    _, layout, lo, hi, _ = ternary_case(4, 20, seed=6, size=512)
     with pytest.raises(ValueError, match="QMOE_CPU_ISA / isa must be one of portable, avx2, avx512, got 'sse'"):
-        ternary_matmul(words, offsets, masks, lo, hi, torch.randn(1, 20), "sse")
+        ternary_matmul(layout, lo, hi, torch.randn(1, 20), "sse")
     monkeypatch.setenv("QMOE_CPU_ISA", "portable")
-    forced = ternary_matmul(words, offsets, masks, lo, hi, torch.ones(1, 20))
-    assert torch.equal(forced, ternary_matmul(words, offsets, masks, lo, hi, torch.ones(1, 20), "portable"))
+    forced = ternary_matmul(layout, lo, hi, torch.ones(1, 20))
+    assert torch.equal(forced, ternary_matmul(layout, lo, hi, torch.ones(1, 20), "portable"))
     if best_isa() != "avx512":
         with pytest.raises(RuntimeError, match="not supported by this CPU"):
-            ternary_matmul(words, offsets, masks, lo, hi, torch.randn(1, 20), "avx512")
+            ternary_matmul(layout, lo, hi, torch.randn(1, 20), "avx512")

@@ -1,6 +1,8 @@
 """The native CPU decode-matmul of packed experts (`kernels/cpu_matmul*.cpp`): y = x Wᵀ for a few
-tokens straight from dictionary codewords or bit-packed codes, SIMD (AVX-512 or AVX2, picked at
-run time, or portable C++), rows split over torch's threads.
+tokens, SIMD (AVX-512 or AVX2, picked at run time, or portable C++), rows split over torch's threads.
+Ternary matrices are multiplied from their lookup layout (2 bits a weight, codes aligned to groups
+of 4 input columns; `ternary_layout` builds it once per matrix from the dictionary code), b-bit
+matrices straight from their bit-packed codes.
 
 Numerics are `round_once_linear`'s: the weights in x's dtype (ternary grids rounded by the
 caller; b-bit weights rounded in the kernel), products summed in fp32, rounded once to x's dtype.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ MAX_TOKENS = 32  # up to here the kernels beat decoding to fp32 plus BLAS (docs/
 def cpu_matmul_build() -> NativeBuild:
     native = shipped_dir("native")
     return NativeBuild(name="qmoe_cpu_matmul", sources=(native / "cpu_matmul.cpp", native / "cpu_matmul_bits.cpp"),
-                       headers=(native / "cpu_matmul.h", native / "cpu_matmul_slots.h"), what="the CPU decode-matmul",
+                       headers=(native / "cpu_matmul.h",), what="the CPU decode-matmul",
                        usual="10-30 s", extra_cflags=("-O3", "-fopenmp"),
                        extra_ldflags=("-fopenmp",), is_python_module=False, timeout_s=900.0)
 
@@ -60,37 +61,26 @@ def best_isa() -> str | None:
     return None if ext is None else {v: k for k, v in ISAS.items()}[ext.best_isa()]
 
 
-# masks tensor id -> (a weak reference to it, its slot table): a dictionary's table is built once
-# (65536 codewords: ~0.4 ms), not on every product; an entry dies with its masks.
-_SLOTS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
-
-
-def slot_table(masks: torch.Tensor) -> torch.Tensor | None:
-    """The slot table [size, 8] uint8 of `Codebook.masks` that the 4+ token kernel reads
-    (`kernels/cpu_matmul_slots.h`), cached per masks tensor; None without the kernels."""
-    ext = cpu_matmul_extension()
-    if ext is None:
-        return None
-    key = id(masks)
-    hit = _SLOTS.get(key)
-    if hit is None or hit[0]() is not masks:
-        hit = (weakref.ref(masks, lambda _, key=key: _SLOTS.pop(key, None)), ext.ternary_slots(masks))
-        _SLOTS[key] = hit
-    return hit[1]
-
-
 def ternary_grids(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """lo/hi [rows, 1] fp32 -> [rows] fp32 rounded to `dtype`, as `ternary_matmul` takes them
     (`round_once_linear`: the grid in x's dtype); callers that multiply often keep the result."""
     return tuple(g.reshape(-1).to(dtype).float().contiguous() for g in (lo, hi))
 
 
-def ternary_matmul(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor, lo: torch.Tensor,
-                   hi: torch.Tensor, x: torch.Tensor, isa: str | None = None) -> torch.Tensor | None:
-    """x [n, cols] fp32/bf16/fp16 @ Wᵀ -> [n, rows] in x's dtype, for a dictionary-coded ternary W:
-    words [total] int16, offsets [rows + 1] int32, masks [size, 2] int32 (`Codebook.masks`),
-    lo/hi: [rows, 1] fp32 (one grid per row), or `ternary_grids(lo, hi, x.dtype)` already.
-    None without the kernels."""
+def ternary_layout(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor, cols: int) -> torch.Tensor | None:
+    """The lookup layout [ceil(rows / 16), ceil(cols / 16), 16] int32 of a dictionary-coded ternary
+    matrix [rows, cols] (words [total] int16, offsets [rows + 1] int32, masks [size, 2] int32 =
+    `Codebook.masks`): 2 bits a weight, built in about the time of one product from the codewords.
+    RuntimeError on a malformed matrix; None without the kernels."""
+    ext = cpu_matmul_extension()
+    return None if ext is None else ext.ternary_layout(words, offsets, masks, cols)
+
+
+def ternary_matmul(layout: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, x: torch.Tensor,
+                   isa: str | None = None) -> torch.Tensor | None:
+    """x [n, cols] fp32/bf16/fp16 @ Wᵀ -> [n, rows] in x's dtype, for a ternary W in its lookup
+    layout (`ternary_layout`), lo/hi: [rows, 1] fp32 (one grid per row), or
+    `ternary_grids(lo, hi, x.dtype)` already. None without the kernels."""
     ext = cpu_matmul_extension()
     if ext is None:
         return None
@@ -99,7 +89,7 @@ def ternary_matmul(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tens
     x_dtype = x.dtype
     if x_dtype != torch.bfloat16:  # bf16 goes in as it is (exact in fp32), anything else as fp32
         x = x.float()
-    y = ext.ternary_matmul(words, offsets, masks, slot_table(masks), lo, hi, x.contiguous(), isa_code(isa))
+    y = ext.ternary_matmul(layout, lo, hi, x.contiguous(), isa_code(isa))
     return y if y.dtype == x_dtype else y.to(x_dtype)  # fp32 and bf16 come back in their dtype
 
 

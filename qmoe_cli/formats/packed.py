@@ -47,7 +47,7 @@ from torch import nn
 
 from ..arch import Architecture, ExpertShape, RoutedExperts, architecture_from_config
 from ..codec.bitpack import row_bytes, unpack_bits
-from ..codec.cpu_matmul import bitpacked_matmul, ternary_grids
+from ..codec.cpu_matmul import bitpacked_matmul, ternary_grids, ternary_layout
 from ..codec.cpu_matmul import ternary_matmul as cpu_ternary_matmul
 from ..codec.dictionary import Codebook
 from ..codec.rows import decode_dense, row_offsets, row_widths
@@ -85,6 +85,7 @@ class DictionaryMatrix:
         self.book, self.rows, self.cols = book, rows, cols
         self.group_cols = spec.group_size or cols
         self._grids: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # sparse_matmul's, per x dtype
+        self._layout: torch.Tensor | None = None  # sparse_matmul's lookup layout, built on its first call
         groups = spec.n_groups(cols)
         _expect(where, "words", self.words, torch.int16, None)
         _expect(where, "offsets", self.offsets, torch.int32, (rows + 1,))
@@ -109,16 +110,21 @@ class DictionaryMatrix:
                             (begin, end))
 
     def sparse_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [n, cols] @ Wᵀ -> [n, rows] in x's dtype from the codewords (no dense W at all), the
-        grid rounded to x's dtype and the sums in fp32 (`round_once_linear`'s numerics); None
-        where unsupported (grids per column group, codewords too long for `book.masks`, or no
-        native CPU decode-matmul)."""
+        """x [n, cols] @ Wᵀ -> [n, rows] in x's dtype, never dense: from the matrix's lookup layout
+        (2 bits a weight, `codec.cpu_matmul.ternary_layout`), built from the codewords on the first
+        call and kept, the grid rounded to x's dtype and the sums in fp32 (`round_once_linear`'s
+        numerics). None where unsupported (grids per column group, codewords too long for
+        `book.masks`, or no native CPU decode-matmul)."""
         if self.lo.shape[1] != 1 or self.book.masks is None:
             return None
+        if self._layout is None:
+            self._layout = ternary_layout(self.words, self.offsets, self.book.masks, self.cols)
+            if self._layout is None:
+                return None
         grids = self._grids.get(x.dtype)
         if grids is None:  # rounded once per dtype, not on every product
             grids = self._grids[x.dtype] = ternary_grids(self.lo, self.hi, x.dtype)
-        return cpu_ternary_matmul(self.words, self.offsets, self.book.masks, *grids, x)
+        return cpu_ternary_matmul(self._layout, *grids, x)
 
 
 class BitpackedMatrix:
