@@ -27,7 +27,7 @@ from qmoe_cli.formats.packed import DictionaryMatrix
 from qmoe_cli.quant.grids import QuantSpec
 
 DEFAULT_SHAPES = "768x3072,3072x768,2080x6144,6144x2080"
-TOKENS = (1, 16)  # both on PackedLinear's sparse path (<= SPARSE_MAX_TOKENS)
+TOKENS = (1, 16)  # PackedLinear: the lookup layout's product (built on the warm-up call)
 CPU = torch.device("cpu")
 
 

@@ -2,12 +2,14 @@
 
 Part 1, per shape (rows x cols of one expert matrix, i.i.d. ternary codes at --p-zero coded
 with a dictionary fitted to their distribution) and token count: medians of `PackedLinear` (the native
-decode-matmul) on an fp32 and on a bf16 x against `F.linear` on the same weights dense in fp32
-and in bf16, the ratios in the same dtype (packed / dense: below 1 is faster), and the bytes-read floor: the packed matrix's bytes
-(codewords, row offsets, grids) over the memory bandwidth measured here (a large fp32 sum on all
-threads), and the fraction of that floor the packed product reaches. Then the same for
-bit-packed b-bit experts (uniform random codes, one grid a row): one row per b and token count
-for --bits-shape.
+decode-matmul, from the matrix's 2-bit lookup layout) on an fp32 and on a bf16 x against `F.linear` on
+the same weights dense in fp32 and in bf16, the ratios in the same dtype (packed / dense: below 1 is
+faster), and two bytes-read floors, each the bytes over the memory bandwidth measured here (a large
+fp32 sum on all threads) with the fraction of it the packed product reaches: the stored packed
+matrix (codewords, row offsets, grids) and what a product reads (lookup layout, grids). Then the
+one-time cost of each shape's lookup layout (built from the codewords on a matrix's first product)
+against one 1-token product, and the same timing rows for bit-packed b-bit experts (uniform random
+codes, one grid a row; stored = read) of --bits-shape.
 
 Part 2 (--e2e): a random Mixtral-shaped model (`scripts/bench_decoder.py` writes it and makes
 its packed rtn-ternary form), one greedy decoder step at batch 1 of our runtime (fp32) on the
@@ -38,7 +40,7 @@ from bench_codec import random_ternary  # noqa: E402
 from bench_gptq import emit_table  # noqa: E402
 
 from qmoe_cli.codec.bitpack import pack_bits  # noqa: E402
-from qmoe_cli.codec.cpu_matmul import best_isa, isa_code  # noqa: E402
+from qmoe_cli.codec.cpu_matmul import best_isa, isa_code, ternary_layout  # noqa: E402
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, fit_dictionary  # noqa: E402
 from qmoe_cli.codec.rows import encode_matrix  # noqa: E402
 from qmoe_cli.formats.packed import BitpackedMatrix, DictionaryMatrix, PackedLinear  # noqa: E402
@@ -78,8 +80,12 @@ def packed_matrix(rows: int, cols: int, p_zero: float, dictionary_size: int) -> 
 
 
 def packed_bytes(m: DictionaryMatrix) -> int:
-    """What one product reads of the matrix: codewords, row offsets, grids (not the dictionary)."""
+    """The stored matrix: codewords, row offsets, grids (not the dictionary, shared by all)."""
     return m.words.numel() * 2 + m.offsets.numel() * 4 + (m.lo.numel() + m.hi.numel()) * 4
+
+
+def layout_of(m: DictionaryMatrix) -> torch.Tensor:
+    return ternary_layout(m.words, m.offsets, m.book.masks, m.cols)
 
 
 def bitpacked_matrix(rows: int, cols: int, bits: int) -> BitpackedMatrix:
@@ -91,13 +97,14 @@ def bitpacked_matrix(rows: int, cols: int, bits: int) -> BitpackedMatrix:
                            QuantSpec(str(bits)), "bench")
 
 
-def timing_rows(label: str, m: DictionaryMatrix | BitpackedMatrix, nbytes: int, args: argparse.Namespace,
+def timing_rows(label: str, m: DictionaryMatrix | BitpackedMatrix, stored: int, read: int, args: argparse.Namespace,
                 gbs: float) -> list[str]:
-    """One row per token count: `PackedLinear(m)` on fp32 and bf16 x against dense `F.linear`."""
+    """One row per token count: `PackedLinear(m)` on fp32 and bf16 x against dense `F.linear`,
+    with the floors of the `stored` and the `read` bytes."""
     rows, cols = m.rows, m.cols
     linear, dense = PackedLinear(m), m.dense(0, rows)
     dense_bf16 = dense.bfloat16()
-    floor = nbytes / gbs / 1e6  # ms
+    floor, read_floor = stored / gbs / 1e6, read / gbs / 1e6  # ms
     out = []
     for n in args.tokens:
         xs = [torch.randn(n, cols) for _ in range(4)]  # rotated, so one input is not the only one cached
@@ -107,15 +114,26 @@ def timing_rows(label: str, m: DictionaryMatrix | BitpackedMatrix, nbytes: int, 
         packed_bf16 = median_ms(lambda: linear(xb[next(step) % 4]), args.repeats)
         fp32 = median_ms(lambda: F.linear(xs[next(step) % 4], dense), args.repeats)
         bf16 = median_ms(lambda: F.linear(xb[next(step) % 4], dense_bf16), args.repeats)
-        out.append(f"| {label} | {n} | {8 * nbytes / (rows * cols):.3f} | {packed:.3f} | {packed_bf16:.3f} "
-                   f"| {fp32:.3f} | {bf16:.3f} | {packed / fp32:.2f} | {packed_bf16 / bf16:.2f} "
-                   f"| {floor:.3f} | {floor / min(packed, packed_bf16):.2f} |")
+        best = min(packed, packed_bf16)
+        out.append(f"| {label} | {n} | {8 * stored / (rows * cols):.3f} | {8 * read / (rows * cols):.3f} "
+                   f"| {packed:.3f} | {packed_bf16:.3f} | {fp32:.3f} | {bf16:.3f} | {packed / fp32:.2f} "
+                   f"| {packed_bf16 / bf16:.2f} | {floor:.3f} | {floor / best:.2f} | {read_floor:.3f} "
+                   f"| {read_floor / best:.2f} |")
     return out
 
 
-def shape_rows(rows: int, cols: int, args: argparse.Namespace, gbs: float) -> list[str]:
+def shape_rows(rows: int, cols: int, args: argparse.Namespace, gbs: float) -> tuple[list[str], str]:
+    """The timing rows of one ternary shape, and its lookup layout's row: build ms against one
+    1-token fp32 product."""
     m = packed_matrix(rows, cols, args.p_zero, args.dictionary)
-    return timing_rows(f"{rows}x{cols}", m, packed_bytes(m), args, gbs)
+    layout = layout_of(m)
+    read = layout.numel() * 4 + (m.lo.numel() + m.hi.numel()) * 4
+    build = median_ms(lambda: layout_of(m), args.repeats)
+    linear, x = PackedLinear(m), torch.randn(1, cols)
+    product = median_ms(lambda: linear(x), args.repeats)
+    return (timing_rows(f"{rows}x{cols}", m, packed_bytes(m), read, args, gbs),
+            f"| {rows}x{cols} | {8 * packed_bytes(m) / (rows * cols):.3f} | {8 * read / (rows * cols):.3f} "
+            f"| {build:.3f} | {product:.3f} | {build / product:.1f} |")
 
 
 def bits_rows(args: argparse.Namespace, gbs: float) -> list[str]:
@@ -125,7 +143,7 @@ def bits_rows(args: argparse.Namespace, gbs: float) -> list[str]:
     for bits in args.bits:
         m = bitpacked_matrix(rows, cols, bits)
         nbytes = m.packed.numel() + 4 * (m.grid_tensors["scale"].numel() + m.grid_tensors["zero"].numel())
-        out += timing_rows(f"{bits}-bit {rows}x{cols}", m, nbytes, args, gbs)
+        out += timing_rows(f"{bits}-bit {rows}x{cols}", m, nbytes, nbytes, args, gbs)
     return out
 
 
@@ -219,20 +237,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     gbs = bandwidth_gbs(args.repeats)
+    header = ("| {} | tokens | bits/weight stored | bits/weight read | packed fp32 ms | packed bf16 ms | dense fp32 ms "
+              "| dense bf16 ms | packed/dense fp32 | packed/dense bf16 | floor ms (stored) | of it | floor ms (read) "
+              "| of it |")
+    rule = "|---" * 14 + "|"
     lines = [f"# packed ternary (p_zero {args.p_zero}) vs dense on the CPU: {torch.get_num_threads()} threads, kernel "
              f"variant {best_isa() if isa_code(None) < 0 else isa_code(None)}, medians of {args.repeats}, "
-             f"bandwidth {gbs:.1f} GB/s", "",
-             "| shape | tokens | bits/weight | packed fp32 ms | packed bf16 ms | dense fp32 ms | dense bf16 ms "
-             "| packed/dense fp32 | packed/dense bf16 | floor ms | of floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"bandwidth {gbs:.1f} GB/s", "", header.format("shape"), rule]
+    layouts = ["", f"# the lookup layout, built once per ternary matrix: {torch.get_num_threads()} threads, medians of "
+               f"{args.repeats}", "", "| shape | bits/weight stored | bits/weight of the layout | build ms "
+               "| 1-token fp32 product ms | build / product |", "|---|---|---|---|---|---|"]
     for rows, cols in args.shapes:
-        lines += shape_rows(rows, cols, args, gbs)
+        timings, layout = shape_rows(rows, cols, args, gbs)
+        lines += timings
+        layouts.append(layout)
+    lines += layouts
     if args.bits_shape:
         lines += ["", f"# bit-packed b-bit experts (one grid a row) vs dense: {torch.get_num_threads()} threads, "
-                  f"medians of {args.repeats}", "",
-                  "| bits shape | tokens | bits/weight | packed fp32 ms | packed bf16 ms | dense fp32 ms | dense bf16 ms "
-                  "| packed/dense fp32 | packed/dense bf16 | floor ms | of floor |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"medians of {args.repeats}", "", header.format("bits shape"), rule]
         lines += bits_rows(args, gbs)
     if args.e2e:
         lines += ["", f"# decoder step at batch 1, Mixtral-shaped: hidden {args.hidden}, {args.experts} experts of "

@@ -18,12 +18,11 @@ def test_tiny_run_prints_the_table(tmp_path: Path) -> None:
                            "--repeats", "1", "--out", str(out)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert done.returncode == 0, done.stderr
-    rows = [line for line in out.read_text().splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
             if line.startswith(("| 97x1025", "| 30x64", "| 2-bit 30x64", "| 8-bit 30x64"))]
-    assert len(rows) == 8
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == 11 and all(float(c) >= 0 for c in cells[2:])
+    timings, layouts = [r for r in rows if len(r) == 14], [r for r in rows if len(r) == 6]
+    assert len(timings) == 8 and len(layouts) == 2 and len(rows) == 10  # 2 ternary shapes + 2 b, 2 token counts
+    assert all(float(c) >= 0 for row in timings for c in row[2:]) and all(float(c) > 0 for r in layouts for c in r[1:])
 
 
 def test_bad_flags_are_usage_errors() -> None:

@@ -60,18 +60,22 @@ def book(size: int, p_zero: float = 0.9, max_len: int = 14) -> Codebook:
     return Codebook.from_sequences(build_dictionary(fixed_probs(p_zero), DictionarySpec(size, max_len)), max_len)
 
 
-def ternary_case(rows: int, cols: int, seed: int, size: int = 4096, p_zero: float = 0.9):
-    """(codes, lookup layout, lo [rows, 1], hi, W [rows, cols] fp32 from the codes themselves); rows
-    0 and 1 (when there are that many) all zero and all non-zero: the longest and shortest runs."""
+def special_codes(rows: int, cols: int, seed: int, p_zero: float) -> torch.Tensor:
+    """Random ternary codes; rows 0 and 1 (when there are more than 2) all zero and all non-zero:
+    the longest and the shortest runs of codewords."""
     codes = ternary(rows, cols, p_zero, seed)
     if rows > 2:
         codes[0], codes[1] = 1, torch.randint(0, 2, (cols,), generator=torch.Generator().manual_seed(seed)) * 2
-    b = book(size, p_zero)
-    words, offsets = encode_matrix(codes, b)
+    return codes
+
+
+def ternary_case(rows: int, cols: int, seed: int, size: int = 4096, p_zero: float = 0.9):
+    """(codes, lookup layout, lo [rows, 1], hi, W [rows, cols] fp32 from the codes themselves)."""
+    codes, b = special_codes(rows, cols, seed, p_zero), book(size, p_zero)
     g = torch.Generator().manual_seed(seed + 1)
     lo, hi = -torch.rand(rows, 1, generator=g) - 0.1, torch.rand(rows, 1, generator=g) + 0.1
     w = torch.where(codes == 0, lo, torch.where(codes == 2, hi, torch.zeros(())))
-    return codes, ternary_layout(words, offsets, b.masks, cols), lo, hi, w
+    return codes, ternary_layout(*encode_matrix(codes, b), b.masks, cols), lo, hi, w
 
 
 def coded_case(rows: int, cols: int, seed: int, size: int = 512):
@@ -98,10 +102,14 @@ def unpacked(layout: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
                                                       (23, 301, 2048, 0.3)])
 def test_the_lookup_layout_holds_the_codes(rows: int, cols: int, size: int, p_zero: float) -> None:
     """Odd shapes (padding rows and columns, an odd width's padded pair), the full dictionary and
-    a dense one (codewords of many non-zero weights, spilling across 64-bit words)."""
-    codes, layout, *_ = ternary_case(rows, cols, seed=rows + cols, size=size, p_zero=p_zero)
-    assert layout.shape == (-(-rows // 16), -(-cols // 16), 16) and layout.dtype == torch.int32
-    assert torch.equal(unpacked(layout, rows, cols), codes)
+    a dense one (codewords of many non-zero weights, spilling across 64-bit words), built by every
+    variant this CPU runs."""
+    codes, b = special_codes(rows, cols, rows + cols, p_zero), book(size, p_zero)
+    words, offsets = encode_matrix(codes, b)
+    for isa in runnable_isas():
+        layout = ternary_layout(words, offsets, b.masks, cols, isa)
+        assert layout.shape == (-(-rows // 16), -(-cols // 16), 16) and layout.dtype == torch.int32
+        assert torch.equal(unpacked(layout, rows, cols), codes)
 
 
 @ALL_ISAS

@@ -19,9 +19,10 @@ import pytest
 import torch
 from packed_experts import assert_contract, bitpacked_matrix, ternary_matrix
 
-from qmoe_cli.execute.linear import SPARSE_MAX_TOKENS, GridLinear, PackedLinear
+from qmoe_cli.codec.cpu_matmul import BITS_MAX_TOKENS
+from qmoe_cli.execute.linear import GridLinear, PackedLinear
 
-TOKENS = (1, 7, SPARSE_MAX_TOKENS, SPARSE_MAX_TOKENS + 1, 64)  # sparse path up to 32, row blocks beyond
+TOKENS = (1, 7, BITS_MAX_TOKENS, BITS_MAX_TOKENS + 1, 64)  # b-bit: the kernel up to 32, row blocks beyond
 
 
 def _assert_same_function(packed: torch.Tensor, quantized: torch.Tensor, x: torch.Tensor,

@@ -15,7 +15,7 @@ from test_codec_reference import fixed_probs, ternary
 from qmoe_cli.cli import main
 from qmoe_cli.codec.dictionary import Codebook, build_dictionary
 from qmoe_cli.codec.rows import encode_matrix
-from qmoe_cli.execute.linear import SPARSE_MAX_TOKENS, PackedLinear
+from qmoe_cli.execute.linear import PackedLinear
 from qmoe_cli.formats.integrity import file_record, manifest_digest
 from qmoe_cli.formats.packed import DictionaryMatrix
 from qmoe_cli.quant.grids import QuantSpec
@@ -202,7 +202,7 @@ def test_a_bad_dictionary_is_a_clean_error(ternary_dirs, tmp_path: Path) -> None
     assert "invalid dictionary" in _cli("info", str(bad), "--verify", code=1).output
 
 
-def test_packed_linear_decodes_in_row_blocks_and_matches_the_dense_product() -> None:
+def test_packed_linear_decodes_in_row_blocks_and_matches_the_dense_product(monkeypatch: pytest.MonkeyPatch) -> None:
     book = Codebook.from_sequences(build_dictionary(fixed_probs(0.9)), 14)
     rows, cols = 3072, 768
     codes = ternary(rows, cols, 0.9, seed=11)
@@ -213,8 +213,11 @@ def test_packed_linear_decodes_in_row_blocks_and_matches_the_dense_product() -> 
     linear = PackedLinear(matrix)
     assert linear.block_rows < rows  # never the whole matrix at once
     dense = torch.where(codes == 0, lo, torch.where(codes == 2, hi, 0.0))
-    for tokens in (1, 5, SPARSE_MAX_TOKENS + 1):  # sparse-from-codewords and decode-then-BLAS paths
-        x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+    xs = [torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens)) for tokens in (1, 5, 33)]
+    for x in xs:  # the lookup layout's product (any token count)
+        assert torch.allclose(linear(x), x @ dense.T, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(matrix, "sparse_matmul", lambda x: None)  # as without the native kernels
+    for x in xs:
         assert torch.allclose(linear(x), x @ dense.T, rtol=1e-4, atol=1e-4)
     assert math.isclose(16 * words.numel() / codes.numel(), 0.70, abs_tol=0.05)
 

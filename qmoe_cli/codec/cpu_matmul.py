@@ -27,7 +27,9 @@ from ..resources import shipped_dir
 
 ISAS = {"portable": 0, "avx2": 1, "avx512": 2}
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-MAX_TOKENS = 32  # up to here the kernels beat decoding to fp32 plus BLAS (docs/cpu.md)
+# Up to here the b-bit kernel beats decoding to fp32 plus BLAS; the ternary lookup beats it at any
+# token count (docs/cpu.md).
+BITS_MAX_TOKENS = 32
 
 
 def cpu_matmul_build() -> NativeBuild:
@@ -67,13 +69,14 @@ def ternary_grids(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tup
     return tuple(g.reshape(-1).to(dtype).float().contiguous() for g in (lo, hi))
 
 
-def ternary_layout(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor, cols: int) -> torch.Tensor | None:
+def ternary_layout(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tensor, cols: int,
+                   isa: str | None = None) -> torch.Tensor | None:
     """The lookup layout [ceil(rows / 16), ceil(cols / 16), 16] int32 of a dictionary-coded ternary
     matrix [rows, cols] (words [total] int16, offsets [rows + 1] int32, masks [size, 2] int32 =
     `Codebook.masks`): 2 bits a weight, built in about the time of one product from the codewords.
     RuntimeError on a malformed matrix; None without the kernels."""
     ext = cpu_matmul_extension()
-    return None if ext is None else ext.ternary_layout(words, offsets, masks, cols)
+    return None if ext is None else ext.ternary_layout(words, offsets, masks, cols, isa_code(isa))
 
 
 def ternary_matmul(layout: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, x: torch.Tensor,

@@ -17,9 +17,6 @@ from torch import nn
 from ..kernels import round_once_linear
 
 BLOCK_BYTES = 1 << 22  # fp32 bytes of weights one decode-matmul step materialises
-# Up to this many tokens the sparse product straight from the codewords beats decoding to fp32
-# and calling BLAS on the 2-core development CPU (scripts/bench_codec.py); beyond it BLAS wins.
-SPARSE_MAX_TOKENS = 32
 
 
 class CodedMatrix(Protocol):
@@ -33,8 +30,9 @@ class CodedMatrix(Protocol):
         ...
 
     def sparse_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [n, cols] @ Wᵀ -> [n, rows] in x's dtype straight from the codes, with
-        `round_once_linear`'s numerics; None where the storage has no such product."""
+        """x [n, cols] (CPU) @ Wᵀ -> [n, rows] in x's dtype without a dense W, with
+        `round_once_linear`'s numerics; None where the storage has no such product for this x, or
+        where decoding to fp32 plus BLAS is faster."""
         ...
 
 
@@ -57,11 +55,12 @@ class GridLinear(nn.Module):
 class PackedLinear(nn.Module):
     """y = x Wᵀ for a packed W [out, in] that is never dense whole: the CPU decode-matmul.
 
-    A few tokens on a ternary matrix: summed straight from the codewords (only non-zero weights
-    cost work). Otherwise: decoded a block of rows at a time (at most 4 MB of fp32), multiplied
-    with BLAS, dropped. Either way with `round_once_linear`'s numerics: the grid rounded to x's
-    dtype, fp32 sums, one rounding, so the row blocks (each its own BLAS problem shape) give
-    what one product over the whole matrix gives, and what the quantized checkpoint gives.
+    On the CPU, the matrix's own product where it has one (`CodedMatrix.sparse_matmul`: a ternary
+    matrix's lookup layout at any token count, b-bit codes up to 32 tokens; docs/cpu.md).
+    Otherwise: decoded a block of rows at a time (at most 4 MB of fp32), multiplied with BLAS,
+    dropped. Either way with `round_once_linear`'s numerics: the grid rounded to x's dtype, fp32
+    sums, one rounding, so the row blocks (each its own BLAS problem shape) give what one product
+    over the whole matrix gives, and what the quantized checkpoint gives.
     """
 
     def __init__(self, matrix: CodedMatrix):
@@ -71,7 +70,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] -> [n, out], in x's dtype and device."""
-        if x.device.type == "cpu" and x.shape[0] <= SPARSE_MAX_TOKENS:
+        if x.device.type == "cpu":
             y = self.matrix.sparse_matmul(x)
             if y is not None:
                 return y

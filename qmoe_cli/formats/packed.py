@@ -47,7 +47,7 @@ from torch import nn
 
 from ..arch import Architecture, ExpertShape, RoutedExperts, architecture_from_config
 from ..codec.bitpack import row_bytes, unpack_bits
-from ..codec.cpu_matmul import bitpacked_matmul, ternary_grids, ternary_layout
+from ..codec.cpu_matmul import BITS_MAX_TOKENS, bitpacked_matmul, ternary_grids, ternary_layout
 from ..codec.cpu_matmul import ternary_matmul as cpu_ternary_matmul
 from ..codec.dictionary import Codebook
 from ..codec.rows import decode_dense, row_offsets, row_widths
@@ -113,8 +113,10 @@ class DictionaryMatrix:
         """x [n, cols] @ Wᵀ -> [n, rows] in x's dtype, never dense: from the matrix's lookup layout
         (2 bits a weight, `codec.cpu_matmul.ternary_layout`), built from the codewords on the first
         call and kept, the grid rounded to x's dtype and the sums in fp32 (`round_once_linear`'s
-        numerics). None where unsupported (grids per column group, codewords too long for
-        `book.masks`, or no native CPU decode-matmul)."""
+        numerics), at any token count: it beats decoding to fp32 plus BLAS at all of them
+        (docs/cpu.md). Memory: the layout, rows x cols / 4 bytes, beside the codewords. None where
+        unsupported (grids per column group, codewords too long for `book.masks`, or no native
+        CPU decode-matmul)."""
         if self.lo.shape[1] != 1 or self.book.masks is None:
             return None
         if self._layout is None:
@@ -147,7 +149,10 @@ class BitpackedMatrix:
 
     def sparse_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [n, cols] @ Wᵀ -> [n, rows] in x's dtype from the packed codes (`round_once_linear`'s
-        numerics); None without the native CPU kernels."""
+        numerics); None without the native CPU kernels or past BITS_MAX_TOKENS tokens, where
+        decoding to fp32 plus BLAS is faster."""
+        if x.shape[0] > BITS_MAX_TOKENS:
+            return None
         return bitpacked_matmul(self.packed, self.grid_tensors["scale"], self.grid_tensors["zero"], x,
                                 int(self.spec.bits), self.spec.group_size or self.cols)
 
