@@ -1,11 +1,12 @@
-// The CPU decode-matmul of packed experts: y = x Wᵀ for 1..32 tokens, for dictionary-coded ternary W
-// (through a lookup layout built once per matrix) and bit-packed b-bit W (qmoe_cli/codec/cpu_matmul.py
-// is the typed Python side; qmoe_cli/codec/rows.py and codec/bitpack.py hold the stored formats).
+// The CPU decode-matmul of packed experts: y = x Wᵀ for dictionary-coded ternary W, at any token
+// count through a lookup layout built once per matrix, and for bit-packed b-bit W at 1..32 tokens
+// (qmoe_cli/codec/cpu_matmul.py is the typed Python side; qmoe_cli/codec/rows.py and
+// codec/bitpack.py hold the stored formats).
 //
 // Ternary. The dictionary code (~0.7 bits a weight) has codewords of 1..14 pairs that start at any
 // even column, so a kernel reading it pays per codeword for turning its masks into lanes: ~9 cycles
 // (docs/cpu.md), 7% of the bytes-read floor. Each matrix is therefore transcoded once
-// (`ternary_layout`, about the cost of one product from the codewords) into a *lookup layout*
+// (`ternary_layout`, the time of 7-10 one-token products) into a *lookup layout*
 // whose codes align to groups of 4 input columns, 2 bits a weight (the T-MAC / bitnet.cpp idea):
 // - rows in blocks of 16 and columns in chunks of 16 (4 groups of 4): [blocks][chunks][16 rows]
 //   uint32. Byte k of a row's word is group k's lo nibble | hi nibble << 4 (bit j: column 4k + j

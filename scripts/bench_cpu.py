@@ -9,7 +9,9 @@ fp32 sum on all threads) with the fraction of it the packed product reaches: the
 matrix (codewords, row offsets, grids) and what a product reads (lookup layout, grids). Then the
 one-time cost of each shape's lookup layout (built from the codewords on a matrix's first product)
 against one 1-token product, and the same timing rows for bit-packed b-bit experts (uniform random
-codes, one grid a row; stored = read) of --bits-shape.
+codes, one grid a row; stored = read) of --bits-shape. With --beyond N,..: per shape and N, the
+lookup layout's product against PackedLinear's other path (rows decoded to fp32 a block at a time,
+BLAS), which it replaces at every token count.
 
 Part 2 (--e2e): a random Mixtral-shaped model (`scripts/bench_decoder.py` writes it and makes
 its packed rtn-ternary form), one greedy decoder step at batch 1 of our runtime (fp32) on the
@@ -18,7 +20,8 @@ matvecs of the active expert weights (top-k experts x 3 matrices x layers, `F.li
 weights per layer and expert so none stays in cache): what a dense bf16 engine reading only the
 active experts cannot beat.
 
-    python scripts/bench_cpu.py --e2e                    # the table of docs/cpu.md
+    python scripts/bench_cpu.py --e2e                    # the tables of docs/cpu.md
+    python scripts/bench_cpu.py --shapes 768x3072,4096x14336 --tokens 32 --bits-shape "" --beyond 64,128,256,512
     python scripts/bench_cpu.py --shapes 97x1025 --tokens 1,3 --bits-shape 30x64 --repeats 1   # tiny
 """
 
@@ -136,6 +139,18 @@ def shape_rows(rows: int, cols: int, args: argparse.Namespace, gbs: float) -> tu
             f"| {build:.3f} | {product:.3f} | {build / product:.1f} |")
 
 
+def beyond_rows(args: argparse.Namespace) -> list[str]:
+    """Per shape and --beyond token count: the lookup layout's product against decoded rows + BLAS."""
+    out = []
+    for rows, cols in args.shapes:
+        linear = PackedLinear(packed_matrix(rows, cols, args.p_zero, args.dictionary))
+        for n in args.beyond:
+            x = torch.randn(n, cols)
+            lookup, decoded = (median_ms(lambda: fn(x), args.repeats) for fn in (linear, linear.decoded))
+            out.append(f"| {rows}x{cols} | {n} | {lookup:.2f} | {decoded:.2f} | {lookup / decoded:.2f} |")
+    return out
+
+
 def bits_rows(args: argparse.Namespace, gbs: float) -> list[str]:
     """One row per b (and token count) of bit-packed experts of --bits-shape."""
     rows, cols = args.bits_shape
@@ -209,6 +224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bits-shape", dest="bits_shape", default="4096x14336",
                         help="ROWSxCOLS of the bit-packed b-bit rows ('' for none)")
     parser.add_argument("--bits", default="2,3,4,8", help="comma-separated b of the bit-packed rows")
+    parser.add_argument("--beyond", default="", help="comma-separated token counts: the lookup layout against "
+                        "decoded rows + BLAS")
     parser.add_argument("--e2e", action="store_true", help="also time the Mixtral-shaped model end to end")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--expert-width", dest="expert_width", type=int, default=3584)
@@ -222,11 +239,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.tokens = [int(t) for t in args.tokens.split(",")]
         args.bits_shape = tuple(int(v) for v in args.bits_shape.split("x")) if args.bits_shape else None
         args.bits = [int(b) for b in args.bits.split(",")]
+        args.beyond = [int(t) for t in args.beyond.split(",")] if args.beyond else []
         isa_code(None)
     except ValueError as exc:
         parser.error(str(exc))
-    if not 0 < args.p_zero < 1 or args.repeats < 1 or args.steps < 1 or min(args.tokens) < 1:
-        parser.error("--p-zero must be in (0, 1); --repeats, --steps and --tokens must be >= 1")
+    if not 0 < args.p_zero < 1 or args.repeats < 1 or args.steps < 1 or min(args.tokens + args.beyond) < 1:
+        parser.error("--p-zero must be in (0, 1); --repeats, --steps, --tokens and --beyond must be >= 1")
     if not all(1 <= b <= 8 for b in args.bits):
         parser.error(f"--bits must be in 1..8, got {args.bits}")
     return args
@@ -252,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         lines += timings
         layouts.append(layout)
     lines += layouts
+    if args.beyond:
+        lines += ["", f"# many tokens, fp32 x: the lookup layout against decoded rows + BLAS (PackedLinear.decoded): "
+                  f"{torch.get_num_threads()} threads, medians of {args.repeats}", "",
+                  "| shape | tokens | lookup ms | decoded + BLAS ms | lookup / decoded |", "|---|---|---|---|---|"]
+        lines += beyond_rows(args)
     if args.bits_shape:
         lines += ["", f"# bit-packed b-bit experts (one grid a row) vs dense: {torch.get_num_threads()} threads, "
                   f"medians of {args.repeats}", "", header.format("bits shape"), rule]

@@ -15,14 +15,15 @@ def test_tiny_run_prints_the_table(tmp_path: Path) -> None:
     out = tmp_path / "cpu.md"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_cpu.py"), "--shapes", "97x1025,30x64",
                            "--tokens", "1,9", "--dictionary", "512", "--bits-shape", "30x64", "--bits", "2,8",
-                           "--repeats", "1", "--out", str(out)],
+                           "--beyond", "40", "--repeats", "1", "--out", str(out)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
             if line.startswith(("| 97x1025", "| 30x64", "| 2-bit 30x64", "| 8-bit 30x64"))]
-    timings, layouts = [r for r in rows if len(r) == 14], [r for r in rows if len(r) == 6]
-    assert len(timings) == 8 and len(layouts) == 2 and len(rows) == 10  # 2 ternary shapes + 2 b, 2 token counts
-    assert all(float(c) >= 0 for row in timings for c in row[2:]) and all(float(c) > 0 for r in layouts for c in r[1:])
+    timings, layouts, beyond = ([r for r in rows if len(r) == cells] for cells in (14, 6, 5))
+    assert (len(timings), len(layouts), len(beyond), len(rows)) == (8, 2, 2, 12)  # 2 ternary shapes + 2 b, 2 counts
+    assert all(float(c) >= 0 for row in timings for c in row[2:])
+    assert all(float(c) > 0 for row in layouts for c in row[1:]) and all(float(c) > 0 for r in beyond for c in r[1:])
 
 
 def test_bad_flags_are_usage_errors() -> None:

@@ -202,7 +202,7 @@ def test_a_bad_dictionary_is_a_clean_error(ternary_dirs, tmp_path: Path) -> None
     assert "invalid dictionary" in _cli("info", str(bad), "--verify", code=1).output
 
 
-def test_packed_linear_decodes_in_row_blocks_and_matches_the_dense_product(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_packed_linear_decodes_in_row_blocks_and_matches_the_dense_product() -> None:
     book = Codebook.from_sequences(build_dictionary(fixed_probs(0.9)), 14)
     rows, cols = 3072, 768
     codes = ternary(rows, cols, 0.9, seed=11)
@@ -213,12 +213,10 @@ def test_packed_linear_decodes_in_row_blocks_and_matches_the_dense_product(monke
     linear = PackedLinear(matrix)
     assert linear.block_rows < rows  # never the whole matrix at once
     dense = torch.where(codes == 0, lo, torch.where(codes == 2, hi, 0.0))
-    xs = [torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens)) for tokens in (1, 5, 33)]
-    for x in xs:  # the lookup layout's product (any token count)
-        assert torch.allclose(linear(x), x @ dense.T, rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr(matrix, "sparse_matmul", lambda x: None)  # as without the native kernels
-    for x in xs:
-        assert torch.allclose(linear(x), x @ dense.T, rtol=1e-4, atol=1e-4)
+    for tokens in (1, 5, 33):  # the lookup layout's product (any token count), and decoded rows with BLAS
+        x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+        for y in (linear(x), linear.decoded(x)):
+            assert torch.allclose(y, x @ dense.T, rtol=1e-4, atol=1e-4)
     assert math.isclose(16 * words.numel() / codes.numel(), 0.70, abs_tol=0.05)
 
 

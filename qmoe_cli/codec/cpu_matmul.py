@@ -1,5 +1,5 @@
-"""The native CPU decode-matmul of packed experts (`kernels/cpu_matmul*.cpp`): y = x Wᵀ for a few
-tokens, SIMD (AVX-512 or AVX2, picked at run time, or portable C++), rows split over torch's threads.
+"""The native CPU decode-matmul of packed experts (`kernels/cpu_matmul*.cpp`): y = x Wᵀ, SIMD
+(AVX-512 or AVX2, picked at run time, or portable C++), rows split over torch's threads.
 Ternary matrices are multiplied from their lookup layout (2 bits a weight, codes aligned to groups
 of 4 input columns; `ternary_layout` builds it once per matrix from the dictionary code), b-bit
 matrices straight from their bit-packed codes.
@@ -73,8 +73,8 @@ def ternary_layout(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tens
                    isa: str | None = None) -> torch.Tensor | None:
     """The lookup layout [ceil(rows / 16), ceil(cols / 16), 16] int32 of a dictionary-coded ternary
     matrix [rows, cols] (words [total] int16, offsets [rows + 1] int32, masks [size, 2] int32 =
-    `Codebook.masks`): 2 bits a weight, built in about the time of one product from the codewords.
-    RuntimeError on a malformed matrix; None without the kernels."""
+    `Codebook.masks`): 2 bits a weight, built once per matrix in the time of 7-10 one-token
+    products (docs/cpu.md). RuntimeError on a malformed matrix; None without the kernels."""
     ext = cpu_matmul_extension()
     return None if ext is None else ext.ternary_layout(words, offsets, masks, cols, isa_code(isa))
 

@@ -1,7 +1,7 @@
 """Execution of compressed weights: the nn.Modules that multiply them and where they run.
 
-`linear` holds the CPU products (`GridLinear` over a dequantized matrix, `PackedLinear` decoding
-a packed one on the fly), `grouped` the GPU path (`DeviceExperts`, `DeviceSharedExpert`: a
+`linear` holds the CPU products (`GridLinear` over a dequantized matrix, `PackedLinear` over a
+packed one, never dense whole), `grouped` the GPU path (`DeviceExperts`, `DeviceSharedExpert`: a
 block's experts resident and still compressed on a device, run by the grouped kernels), and
 `device` the choice of device and compute dtype.
 

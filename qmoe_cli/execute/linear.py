@@ -74,6 +74,11 @@ class PackedLinear(nn.Module):
             y = self.matrix.sparse_matmul(x)
             if y is not None:
                 return y
+        return self.decoded(x)
+
+    def decoded(self, x: torch.Tensor) -> torch.Tensor:
+        """The same product from rows decoded a block at a time to fp32, for BLAS: the path on
+        other devices and for matrices without a product of their own."""
         parts = []
         for begin in range(0, self.matrix.rows, self.block_rows):
             end = min(self.matrix.rows, begin + self.block_rows)
