@@ -373,13 +373,16 @@ at::Tensor ternary_matmul(at::Tensor layout, at::Tensor lo, at::Tensor hi, at::T
         }
       }
     });
-    for (int64_t t0 = 0; t0 < count; t0 += step) {  // token tiles outermost: a tile's tables stay in cache over the rows
-      const Lut m{reinterpret_cast<const uint32_t*>(layout.data_ptr<int32_t>()), lo.data_ptr<float>(),
-                  hi.data_ptr<float>(), tab + t0 * stride, rows, chunks, stride, std::min(step, count - t0),
-                  out.data_ptr<float>() + (first + t0) * rows};
-      const LutKernel kernel = lut_kernel(isa, m.n);
-      at::parallel_for(0, blocks_of(rows), 1, [&](int64_t b0, int64_t b1) { kernel(m, b0, b1); });
-    }
+    // One region for all token tiles; each thread runs the tiles in turn over its row blocks, so a
+    // tile's tables stay in cache over the rows.
+    at::parallel_for(0, blocks_of(rows), 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t t0 = 0; t0 < count; t0 += step) {
+        const Lut m{reinterpret_cast<const uint32_t*>(layout.data_ptr<int32_t>()), lo.data_ptr<float>(),
+                    hi.data_ptr<float>(), tab + t0 * stride, rows, chunks, stride, std::min(step, count - t0),
+                    out.data_ptr<float>() + (first + t0) * rows};
+        lut_kernel(isa, m.n)(m, b0, b1);
+      }
+    });
   }
   return bf16 ? out.to(at::kBFloat16) : out;
 }
