@@ -220,6 +220,32 @@ def test_packed_linear_decodes_in_row_blocks_and_matches_the_dense_product() -> 
     assert math.isclose(16 * words.numel() / codes.numel(), 0.70, abs_tol=0.05)
 
 
+def test_the_lookup_layout_is_built_on_the_first_product_and_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qmoe_cli.codec import cpu_matmul
+    from qmoe_cli.formats import packed
+
+    if cpu_matmul.cpu_matmul_extension() is None:
+        pytest.skip("the CPU decode-matmul could not be built")
+    book = Codebook.from_sequences(build_dictionary(fixed_probs(0.9)), 14)
+    rows, cols = 40, 90
+    words, offsets = encode_matrix(ternary(rows, cols, 0.9, seed=3), book)
+    matrix = DictionaryMatrix({"words": words, "offsets": offsets, "lo": -torch.rand(rows, 1),
+                               "hi": torch.rand(rows, 1)}, book, rows, cols, QuantSpec("ternary"), "test")
+    builds = []
+
+    def counted(*args):
+        builds.append(args)
+        return cpu_matmul.ternary_layout(*args)
+
+    monkeypatch.setattr(packed, "ternary_layout", counted)
+    linear = PackedLinear(matrix)
+    assert not builds  # loading builds nothing
+    for n, dtype in ((1, torch.float32), (8, torch.bfloat16), (40, torch.float32), (1, torch.float32)):
+        x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n)).to(dtype)
+        assert torch.allclose(linear(x).float(), linear.decoded(x).float(), rtol=1e-2, atol=1e-2)
+    assert len(builds) == 1  # every dtype and token count shares it
+
+
 def test_the_dictionary_sample_spreads_over_blocks_experts_and_matrices() -> None:
     from qmoe_cli.compress.pack import sample_matrices
 
