@@ -338,6 +338,37 @@ at::Tensor ternary_layout(at::Tensor words, at::Tensor offsets, at::Tensor masks
   return out;
 }
 
+// Rows [begin, end) of a ternary W [rows, width] in its lookup layout as fp32 weights
+// [end - begin, width]: lo[r] where a weight's lo bit is set, hi[r] where its hi bit is, else 0
+// (lo/hi [rows] fp32: the stored grids, unrounded).
+at::Tensor ternary_unpack(at::Tensor layout, at::Tensor lo, at::Tensor hi, int64_t width, int64_t begin, int64_t end) {
+  check(layout, "layout", at::kInt, 3);
+  check(lo, "lo", at::kFloat, 1);
+  check(hi, "hi", at::kFloat, 1);
+  const int64_t rows = lo.size(0), chunks = chunks_of(width);
+  QMOE_CHECK(hi.size(0) == rows, "lo/hi must both be [rows], got ", lo.sizes(), " and ", hi.sizes());
+  QMOE_CHECK(layout.size(0) == blocks_of(rows) && layout.size(1) == chunks && layout.size(2) == kBlock, "the layout of ",
+             rows, " rows of width ", width, " must be [", blocks_of(rows), ", ", chunks, ", ", kBlock, "], got ",
+             layout.sizes());
+  QMOE_CHECK(0 <= begin && begin <= end && end <= rows, "rows [", begin, ", ", end, ") are not within the ", rows);
+  auto out = at::empty({end - begin, width}, at::kFloat);
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(layout.data_ptr<int32_t>());
+  const float *lo_grid = lo.data_ptr<float>(), *hi_grid = hi.data_ptr<float>();
+  float* dense = out.data_ptr<float>();
+  at::parallel_for(begin, end, kBlock, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t* row = words + (r / kBlock) * chunks * kBlock + r % kBlock;
+      float* dst = dense + (r - begin) * width;
+      for (int64_t col = 0; col < width; ++col) {
+        const uint32_t word = row[col / kChunk * kBlock];
+        const int bit = int(col % kChunk / 4) * 8 + int(col % 4);  // the lo bit; the hi bit is 4 above
+        dst[col] = word >> bit & 1 ? lo_grid[r] : word >> (bit + 4) & 1 ? hi_grid[r] : 0.0f;
+      }
+    }
+  });
+  return out;
+}
+
 // y = x Wᵀ for a ternary W [rows, width] in its lookup layout [ceil(rows / 16), ceil(width / 16), 16]
 // int32, lo/hi [rows] fp32 (one grid per row, already rounded to x's dtype by the caller), x
 // [n, width] fp32 or bf16. -> y [n, rows] in x's dtype.
@@ -392,6 +423,7 @@ TORCH_LIBRARY(qmoe_cpu_matmul, m) {
   m.def("best_isa() -> int", &best_isa);  // the fastest variant this CPU runs: 0 portable, 1 AVX2, 2 AVX-512
   m.def("ternary_layout(Tensor words, Tensor offsets, Tensor masks, int width, int isa) -> Tensor", &ternary_layout);
   m.def("ternary_matmul(Tensor layout, Tensor lo, Tensor hi, Tensor x, int isa) -> Tensor", &ternary_matmul);
+  m.def("ternary_unpack(Tensor layout, Tensor lo, Tensor hi, int width, int begin, int end) -> Tensor", &ternary_unpack);
   m.def("bitpacked_matmul(Tensor packed, Tensor scale, Tensor zero, Tensor x, int bits, int group_cols, int round, "
         "int isa) -> Tensor", &bitpacked_matmul);
 }

@@ -22,6 +22,7 @@ from qmoe_cli.codec.cpu_matmul import (
     ternary_grids,
     ternary_layout,
     ternary_matmul,
+    ternary_unpack,
 )
 from qmoe_cli.codec.dictionary import Codebook, DictionarySpec, build_dictionary
 from qmoe_cli.codec.rows import encode_matrix
@@ -103,13 +104,17 @@ def unpacked(layout: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def test_the_lookup_layout_holds_the_codes(rows: int, cols: int, size: int, p_zero: float) -> None:
     """Odd shapes (padding rows and columns, an odd width's padded pair), the full dictionary and
     a dense one (codewords of many non-zero weights, spilling across 64-bit words), built by every
-    variant this CPU runs."""
+    variant this CPU runs; and rows decoded from it are the matrix's weights."""
     codes, b = special_codes(rows, cols, rows + cols, p_zero), book(size, p_zero)
     words, offsets = encode_matrix(codes, b)
     for isa in runnable_isas():
         layout = ternary_layout(words, offsets, b.masks, cols, isa)
         assert layout.shape == (-(-rows // 16), -(-cols // 16), 16) and layout.dtype == torch.int32
         assert torch.equal(unpacked(layout, rows, cols), codes)
+    lo, hi = -torch.rand(rows, 1) - 0.1, torch.rand(rows, 1) + 0.1
+    w = torch.where(codes == 0, lo, torch.where(codes == 2, hi, torch.zeros(())))
+    for begin, end in ((0, rows), (rows // 3, rows - 1), (rows, rows)):  # the decoded rows, exactly
+        assert torch.equal(ternary_unpack(layout, lo, hi, cols, (begin, end)), w[begin:end])
 
 
 @ALL_ISAS
@@ -191,6 +196,10 @@ def test_malformed_matrices_raise_instead_of_reading_out_of_bounds() -> None:
             ternary_matmul(layout, lo, hi, torch.randn(2, 60), isa)
         with pytest.raises(RuntimeError, match=r"the layout of 17 rows"):
             ternary_matmul(layout, torch.rand(17, 1), torch.rand(17, 1), torch.randn(2, 100), isa)
+    with pytest.raises(RuntimeError, match=r"rows \[3, 9\) are not within the 8"):
+        ternary_unpack(layout, lo, hi, 100, (3, 9))
+    with pytest.raises(RuntimeError, match=r"the layout of 8 rows of width 60"):
+        ternary_unpack(layout, lo, hi, 60, (0, 8))
 
 
 def test_bad_variant_names_and_unsupported_variants_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -220,7 +220,7 @@ def test_packed_linear_decodes_in_row_blocks_and_matches_the_dense_product() -> 
     assert math.isclose(16 * words.numel() / codes.numel(), 0.70, abs_tol=0.05)
 
 
-def test_the_lookup_layout_is_built_on_the_first_product_and_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_lookup_layout_is_built_on_the_first_product_and_replaces_the_codewords(monkeypatch: pytest.MonkeyPatch) -> None:
     from qmoe_cli.codec import cpu_matmul
     from qmoe_cli.formats import packed
 
@@ -238,12 +238,14 @@ def test_the_lookup_layout_is_built_on_the_first_product_and_kept(monkeypatch: p
         return cpu_matmul.ternary_layout(*args)
 
     monkeypatch.setattr(packed, "ternary_layout", counted)
-    linear = PackedLinear(matrix)
+    linear, weights = PackedLinear(matrix), matrix.dense(0, rows)
     assert not builds  # loading builds nothing
     for n, dtype in ((1, torch.float32), (8, torch.bfloat16), (40, torch.float32), (1, torch.float32)):
         x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n)).to(dtype)
         assert torch.allclose(linear(x).float(), linear.decoded(x).float(), rtol=1e-2, atol=1e-2)
     assert len(builds) == 1  # every dtype and token count shares it
+    assert matrix.words is None and matrix.offsets is None  # held as the layout alone
+    assert torch.equal(matrix.dense(0, rows), weights) and torch.equal(matrix.dense(7, 9), weights[7:9])
 
 
 def test_the_dictionary_sample_spreads_over_blocks_experts_and_matrices() -> None:

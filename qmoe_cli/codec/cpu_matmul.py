@@ -79,6 +79,15 @@ def ternary_layout(words: torch.Tensor, offsets: torch.Tensor, masks: torch.Tens
     return None if ext is None else ext.ternary_layout(words, offsets, masks, cols, isa_code(isa))
 
 
+def ternary_unpack(layout: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cols: int, rows: tuple[int, int],
+                   ) -> torch.Tensor:
+    """Rows [begin, end) of a ternary matrix in its lookup layout as weights [end - begin, cols]
+    fp32 (lo/hi [rows, 1] fp32), what `rows.decode_dense` gives from its codewords. Needs the
+    kernels (a layout exists only where they run)."""
+    return cpu_matmul_extension().ternary_unpack(layout, lo.reshape(-1).contiguous(), hi.reshape(-1).contiguous(),
+                                                 cols, *rows)
+
+
 def ternary_matmul(layout: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, x: torch.Tensor,
                    isa: str | None = None) -> torch.Tensor | None:
     """x [n, cols] fp32/bf16/fp16 @ Wᵀ -> [n, rows] in x's dtype, for a ternary W in its lookup

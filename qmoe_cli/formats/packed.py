@@ -47,7 +47,7 @@ from torch import nn
 
 from ..arch import Architecture, ExpertShape, RoutedExperts, architecture_from_config
 from ..codec.bitpack import row_bytes, unpack_bits
-from ..codec.cpu_matmul import BITS_MAX_TOKENS, bitpacked_matmul, ternary_grids, ternary_layout
+from ..codec.cpu_matmul import BITS_MAX_TOKENS, bitpacked_matmul, ternary_grids, ternary_layout, ternary_unpack
 from ..codec.cpu_matmul import ternary_matmul as cpu_ternary_matmul
 from ..codec.dictionary import Codebook
 from ..codec.rows import decode_dense, row_offsets, row_widths
@@ -76,7 +76,13 @@ DICTIONARY_FILE = "dictionary.safetensors"
 
 
 class DictionaryMatrix:
-    """One entropy-coded ternary matrix [rows, cols], validated at construction."""
+    """One entropy-coded ternary matrix [rows, cols], validated at construction.
+
+    Its first CPU product replaces the codewords (~0.7 bits a weight) by the matrix's lookup
+    layout (2 bits a weight, `codec.cpu_matmul.ternary_layout`), which every later product reads
+    and `dense` decodes: held on the CPU, a matrix is the one or the other, never both. The GPU
+    paths take fresh matrices from the checkpoint (`PackedExperts.matrices`), never a used one.
+    """
 
     def __init__(self, tensors: dict[str, torch.Tensor], book: Codebook, rows: int, cols: int, spec: QuantSpec,
                  where: str):
@@ -106,6 +112,8 @@ class DictionaryMatrix:
 
     def dense(self, begin: int, end: int) -> torch.Tensor:
         """Rows [begin, end) -> [end - begin, cols] fp32."""
+        if self._layout is not None:
+            return ternary_unpack(self._layout, self.lo, self.hi, self.cols, (begin, end))
         return decode_dense(self.words, self.offsets, self.book, self.lo, self.hi, self.group_cols, self.cols,
                             (begin, end))
 
@@ -114,15 +122,16 @@ class DictionaryMatrix:
         (2 bits a weight, `codec.cpu_matmul.ternary_layout`), built from the codewords on the first
         call and kept, the grid rounded to x's dtype and the sums in fp32 (`round_once_linear`'s
         numerics), at any token count: it beats decoding to fp32 plus BLAS at all of them
-        (docs/cpu.md). Memory: the layout, rows x cols / 4 bytes, beside the codewords. None where
+        (docs/cpu.md). Memory: the layout, rows x cols / 4 bytes, instead of the codewords. None where
         unsupported (grids per column group, codewords too long for `book.masks`, or no native
         CPU decode-matmul)."""
         if self.lo.shape[1] != 1 or self.book.masks is None:
             return None
         if self._layout is None:
-            self._layout = ternary_layout(self.words, self.offsets, self.book.masks, self.cols)
-            if self._layout is None:
+            layout = ternary_layout(self.words, self.offsets, self.book.masks, self.cols)
+            if layout is None:
                 return None
+            self._layout, self.words, self.offsets = layout, None, None  # the layout is the matrix now
         grids = self._grids.get(x.dtype)
         if grids is None:  # rounded once per dtype, not on every product
             grids = self._grids[x.dtype] = ternary_grids(self.lo, self.hi, x.dtype)
