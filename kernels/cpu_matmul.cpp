@@ -170,6 +170,11 @@ AVX512 void tables_avx512(const T* x, int64_t width, int64_t groups, float* tab)
   }
 }
 
+template <typename T>
+void build_tables(int64_t isa, const T* x, int64_t width, int64_t groups, float* tab) {
+  isa == kAvx512 ? tables_avx512(x, width, groups, tab) : tables_portable(x, width, groups, tab);
+}
+
 // ---------------------------------------------------------------- the kernels
 struct Lut {  // one product's tile of `n` tokens over row blocks
   const uint32_t* layout;  // [blocks][chunks][16]
@@ -249,7 +254,7 @@ AVX2 inline __m256 lookup16(__m256 low, __m256 high, __m256i idx) {
 template <int NT>
 AVX2 void lut_avx2(const Lut& m, int64_t b0, int64_t b1) {
   constexpr int A = NT == 1 ? 2 : 1;
-  alignas(32) float out[8];
+  alignas(32) float sum_lo[8], sum_hi[8];
   for (int64_t b = b0; b < b1; ++b)
     for (int64_t half = 0; half < 2 && b * kBlock + 8 * half < m.rows; ++half) {
       __m256 lo[A][NT], hi[A][NT];
@@ -274,12 +279,24 @@ AVX2 void lut_avx2(const Lut& m, int64_t b0, int64_t b1) {
           lo[0][t] = _mm256_add_ps(lo[0][t], lo[a][t]);
           hi[0][t] = _mm256_add_ps(hi[0][t], hi[a][t]);
         }
-        _mm256_store_ps(out, lo[0][t]);
-        alignas(32) float sum_hi[8];
+        _mm256_store_ps(sum_lo, lo[0][t]);
         _mm256_store_ps(sum_hi, hi[0][t]);
-        for (int64_t i = 0; i < live; ++i) m.y[t * m.rows + r0 + i] = m.lo[r0 + i] * out[i] + m.hi[r0 + i] * sum_hi[i];
+        for (int64_t i = 0; i < live; ++i) m.y[t * m.rows + r0 + i] = m.lo[r0 + i] * sum_lo[i] + m.hi[r0 + i] * sum_hi[i];
       }
     }
+}
+
+// The rows of a lookup layout with its grids lo/hi [rows] fp32, checked against them and `width`.
+int64_t layout_rows(const at::Tensor& layout, const at::Tensor& lo, const at::Tensor& hi, int64_t width) {
+  check(layout, "layout", at::kInt, 3);
+  check(lo, "lo", at::kFloat, 1);
+  check(hi, "hi", at::kFloat, 1);
+  const int64_t rows = lo.size(0), chunks = chunks_of(width);
+  QMOE_CHECK(hi.size(0) == rows, "lo/hi must both be [rows], got ", lo.sizes(), " and ", hi.sizes());
+  QMOE_CHECK(layout.size(0) == blocks_of(rows) && layout.size(1) == chunks && layout.size(2) == kBlock, "the layout of ",
+             rows, " rows of width ", width, " must be [", blocks_of(rows), ", ", chunks, ", ", kBlock, "], got ",
+             layout.sizes());
+  return rows;
 }
 
 using LutKernel = void (*)(const Lut&, int64_t, int64_t);
@@ -342,14 +359,7 @@ at::Tensor ternary_layout(at::Tensor words, at::Tensor offsets, at::Tensor masks
 // [end - begin, width]: lo[r] where a weight's lo bit is set, hi[r] where its hi bit is, else 0
 // (lo/hi [rows] fp32: the stored grids, unrounded).
 at::Tensor ternary_unpack(at::Tensor layout, at::Tensor lo, at::Tensor hi, int64_t width, int64_t begin, int64_t end) {
-  check(layout, "layout", at::kInt, 3);
-  check(lo, "lo", at::kFloat, 1);
-  check(hi, "hi", at::kFloat, 1);
-  const int64_t rows = lo.size(0), chunks = chunks_of(width);
-  QMOE_CHECK(hi.size(0) == rows, "lo/hi must both be [rows], got ", lo.sizes(), " and ", hi.sizes());
-  QMOE_CHECK(layout.size(0) == blocks_of(rows) && layout.size(1) == chunks && layout.size(2) == kBlock, "the layout of ",
-             rows, " rows of width ", width, " must be [", blocks_of(rows), ", ", chunks, ", ", kBlock, "], got ",
-             layout.sizes());
+  const int64_t rows = layout_rows(layout, lo, hi, width), chunks = chunks_of(width);
   QMOE_CHECK(0 <= begin && begin <= end && end <= rows, "rows [", begin, ", ", end, ") are not within the ", rows);
   auto out = at::empty({end - begin, width}, at::kFloat);
   const uint32_t* words = reinterpret_cast<const uint32_t*>(layout.data_ptr<int32_t>());
@@ -373,17 +383,10 @@ at::Tensor ternary_unpack(at::Tensor layout, at::Tensor lo, at::Tensor hi, int64
 // int32, lo/hi [rows] fp32 (one grid per row, already rounded to x's dtype by the caller), x
 // [n, width] fp32 or bf16. -> y [n, rows] in x's dtype.
 at::Tensor ternary_matmul(at::Tensor layout, at::Tensor lo, at::Tensor hi, at::Tensor x, int64_t isa) {
-  check(layout, "layout", at::kInt, 3);
-  check(lo, "lo", at::kFloat, 1);
-  check(hi, "hi", at::kFloat, 1);
   QMOE_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16, got ",
              x.scalar_type());
   check(x, "x", x.scalar_type(), 2);
-  const int64_t rows = lo.size(0), n = x.size(0), width = x.size(1), chunks = chunks_of(width);
-  QMOE_CHECK(hi.size(0) == rows, "lo/hi must both be [rows], got ", lo.sizes(), " and ", hi.sizes());
-  QMOE_CHECK(layout.size(0) == blocks_of(rows) && layout.size(1) == chunks && layout.size(2) == kBlock, "the layout of ",
-             rows, " rows of width ", width, " must be [", blocks_of(rows), ", ", chunks, ", ", kBlock, "], got ",
-             layout.sizes());
+  const int64_t n = x.size(0), width = x.size(1), rows = layout_rows(layout, lo, hi, width), chunks = chunks_of(width);
   isa = resolve_isa(isa);
   const int64_t stride = chunks * kFloatsPerChunk, step = tile_tokens(isa, n);
   auto tables = at::empty({std::min(n, kTableTokens), stride}, at::kFloat);  // 16 bytes a column and token
@@ -394,14 +397,12 @@ at::Tensor ternary_matmul(at::Tensor layout, at::Tensor lo, at::Tensor hi, at::T
     float* tab = tables.data_ptr<float>();
     at::parallel_for(0, count, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        float* dst = tab + t * stride;
-        if (bf16) {
-          const uint16_t* xt = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + (first + t) * width;
-          isa == kAvx512 ? tables_avx512(xt, width, 4 * chunks, dst) : tables_portable(xt, width, 4 * chunks, dst);
-        } else {
-          const float* xt = x.data_ptr<float>() + (first + t) * width;
-          isa == kAvx512 ? tables_avx512(xt, width, 4 * chunks, dst) : tables_portable(xt, width, 4 * chunks, dst);
-        }
+        const int64_t start = (first + t) * width;
+        if (bf16)
+          build_tables(isa, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + start, width, 4 * chunks,
+                       tab + t * stride);
+        else
+          build_tables(isa, x.data_ptr<float>() + start, width, 4 * chunks, tab + t * stride);
       }
     });
     // One region for all token tiles; each thread runs the tiles in turn over its row blocks, so a
